@@ -1,0 +1,40 @@
+# Two commands for a newcomer: `make demo` and `make test`. Both set everything up first.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+OUT ?= build
+
+.PHONY: install system-data demo test test-fast bench clean
+
+# torch is pinned in the same pip command as everything else (constraints.txt explains why).
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt torch==2.13.0 -e '.[teachers,dev]'
+	touch $(STAMP)
+
+# The built-in transfer set reads WordNet glosses from Debian's wordnet-base (without it: Python's own docstrings).
+system-data:
+	@if [ ! -d /usr/share/wordnet ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq --no-install-recommends wordnet-base >/dev/null; \
+	  elif command -v sudo >/dev/null; then sudo apt-get update -qq && sudo apt-get install -y -qq --no-install-recommends wordnet-base >/dev/null; \
+	  else echo "note: wordnet-base not installed; the built-in transfer set falls back to Python's docstrings"; fi; \
+	fi
+
+install: $(STAMP) system-data
+
+demo: install
+	$(BIN)/edgedistill compile --out $(OUT)
+
+test: install
+	EDGEDISTILL_QUIET=1 $(BIN)/pytest -q -ra
+
+test-fast: install
+	EDGEDISTILL_QUIET=1 $(BIN)/pytest -q -ra -m "not slow"
+
+bench: install
+	$(BIN)/python benchmarks/minilm_cpu.py --artifact $(OUT)/x86-64-avx512
+
+clean:
+	rm -rf $(VENV) $(OUT) .pytest_cache

@@ -1,0 +1,1 @@
+"""Benchmark harness: timing statistics (more to come: suites, reports, CI gate)."""

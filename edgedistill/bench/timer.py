@@ -1,0 +1,59 @@
+"""The one timer: warm-up, then repeated runs over rotating inputs until the median is stable; percentiles in ms."""
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass
+class LatencyStats:
+    """Latency of one call, in milliseconds, over `runs` timed runs."""
+
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    stdev_ms: float
+    runs: int
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items()}
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """Return the q-th percentile (0..100) of sorted values, by linear interpolation."""
+    if not sorted_values:
+        raise ValueError("no values")
+    pos = (len(sorted_values) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def summarize(samples_ms: Sequence[float]) -> LatencyStats:
+    """Return the statistics of latency samples in ms."""
+    s = sorted(samples_ms)
+    return LatencyStats(p50_ms=percentile(s, 50), p90_ms=percentile(s, 90), p99_ms=percentile(s, 99),
+                        mean_ms=statistics.fmean(s), stdev_ms=statistics.stdev(s) if len(s) > 1 else 0.0, runs=len(s))
+
+
+def measure(fn: Callable[[Any], Any], inputs: Sequence[Any], warmup: int = 5, min_runs: int = 20,
+            max_runs: int = 500, min_time_s: float = 1.0) -> LatencyStats:
+    """Time fn(inputs[i % len(inputs)]): `warmup` untimed calls, then at least `min_runs` runs and `min_time_s` seconds."""
+    if not inputs:
+        raise ValueError("measure() needs at least one input")
+    for i in range(warmup):
+        fn(inputs[i % len(inputs)])
+    samples = []
+    start = time.perf_counter()
+    i = 0
+    while i < max_runs and (i < min_runs or time.perf_counter() - start < min_time_s):
+        x = inputs[i % len(inputs)]
+        t0 = time.perf_counter_ns()
+        fn(x)
+        samples.append((time.perf_counter_ns() - t0) / 1e6)
+        i += 1
+    return summarize(samples)

@@ -1,0 +1,196 @@
+"""Transfer sets: text / JSONL / CSV files, or the built-in English set; a deterministic train/validation split."""
+from __future__ import annotations
+
+import ast
+import csv
+import hashlib
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgedistill.errors import DataError
+
+WORDNET_DIR = Path("/usr/share/wordnet")
+BUILTIN_NAME = "builtin:english"
+
+
+@dataclass
+class TransferSet:
+    """Texts (and optional integer labels) the student learns from; `sha256` identifies the content."""
+
+    source: str
+    texts: list[str]
+    labels: list[int] | None
+    sha256: str
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+def _content_sha256(texts: list[str], labels: list[int] | None) -> str:
+    h = hashlib.sha256()
+    for i, t in enumerate(texts):
+        h.update(t.encode("utf-8"))
+        h.update(b"\x00" if labels is None else f"\x01{labels[i]}".encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def _decode_lines(path: Path) -> list[str]:
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror}", hint="pass --data PATH to a readable file") from None
+    bom = len(b"\xef\xbb\xbf") if raw.startswith(b"\xef\xbb\xbf") else 0
+    try:
+        text = raw[bom:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        offset = e.start + bom
+        line = raw[:offset].count(b"\n") + 1
+        raise DataError(f"{path} is not UTF-8 (line {line}, byte {offset})", hint="re-encode the file as UTF-8") from None
+    return text.splitlines()
+
+
+def _labels_to_ids(raw: list, label_names: list[str] | None, source: str) -> list[int]:
+    """Map labels (ints or the teacher's label names) to class ids."""
+    ids = []
+    index = {name: i for i, name in enumerate(label_names or [])}
+    for n, value in enumerate(raw, 1):
+        if isinstance(value, str) and value in index:
+            ids.append(index[value])
+        elif isinstance(value, int) or (isinstance(value, str) and value.strip().lstrip("-").isdigit()):
+            ids.append(int(value))
+        else:
+            known = f"; the teacher's labels are {label_names}" if label_names else ""
+            raise DataError(f"{source}: record {n} has label {value!r}, not a class id{known}", hint="use class ids or the teacher's label names")
+        if label_names is not None and not 0 <= ids[-1] < len(label_names):
+            raise DataError(f"{source}: record {n} has label {value!r}; the teacher has {len(label_names)} classes")
+    return ids
+
+
+def load_transfer_set(
+    path: str | Path | None,
+    text_column: str = "text",
+    label_column: str = "label",
+    label_names: list[str] | None = None,
+    max_texts: int | None = None,
+) -> TransferSet:
+    """Return the transfer set in a .txt / .jsonl / .csv file, or the built-in English set when `path` is None."""
+    if path is None:
+        texts = builtin_english_texts()
+        labels_raw = None
+        source = BUILTIN_NAME
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(f"data file {path} does not exist", hint="pass --data PATH to a .txt, .jsonl or .csv file")
+        source = str(path)
+        lines = _decode_lines(path)
+        suffix = path.suffix.lower()
+        if suffix == ".jsonl":
+            texts, labels_raw = _read_jsonl(lines, path, text_column, label_column)
+        elif suffix == ".csv":
+            texts, labels_raw = _read_csv(lines, path, text_column, label_column)
+        else:
+            texts, labels_raw = [ln.strip() for ln in lines if ln.strip()], None
+    if max_texts is not None:
+        texts = texts[:max_texts]
+        labels_raw = labels_raw[:max_texts] if labels_raw else labels_raw
+    if len(texts) < 2:
+        raise DataError(f"{source} holds {len(texts)} text(s); distillation needs at least 2", hint="pass a larger --data file")
+    labels = _labels_to_ids(labels_raw, label_names, source) if labels_raw else None
+    return TransferSet(source=source, texts=texts, labels=labels, sha256=_content_sha256(texts, labels))
+
+
+def _read_jsonl(lines: list[str], path: Path, text_column: str, label_column: str) -> tuple[list[str], list | None]:
+    texts, labels = [], []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n} is not valid JSON: {e.msg}", hint="one JSON object per line") from None
+        if not isinstance(record, dict) or not isinstance(record.get(text_column), str):
+            raise DataError(f"{path}:{n} has no string field '{text_column}'", hint="each line needs {\"text\": ...} or pass --text-column")
+        texts.append(record[text_column])
+        labels.append(record.get(label_column))
+    has = [lab is not None for lab in labels]
+    if any(has) and not all(has):
+        raise DataError(f"{path}: '{label_column}' is on some records only", hint="label every record or none")
+    return texts, labels if texts and all(has) else None
+
+
+def _read_csv(lines: list[str], path: Path, text_column: str, label_column: str) -> tuple[list[str], list | None]:
+    reader = csv.DictReader(lines)
+    if not reader.fieldnames:
+        raise DataError(f"{path} is empty: a CSV needs a header row with a '{text_column}' column", hint="pass a non-empty --data file")
+    if text_column not in reader.fieldnames:
+        raise DataError(
+            f"{path} has no column '{text_column}' (columns: {reader.fieldnames})", hint="pass --text-column NAME"
+        )
+    rows = [r for r in reader if (r.get(text_column) or "").strip()]
+    texts = [r[text_column].strip() for r in rows]
+    labels = [r[label_column] for r in rows] if label_column in reader.fieldnames else None
+    return texts, labels
+
+
+def builtin_english_texts(limit: int = 24000) -> list[str]:
+    """Return up to `limit` English sentences from text on this machine: WordNet glosses, else Python's docstrings.
+
+    The order is a fixed interleaving of the sources, so the set is the same on every machine with the same files.
+    """
+    texts = _wordnet_glosses() if WORDNET_DIR.is_dir() else []
+    if len(texts) < limit:
+        texts += _stdlib_docstring_sentences()
+    if not texts:
+        raise DataError("no built-in English text found on this machine", hint="install Debian's wordnet-base or pass --data")
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(texts))[:limit]
+    return [texts[i] for i in order]
+
+
+def _wordnet_glosses() -> list[str]:
+    out, seen = [], set()
+    for pos in ("noun", "verb", "adj", "adv"):
+        f = WORDNET_DIR / f"data.{pos}"
+        if not f.is_file():
+            continue
+        for line in f.read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith(" ") or " | " not in line:
+                continue  # license header
+            gloss = line.split(" | ", 1)[1].strip()
+            if gloss and gloss not in seen:
+                seen.add(gloss)
+                out.append(gloss)
+    return out
+
+
+def _stdlib_docstring_sentences() -> list[str]:
+    stdlib = Path(sys.modules["os"].__file__).parent
+    out = []
+    for f in sorted(stdlib.glob("*.py")):
+        try:
+            tree = ast.parse(f.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, OSError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc:
+                    para = " ".join(doc.split("\n\n")[0].split())
+                    if 20 <= len(para) <= 400:
+                        out.append(para)
+    return out
+
+
+def split_indices(n: int, val_fraction: float, seed: int, max_val: int = 2000) -> tuple[np.ndarray, np.ndarray]:
+    """Return (train, validation) index arrays: a seeded permutation, the validation part at least one item."""
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
+    n_val = min(max(1, round(n * val_fraction)), max_val, n - 1)
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(order[n_val:]), np.sort(order[:n_val])

@@ -1,0 +1,167 @@
+"""The distillation loop, on Hugging Face Accelerate. Read it top to bottom: batch, forward, loss, backward, clip, step."""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader, Sampler
+from transformers import get_linear_schedule_with_warmup
+
+from edgedistill.distill.losses import classification_loss, embedding_loss, fidelity
+from edgedistill.families.text_encoder import EncoderWithHead
+from edgedistill.progress import new_progress
+from edgedistill.runtimes import iter_batches
+
+
+@dataclass
+class DistillConfig:
+    """Training hyper-parameters.
+
+    Fields: epochs; batch_size; lr (AdamW peak); weight_decay; warmup_fraction of all steps; max_grad_norm for clipping;
+    temperature and label_weight (classification only); eval_every steps (0 = once per epoch);
+    freeze_embeddings keeps the teacher's token-embedding table (measured on MiniLM: the AdamW step drops from 60 ms
+    to 8 ms, as the 11.7M-parameter table is most of the model); seed.
+    """
+
+    epochs: int = 2
+    batch_size: int = 32
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    warmup_fraction: float = 0.06
+    max_grad_norm: float = 1.0
+    temperature: float = 2.0
+    label_weight: float = 0.5
+    eval_every: int = 0
+    freeze_embeddings: bool = True
+    seed: int = 0
+
+
+@dataclass
+class DistillResult:
+    """The best student (by validation fidelity) and the history of evaluations: (step, fidelity, train loss)."""
+
+    student: EncoderWithHead
+    best_fidelity: float
+    best_step: int
+    history: list[tuple[int, float, float]] = field(default_factory=list)
+
+
+class LengthGroupedBatches(Sampler[list[int]]):
+    """Shuffled batches of texts of similar length (sorted within windows of 50 batches): less padding, same data.
+
+    Texts are shuffled by seed and epoch, cut into windows of 50 batches, sorted by length inside each window,
+    then cut into batches whose order is shuffled again.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int) -> None:
+        self.lengths = np.asarray(lengths)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return (len(self.lengths) + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self):
+        rng = np.random.default_rng((self.seed, self.epoch))
+        order = rng.permutation(len(self.lengths))
+        window = 50 * self.batch_size
+        chunks = [order[i : i + window] for i in range(0, len(order), window)]
+        order = np.concatenate([c[np.argsort(-self.lengths[c], kind="stable")] for c in chunks])
+        batches = [order[i : i + self.batch_size].tolist() for i in range(0, len(order), self.batch_size)]
+        for b in rng.permutation(len(batches)):
+            yield batches[b]
+
+
+def _collate(tokenizer, texts, targets, labels, input_names, max_length):
+    def collate(indices):
+        idx = np.asarray(indices)
+        enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        batch = {name: enc[name] if name in enc else torch.zeros_like(enc["input_ids"]) for name in input_names}
+        batch["teacher"] = torch.from_numpy(np.asarray(targets[idx], dtype=np.float32))
+        if labels is not None:
+            batch["labels"] = torch.as_tensor(np.asarray(labels)[idx], dtype=torch.long)
+        return batch
+
+    return collate
+
+
+@torch.no_grad()
+def evaluate(student: EncoderWithHead, tokenizer, texts, targets, input_names, max_length, task, batch_size=128) -> float:
+    """Return the student's fidelity to the teacher outputs on a held-out set."""
+    student.eval()
+    outs = np.empty_like(np.asarray(targets), dtype=np.float32)
+    for idx, inputs in iter_batches(tokenizer, texts, input_names, max_length, batch_size):
+        outs[idx] = student(**{k: torch.from_numpy(v) for k, v in inputs.items()}).float().numpy()
+    return fidelity(torch.from_numpy(outs), torch.from_numpy(np.asarray(targets, dtype=np.float32)), task)
+
+
+def distill(student: EncoderWithHead, tokenizer, input_names: list[str], max_length: int,
+            train: tuple[list[str], np.ndarray, np.ndarray | None], val: tuple[list[str], np.ndarray],
+            cfg: DistillConfig) -> DistillResult:
+    """Train `student` to match the teacher outputs in `train`; return the best state by fidelity on `val`."""
+    set_seed(cfg.seed)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    texts, targets, labels = train
+    val_texts, val_targets = val
+    task = student.task
+    sampler = LengthGroupedBatches([len(t) for t in texts], cfg.batch_size, cfg.seed)
+    loader = DataLoader(range(len(texts)), batch_sampler=sampler,
+                        collate_fn=_collate(tokenizer, texts, targets, labels, input_names, max_length))
+    if cfg.freeze_embeddings:
+        student.model.get_input_embeddings().weight.requires_grad_(False)
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.ndim >= 2]
+    no_decay = [p for p in trainable if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    total_steps = max(1, cfg.epochs * len(loader))
+    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_fraction * total_steps), total_steps)
+    model, optimizer, loader, scheduler = accelerator.prepare(student, optimizer, loader, scheduler)
+
+    def eval_now() -> float:
+        return evaluate(accelerator.unwrap_model(model), tokenizer, val_texts, val_targets, input_names, max_length, task)
+
+    best = eval_now()
+    result = DistillResult(student=copy.deepcopy(accelerator.unwrap_model(model)), best_fidelity=best, best_step=0,
+                           history=[(0, best, float("nan"))])
+    eval_every = cfg.eval_every or len(loader)
+    step, running = 0, []
+    with new_progress() as progress:
+        bar = progress.add_task("distilling", total=total_steps, status=f"val {best:.4f}")
+        for epoch in range(cfg.epochs):
+            sampler.set_epoch(epoch)
+            model.train()
+            for batch in loader:
+                teacher_out = batch.pop("teacher")
+                batch_labels = batch.pop("labels", None)
+                out = model(**batch)
+                if task == "text-classification":
+                    loss = classification_loss(out, teacher_out, batch_labels, cfg.temperature, cfg.label_weight)
+                else:
+                    loss = embedding_loss(out, teacher_out)
+                accelerator.backward(loss)
+                accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+                step += 1
+                running.append(loss.item())
+                progress.update(bar, advance=1, status=f"loss {np.mean(running[-50:]):.4f}  best val {result.best_fidelity:.4f}")
+                if step % eval_every == 0 or step == total_steps:
+                    score = eval_now()
+                    result.history.append((step, score, float(np.mean(running[-eval_every:]))))
+                    if score > result.best_fidelity:
+                        result.student = copy.deepcopy(accelerator.unwrap_model(model))
+                        result.best_fidelity, result.best_step = score, step
+                    model.train()
+    result.student.eval()
+    return result

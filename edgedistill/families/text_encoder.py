@@ -1,0 +1,125 @@
+"""BERT-like text encoders (BERT, MiniLM, RoBERTa, DistilBERT): students, the pooled head, export inputs."""
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Task = Literal["feature-extraction", "text-classification"]
+
+
+@dataclass(frozen=True)
+class EncoderType:
+    """What differs between BERT-like architectures."""
+
+    model_type: str
+    layers_key: str  # config attribute holding the number of layers
+    heads_key: str
+    hidden_key: str
+    ort_model_type: str = "bert"  # onnxruntime.transformers optimizer model type
+
+
+TEXT_ENCODER_TYPES = {
+    "bert": EncoderType("bert", "num_hidden_layers", "num_attention_heads", "hidden_size"),
+    "roberta": EncoderType("roberta", "num_hidden_layers", "num_attention_heads", "hidden_size"),
+    "xlm-roberta": EncoderType("xlm-roberta", "num_hidden_layers", "num_attention_heads", "hidden_size"),
+    "distilbert": EncoderType("distilbert", "n_layers", "n_heads", "dim"),
+}
+
+_LAYER_KEY = re.compile(r"^(.*\blayer\.)(\d+)(\..*)$")
+
+
+@dataclass(frozen=True)
+class Pooling:
+    """How token states become one sentence embedding (sentence-transformers' Pooling + Normalize modules)."""
+
+    mode: Literal["mean", "cls", "max"] = "mean"
+    normalize: bool = False
+
+
+class EncoderWithHead(nn.Module):
+    """A transformers encoder plus the task head the artifact ends with: pooled embedding or logits.
+
+    The same module labels the transfer set (teacher), trains (student) and is exported, so the three agree.
+    """
+
+    def __init__(self, model: nn.Module, task: Task, pooling: Pooling | None) -> None:
+        super().__init__()
+        self.model = model
+        self.task = task
+        self.pooling = pooling or Pooling()
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        out = self.model(**kwargs)
+        if self.task == "text-classification":
+            return out.logits
+        hidden = out.last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        if self.pooling.mode == "cls":
+            pooled = hidden[:, 0]
+        elif self.pooling.mode == "max":
+            pooled = hidden.masked_fill(mask == 0, torch.finfo(hidden.dtype).min).max(dim=1).values
+        else:
+            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+        return F.normalize(pooled, p=2.0, dim=-1) if self.pooling.normalize else pooled
+
+
+def evenly_spaced_layers(num_teacher: int, num_student: int) -> list[int]:
+    """Return the teacher layers a student starts from: evenly spaced, always keeping the first and the last."""
+    if num_student == 1:
+        return [num_teacher - 1]
+    return [int(round(i)) for i in np.linspace(0, num_teacher - 1, num_student)]
+
+
+class TextEncoderFamily:
+    """Family interface for BERT-like encoders."""
+
+    def __init__(self, encoder_type: EncoderType) -> None:
+        self.type = encoder_type
+
+    def num_layers(self, config) -> int:
+        return int(getattr(config, self.type.layers_key))
+
+    def num_heads(self, config) -> int:
+        return int(getattr(config, self.type.heads_key))
+
+    def hidden_size(self, config) -> int:
+        return int(getattr(config, self.type.hidden_key))
+
+    def derive_student(self, teacher: nn.Module, num_layers: int) -> tuple[nn.Module, list[int]]:
+        """Return a copy of the teacher keeping only `num_layers` evenly spaced layers (and everything else)."""
+        kept = evenly_spaced_layers(self.num_layers(teacher.config), num_layers)
+        layer_path = next(m.group(1)[:-1] for k in teacher.state_dict() if (m := _LAYER_KEY.match(k)))
+        student = copy.deepcopy(teacher)
+        parent_path, _, attr = layer_path.rpartition(".")
+        parent = student.get_submodule(parent_path) if parent_path else student
+        layers = getattr(parent, attr)
+        setattr(parent, attr, nn.ModuleList([layers[i] for i in kept]))
+        setattr(student.config, self.type.layers_key, num_layers)
+        return student, kept
+
+    def input_names(self, tokenizer) -> list[str]:
+        """Return the graph's input names, in forward() order."""
+        names = ["input_ids", "attention_mask"]
+        if "token_type_ids" in tokenizer.model_input_names:
+            names.append("token_type_ids")
+        return names
+
+    def dummy_inputs(self, input_names: list[str], batch: int, sequence: int, vocab_size: int) -> dict[str, torch.Tensor]:
+        """Return example inputs of one shape, with real-looking ids and a mask with padding in it."""
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(5, max(6, vocab_size), (batch, sequence), generator=g)
+        mask = torch.ones(batch, sequence, dtype=torch.long)
+        if sequence > 2 and batch > 1:
+            mask[-1, sequence // 2 :] = 0
+        inputs = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+        return {k: inputs[k] for k in input_names}

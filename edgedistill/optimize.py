@@ -1,0 +1,32 @@
+"""Graph optimization with onnxruntime's transformer fusions (Attention, EmbedLayerNormalization, SkipLayerNorm, Gelu)."""
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgedistill.families.text_encoder import TextEncoderFamily
+
+
+@dataclass
+class OptimizedModel:
+    """The optimized graph and the count of each fused operator in it."""
+
+    path: Path
+    fused_ops: dict[str, int]
+
+
+def optimize_graph(onnx_path: Path, family: TextEncoderFamily, config, mode: str, out_path: Path) -> OptimizedModel:
+    """Return the graph with onnxruntime's transformer fusions applied (mode 'transformer-fusion') or a copy ('none')."""
+    if mode == "none":
+        shutil.copyfile(onnx_path, out_path)
+        return OptimizedModel(out_path, {})
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
+    model = optimize_model(str(onnx_path), model_type=family.type.ort_model_type,
+                           num_heads=family.num_heads(config), hidden_size=family.hidden_size(config))
+    fused = {k: int(v) for k, v in model.get_fused_operator_statistics().items() if v}
+    model.save_model_to_file(str(out_path))
+    return OptimizedModel(out_path, fused)

@@ -1,0 +1,213 @@
+"""compile(): teacher -> student -> distill -> export -> optimize -> quantize -> validate -> artifact, per target."""
+from __future__ import annotations
+
+import os
+import platform
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgedistill import __version__
+from edgedistill.artifact import Manifest, write_artifact
+from edgedistill.bench.timer import LatencyStats, measure
+from edgedistill.cache import cache_key, cached_outputs, default_cache_dir
+from edgedistill.data import TransferSet, load_transfer_set, split_indices
+from edgedistill.distill.loop import DistillConfig, DistillResult, distill
+from edgedistill.errors import DataError
+from edgedistill.export import export_onnx
+from edgedistill.families.text_encoder import EncoderWithHead, Task
+from edgedistill.optimize import optimize_graph
+from edgedistill.quantize import quantize
+from edgedistill.report import render_report
+from edgedistill.runtimes import ort_cpu, torch_cpu
+from edgedistill.targets import TargetProfile, resolve_target
+from edgedistill.teachers import Teacher, load_teacher
+from edgedistill.teachers.hf import count_parameters
+from edgedistill.validate import validate
+
+MODEL_FILE = "model.onnx"
+
+
+@dataclass
+class CompileOptions:
+    """Everything `compile` needs besides teacher, data, targets and output directory."""
+
+    task: Task | None = None
+    student_layers: int | None = None
+    max_length: int | None = None
+    val_fraction: float = 0.05
+    max_texts: int | None = None
+    text_column: str = "text"
+    label_column: str = "label"
+    cache_dir: Path | None = None
+    distill: DistillConfig = field(default_factory=DistillConfig)
+
+
+@dataclass
+class TargetResult:
+    """The outcome for one target: where the artifact (or the rejected report) is, and its manifest."""
+
+    profile: TargetProfile
+    published: bool
+    path: Path
+    manifest: Manifest
+
+
+@dataclass
+class CompileResult:
+    """The distilled torch student (before export) and one result per target."""
+
+    student: EncoderWithHead
+    targets: list[TargetResult]
+
+
+def compile(teacher_spec: str | None, data_path: str | None, target_specs: list[str], out_dir: Path,
+            opts: CompileOptions) -> CompileResult:
+    """Compile the teacher into one artifact per target under out_dir/<target>/."""
+    profiles = [resolve_target(s) for s in (target_specs or [None])]  # fail fast on a bad profile
+    teacher = load_teacher(teacher_spec, opts.task)
+    data = load_transfer_set(data_path, opts.text_column, opts.label_column, teacher.label_names, opts.max_texts)
+    max_length = opts.max_length or teacher.max_length
+    train_idx, val_idx = split_indices(len(data), opts.val_fraction, opts.distill.seed)
+    teacher_outputs = label_with_teacher(teacher, data, max_length, opts.cache_dir or default_cache_dir())
+    input_names = teacher.family.input_names(teacher.tokenizer)
+
+    num_layers = opts.student_layers or max(1, teacher.family.num_layers(teacher.config) // 2)
+    student, kept_layers = derive_student(teacher, num_layers)
+    split = lambda idx: ([data.texts[i] for i in idx], teacher_outputs[idx])  # noqa: E731
+    labels = np.asarray(data.labels)[train_idx] if data.labels is not None else None
+    trained = distill(student, teacher.tokenizer, input_names, max_length, (*split(train_idx), labels),
+                      split(val_idx), opts.distill)
+
+    val_texts, val_teacher = split(val_idx)
+    val_labels = np.asarray(data.labels)[val_idx] if data.labels is not None else None
+    val_student = torch_cpu.predict(trained.student, teacher.tokenizer, val_texts, input_names, max_length)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    with tempfile.TemporaryDirectory(prefix=".edgedistill-work-", dir=out_dir) as work:
+        for profile in profiles:
+            stage_dir = Path(work) / profile.name
+            stage_dir.mkdir()
+            onnx_model = export_onnx(trained.student, teacher.family, input_names, profile.opset, stage_dir / "student.onnx")
+            optimized = optimize_graph(onnx_model.path, teacher.family, trained.student.model.config,
+                                       profile.optimization, stage_dir / "optimized.onnx")
+            model_path = quantize(optimized.path, profile.quantization, stage_dir / MODEL_FILE)
+            threads = min(profile.threads, os.cpu_count() or 1)
+            session = ort_cpu.cpu_session(model_path, threads)
+            val_artifact = ort_cpu.predict(session, teacher.tokenizer, val_texts, max_length)
+            validation = validate(val_artifact, np.asarray(val_teacher), val_student, teacher.task,
+                                  profile.accuracy_budget, val_labels)
+            latency = measure_latency(teacher, session, profile, threads, val_texts, input_names)
+            tokenizer_dir = stage_dir / "tokenizer"
+            teacher.tokenizer.save_pretrained(tokenizer_dir)
+            files = {MODEL_FILE: model_path, **{f.name: f for f in sorted(tokenizer_dir.iterdir()) if f.is_file()}}
+            manifest = build_manifest(teacher, data, profile, trained, kept_layers, onnx_model, optimized, model_path,
+                                      validation, latency, max_length, train_idx, val_idx, opts)
+            report = render_report(manifest, published=validation.passed)
+            if validation.passed:
+                path = write_artifact(out_dir / profile.name, files, manifest, report)
+            else:
+                path = out_dir / f"{profile.name}.rejected.md"
+                path.write_text(report, encoding="utf-8")
+            results.append(TargetResult(profile, validation.passed, path, manifest))
+    return CompileResult(trained.student, results)
+
+
+def label_with_teacher(teacher: Teacher, data: TransferSet, max_length: int, cache_dir: Path) -> np.ndarray:
+    """Return the teacher's outputs for every text: from the cache, or computed once and cached (memory-mapped)."""
+    head = asdict(teacher.module.pooling) if teacher.task == "feature-extraction" else teacher.task
+    key = cache_key("v1", teacher.sha256, data.sha256, max_length, head)
+    names = teacher.family.input_names(teacher.tokenizer)
+    outputs, _hit = cached_outputs(cache_dir, key, lambda: torch_cpu.predict(
+        teacher.module, teacher.tokenizer, data.texts, names, max_length, description="labelling with the teacher"))
+    if not np.all(np.isfinite(outputs)):
+        raise DataError("the teacher produced non-finite outputs on the transfer set", hint="check the teacher checkpoint")
+    return outputs
+
+
+def derive_student(teacher: Teacher, num_layers: int) -> tuple[EncoderWithHead, list[int]]:
+    """Return the student (teacher architecture, `num_layers` layers) with the teacher's head, and the layers it kept."""
+    total = teacher.family.num_layers(teacher.config)
+    if not 1 <= num_layers <= total:
+        raise DataError(f"--student-layers {num_layers} is out of range: the teacher has {total} layers",
+                        hint=f"pass a number from 1 to {total}")
+    model, kept = teacher.family.derive_student(teacher.module.model, num_layers)
+    return EncoderWithHead(model, teacher.task, teacher.module.pooling if teacher.task == "feature-extraction" else None), kept
+
+
+def measure_latency(teacher: Teacher, session, profile: TargetProfile, threads: int, texts: list[str],
+                    input_names: list[str]) -> dict:
+    """Return p50 etc. of the artifact and the teacher (torch fp32) on the same inputs at the profile's shape."""
+    shape = profile.input_shape
+    batches = []
+    for start in range(0, min(len(texts), 8 * shape.batch), shape.batch):
+        chunk = (texts[start : start + shape.batch] * shape.batch)[: shape.batch]
+        enc = teacher.tokenizer(chunk, padding="max_length", truncation=True, max_length=shape.sequence, return_tensors="np")
+        batches.append({k: enc[k].astype(np.int64) if k in enc else np.zeros_like(enc["input_ids"], dtype=np.int64)
+                        for k in input_names})
+    artifact = measure(lambda x: session.run(None, x), batches)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch_batches = [{k: torch.from_numpy(v) for k, v in b.items()} for b in batches]
+        with torch.inference_mode():
+            teacher_stats = measure(lambda x: teacher.module(**x), torch_batches)
+    finally:
+        torch.set_num_threads(previous)
+    note = (f"median of ≥20 runs after 5 warm-up runs, inputs rotated over {len(batches)} batches of real held-out text "
+            f"padded to {shape.sequence} tokens; teacher and artifact measured in the same run.")
+    return {"batch": shape.batch, "sequence": shape.sequence, "threads_profile": profile.threads,
+            "threads_measured": threads, "artifact": artifact.as_dict(), "teacher_torch_fp32": teacher_stats.as_dict(),
+            "speedup_vs_teacher": teacher_stats.p50_ms / artifact.p50_ms, "note": note}
+
+
+def _mb(path: Path) -> float:
+    return path.stat().st_size / 1e6
+
+
+def build_manifest(teacher: Teacher, data: TransferSet, profile: TargetProfile, trained: DistillResult, kept_layers,
+                   onnx_model, optimized, model_path: Path, validation, latency: dict, max_length: int,
+                   train_idx, val_idx, opts: CompileOptions) -> Manifest:
+    """Return the manifest of one target's artifact (files and their hashes are added when it is written)."""
+    import onnx
+    import onnxruntime
+    import transformers
+
+    from edgedistill.teachers.hf import _weight_files
+
+    teacher_mb = sum(_mb(f) for f in _weight_files(teacher.path) if not f.name.endswith(".json"))
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    io = lambda vs: [{"name": v.name, "elem_type": onnx.TensorProto.DataType.Name(v.type.tensor_type.elem_type),  # noqa: E731
+                      "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]} for v in vs]
+    student_config = trained.student.model.config
+    return Manifest(
+        edgedistill_version=__version__,
+        target=profile.model_dump(mode="json"),
+        teacher={"name": teacher.name, "sha256": teacher.sha256, "model_type": student_config.model_type,
+                 "task": teacher.task, "num_layers": teacher.family.num_layers(teacher.config),
+                 "num_parameters": count_parameters(teacher.module), "label_names": teacher.label_names,
+                 "pooling": asdict(teacher.module.pooling) if teacher.task == "feature-extraction" else None},
+        student={"num_layers": teacher.family.num_layers(student_config), "kept_teacher_layers": kept_layers,
+                 "num_parameters": count_parameters(trained.student), "config": student_config.to_diff_dict()},
+        data={"source": data.source, "sha256": data.sha256, "num_texts": len(data), "num_train": len(train_idx),
+              "num_validation": len(val_idx), "labelled": data.labels is not None, "max_length": max_length,
+              "val_fraction": opts.val_fraction},
+        distillation={"config": asdict(opts.distill), "best_fidelity": trained.best_fidelity,
+                      "best_step": trained.best_step, "history": trained.history},
+        export={"exporter": "torch.onnx.export (TorchScript, dynamo=False)", "opset": onnx_model.opset,
+                "max_abs_diff_vs_torch": onnx_model.max_abs_diff},
+        optimization={"mode": profile.optimization, "fused_ops": optimized.fused_ops},
+        quantization=profile.quantization.model_dump(mode="json"),
+        model={"file": MODEL_FILE, "inputs": io(graph.input), "outputs": io(graph.output)},
+        metrics={"values": validation.metrics, "budget": profile.accuracy_budget.model_dump(),
+                 "passed": validation.passed, "verdict": validation.verdict},
+        latency=latency,
+        sizes={"model_mb": _mb(model_path), "teacher_weights_mb": teacher_mb, "size_ratio": _mb(model_path) / teacher_mb},
+        versions={"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+                  "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "platform": platform.platform(),
+                  "machine": platform.machine()},
+        seed=opts.distill.seed,
+    )

@@ -1,0 +1,27 @@
+"""Dynamic int8 with onnxruntime's quantizer."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import onnx
+from onnxruntime.quantization import QuantType, quantize_dynamic
+
+from edgedistill.quantize import register_recipe
+from edgedistill.quantize.configs import DynamicInt8Config
+
+
+@register_recipe(DynamicInt8Config)
+def quantize_dynamic_int8(model_path: Path, config: DynamicInt8Config, out_path: Path) -> Path:
+    logging.getLogger("root").setLevel(logging.ERROR)  # the quantizer logs every skipped node at WARNING
+    quantize_dynamic(
+        model_path, out_path,
+        weight_type=QuantType.QInt8,
+        per_channel=config.per_channel,
+        reduce_range=config.reduce_range,
+        op_types_to_quantize=config.op_types,
+        # fused contrib ops (Attention, SkipLayerNormalization...) have no type info for the quantizer's
+        # shape inference; without a default it refuses to quantize their consumers
+        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+    )
+    return out_path

@@ -1,0 +1,128 @@
+"""Target profiles: what a device wants from an artifact. Profiles are data (targets/*.yaml) checked by this schema."""
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from edgedistill.errors import ProfileError
+from edgedistill.quantize.configs import QuantizationConfig
+
+TARGETS_DIR = Path(os.environ.get("EDGEDISTILL_TARGETS", Path(__file__).resolve().parents[1] / "targets"))
+
+
+class InputShape(BaseModel):
+    """The input shape the device runs: latency is measured at it."""
+
+    model_config = ConfigDict(extra="forbid")
+    batch: int = Field(1, ge=1, description="batch size")
+    sequence: int = Field(128, ge=1, le=8192, description="tokens per text")
+
+
+class AccuracyBudget(BaseModel):
+    """The least fidelity to the teacher the artifact must keep on the held-out split, or it is not published."""
+
+    model_config = ConfigDict(extra="forbid")
+    min_cosine: float = Field(0.90, ge=-1.0, le=1.0, description="embeddings: mean cosine to the teacher")
+    min_top1_agreement: float = Field(0.90, ge=0.0, le=1.0, description="classification: top-1 agreement")
+
+
+class TargetProfile(BaseModel):
+    """A device target: runtime, threads, graph optimization, quantization recipe, input shape, accuracy budget."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="used as the artifact's directory name")
+    description: str = ""
+    runtime: Literal["onnxruntime"] = "onnxruntime"
+    execution_provider: Literal["CPUExecutionProvider"] = "CPUExecutionProvider"
+    cpu_flags: list[str] = Field(default_factory=list, description="/proc/cpuinfo flags a CPU needs to match")
+    threads: int = Field(ge=1, le=256, description="intra-op threads the device runs with")
+    opset: int = Field(17, ge=17, le=23, description="ONNX opset of the exported graph")
+    optimization: Literal["transformer-fusion", "none"] = Field(
+        "transformer-fusion", description="onnxruntime transformer fusions (Attention, LayerNorm, Gelu) or none"
+    )
+    quantization: QuantizationConfig
+    input_shape: InputShape = Field(default_factory=InputShape)
+    accuracy_budget: AccuracyBudget = Field(default_factory=AccuracyBudget)
+
+
+def _format_validation_error(source: str, err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        parts.append(f"field '{field}': {e['msg']}")
+    return f"{source}: " + "; ".join(parts)
+
+
+def load_profile_file(path: Path) -> TargetProfile:
+    """Return the profile in a YAML file, or raise ProfileError naming the bad field."""
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise ProfileError(f"cannot read profile {path}: {e}") from None
+    except yaml.YAMLError as e:
+        raise ProfileError(f"{path} is not valid YAML: {str(e).splitlines()[0]}", hint="fix the YAML syntax") from None
+    if not isinstance(raw, dict):
+        raise ProfileError(f"{path}: a profile is a YAML mapping of fields", hint="see `edgedistill targets show x86-64-avx2`")
+    try:
+        return TargetProfile.model_validate(raw)
+    except ValidationError as e:
+        raise ProfileError(
+            _format_validation_error(str(path), e), hint="`edgedistill targets schema` prints every field"
+        ) from None
+
+
+def builtin_profiles() -> dict[str, TargetProfile]:
+    """Return the profiles shipped in targets/, by name."""
+    profiles = {}
+    for path in sorted(TARGETS_DIR.glob("*.yaml")):
+        profile = load_profile_file(path)
+        profiles[profile.name] = profile
+    return profiles
+
+
+def resolve_target(spec: str | None) -> TargetProfile:
+    """Return the profile named by `spec` (a built-in name or a YAML path), or the one matching this CPU if None."""
+    if spec is None:
+        return detect_target()
+    if spec.endswith((".yaml", ".yml")) or os.sep in spec:
+        path = Path(spec)
+        if not path.is_file():
+            raise ProfileError(f"profile file {spec} does not exist", hint="pass a built-in name or a path to a YAML profile")
+        return load_profile_file(path)
+    profiles = builtin_profiles()
+    if spec not in profiles:
+        raise ProfileError(f"unknown target '{spec}'", hint=f"built-in targets: {', '.join(profiles)}")
+    return profiles[spec]
+
+
+def cpu_flags() -> set[str]:
+    """Return this CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def detect_target() -> TargetProfile:
+    """Return the built-in profile whose CPU flags this machine has, the most specific first."""
+    flags = cpu_flags()
+    matching = [p for p in builtin_profiles().values() if p.cpu_flags and set(p.cpu_flags) <= flags]
+    if not matching:
+        raise ProfileError(
+            f"no built-in target matches this CPU ({platform.machine()})", hint="pass --target NAME or --target my.yaml"
+        )
+    return max(matching, key=lambda p: len(p.cpu_flags))
+
+
+def profile_json_schema() -> dict:
+    """Return the JSON Schema of a target profile."""
+    return TargetProfile.model_json_schema()

@@ -1,0 +1,4 @@
+"""Loading teacher checkpoints."""
+from edgedistill.teachers.hf import Teacher, load_teacher
+
+__all__ = ["Teacher", "load_teacher"]
