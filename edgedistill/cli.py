@@ -16,7 +16,7 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
                   help="Distill, quantize and verify a teacher model into a device artifact per target.")
 targets_app = typer.Typer(help="List, show and describe target profiles.", pretty_exceptions_enable=False)
 app.add_typer(targets_app, name="targets")
-out = Console()
+out = Console(width=None if sys.stdout.isatty() else 120)
 err = Console(stderr=True)
 
 
@@ -59,9 +59,9 @@ def compile_cmd(
     except EdgeDistillError as e:
         fail(e)
     table = Table(title="edgedistill compile")
-    table.add_column("")
+    table.add_column("", no_wrap=True)
     for r in results:
-        table.add_column(r.profile.name)
+        table.add_column(r.profile.name, overflow="fold")
     rows = {"status": [], "fidelity vs teacher": [], "latency p50 vs teacher": [], "size vs teacher": [], "artifact": []}
     for r in results:
         m, lat = r.manifest, r.manifest.latency
@@ -96,13 +96,13 @@ def targets_list(ctx: typer.Context) -> None:
             detected = None
     except EdgeDistillError as e:
         fail(e)
-    table = Table(title="target profiles")
-    for col in ("name", "runtime / provider", "threads", "quantization", "budget", "description"):
+    table = Table(title="target profiles (details: edgedistill targets show NAME)")
+    table.add_column("name", no_wrap=True)
+    for col in ("provider", "threads", "quantization", "min cosine", "min top-1"):
         table.add_column(col)
     for p in profiles.values():
-        table.add_row(p.name + (" (this CPU)" if p.name == detected else ""), f"{p.runtime} / {p.execution_provider}",
-                      str(p.threads), p.quantization.recipe,
-                      f"cos≥{p.accuracy_budget.min_cosine} top1≥{p.accuracy_budget.min_top1_agreement}", p.description)
+        table.add_row(p.name + (" (this CPU)" if p.name == detected else ""), p.execution_provider, str(p.threads),
+                      p.quantization.recipe, str(p.accuracy_budget.min_cosine), str(p.accuracy_budget.min_top1_agreement))
     out.print(table)
 
 

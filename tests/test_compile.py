@@ -1,0 +1,211 @@
+"""End-to-end compile on tiny teachers: the artifact loads in onnxruntime, matches the torch student, and is trusted."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from conftest import make_texts, write_profile
+from transformers import AutoTokenizer
+from typer.testing import CliRunner
+
+from edgedistill.artifact import sha256_file, verify_files
+from edgedistill.cli import app
+from edgedistill.distill.loop import DistillConfig
+from edgedistill.pipeline import CompileOptions, compile
+
+runner = CliRunner()
+FAST = DistillConfig(epochs=1, batch_size=16)
+
+
+def run_artifact(artifact: Path, texts: list[str]) -> np.ndarray:
+    """Run an artifact the way the README tells users to: plain onnxruntime + the tokenizer files beside it."""
+    tok = AutoTokenizer.from_pretrained(artifact)
+    sess = ort.InferenceSession(str(artifact / "model.onnx"), providers=["CPUExecutionProvider"])
+    enc = tok(texts, padding=True, truncation=True, max_length=32, return_tensors="np")
+    feeds = {i.name: enc[i.name].astype(np.int64) for i in sess.get_inputs()}
+    return sess.run(None, feeds)[0]
+
+
+def torch_outputs(module, artifact: Path, texts: list[str]) -> np.ndarray:
+    tok = AutoTokenizer.from_pretrained(artifact)
+    enc = tok(texts, padding=True, truncation=True, max_length=32, return_tensors="pt")
+    with torch.no_grad():
+        return module(**enc).numpy()
+
+
+def cosines(a, b):
+    return np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def test_compile_embeddings_int8(tiny_encoder, text_file, profile_file, tmp_path):
+    result = compile(str(tiny_encoder), str(text_file), [str(profile_file)], tmp_path / "out", CompileOptions(distill=FAST))
+    [target] = result.targets
+    assert target.published and target.path == tmp_path / "out" / "tiny-cpu"
+    manifest = verify_files(target.path)
+    # the manifest's hashes are the files' hashes
+    for name, digest in manifest.files.items():
+        assert sha256_file(target.path / name) == digest
+    assert set(manifest.files) >= {"model.onnx", "report.md", "tokenizer.json"}
+    assert manifest.data["sha256"] != manifest.teacher["sha256"]
+    assert [i["name"] for i in manifest.model["inputs"]] == ["input_ids", "attention_mask", "token_type_ids"]
+    assert manifest.model["outputs"][0]["name"] == "sentence_embedding"
+    # the int8 graph really is quantized
+    ops = {n.op_type for n in onnx.load(str(target.path / "model.onnx")).graph.node}
+    assert ops & {"MatMulInteger", "DynamicQuantizeMatMul", "QAttention", "DynamicQuantizeLinear"}
+    # it runs without edgedistill and stays close to the torch student it came from
+    texts = make_texts(20, seed=7)
+    got = run_artifact(target.path, texts)
+    expected = torch_outputs(result.student, target.path, texts)
+    assert got.shape == (20, 32)
+    assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-3)  # the teacher's Normalize module is in the graph
+    assert cosines(got, expected).min() > 0.98
+    assert manifest.metrics["values"]["cosine_mean"] >= 0.5 and manifest.metrics["passed"]
+    assert manifest.latency["artifact"]["p50_ms"] > 0 and manifest.latency["teacher_torch_fp32"]["p50_ms"] > 0
+    assert not list((tmp_path / "out").glob(".*")), "no temporary files left next to the artifact"
+
+
+def test_compile_fp32_matches_torch_student_exactly(tiny_plain_encoder, text_file, tmp_path):
+    profile = write_profile(tmp_path / "fp32.yaml", name="fp32", quantization="recipe: fp32")
+    result = compile(str(tiny_plain_encoder), str(text_file), [str(profile)], tmp_path / "out", CompileOptions(distill=FAST))
+    artifact = result.targets[0].path
+    texts = make_texts(10, seed=3)
+    np.testing.assert_allclose(run_artifact(artifact, texts), torch_outputs(result.student, artifact, texts), atol=1e-4)
+
+
+def test_compile_classification_with_labels(tiny_classifier, labelled_jsonl, profile_file, tmp_path):
+    result = compile(str(tiny_classifier), str(labelled_jsonl), [str(profile_file)], tmp_path / "out",
+                     CompileOptions(distill=FAST, student_layers=1))
+    [target] = result.targets
+    m = verify_files(target.path)
+    assert m.teacher["task"] == "text-classification" and m.student["num_layers"] == 1
+    assert m.teacher["label_names"] == ["class_0", "class_1", "class_2"]
+    values = m.metrics["values"]
+    assert {"top1_agreement", "kl_mean", "accuracy", "teacher_accuracy"} <= set(values)
+    assert m.model["outputs"][0]["name"] == "logits"
+    logits = run_artifact(target.path, make_texts(8, seed=5))
+    assert logits.shape == (8, 3)
+    expected = torch_outputs(result.student, target.path, make_texts(8, seed=5))
+    assert (logits.argmax(1) == expected.argmax(1)).mean() >= 0.75
+
+
+def test_budget_miss_exits_2_keeps_report_and_publishes_nothing(tiny_encoder, text_file, tmp_path):
+    profile = write_profile(tmp_path / "strict.yaml", name="strict", min_cosine=0.99999)
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["compile", str(tiny_encoder), "--data", str(text_file), "--target", str(profile),
+                              "--out", str(out), "--epochs", "1"])
+    assert res.exit_code == 2
+    assert "below the budget" in res.stderr and "Traceback" not in res.stderr
+    assert not (out / "strict").exists()
+    report = (out / "strict.rejected.md").read_text()
+    assert "NOT published" in report
+    assert sorted(p.name for p in out.iterdir()) == ["strict.rejected.md"]
+
+
+def test_cli_compile_prints_summary_and_recompile_replaces(tiny_encoder, text_file, profile_file, tmp_path):
+    out = tmp_path / "out"
+    args = ["compile", str(tiny_encoder), "--data", str(text_file), "--target", str(profile_file), "--out", str(out),
+            "--epochs", "1"]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert "tiny-cpu" in first.stdout and "pass" in first.stdout
+    (out / "tiny-cpu" / "stale.txt").write_text("from an older compile")
+    second = runner.invoke(app, [*args, "--seed", "1"])
+    assert second.exit_code == 0
+    assert json.loads((out / "tiny-cpu" / "manifest.json").read_text())["seed"] == 1
+    assert not (out / "tiny-cpu" / "stale.txt").exists(), "the new artifact replaces the old directory whole"
+    assert sorted(p.name for p in out.iterdir()) == ["tiny-cpu"]
+    assert runner.invoke(app, ["verify", str(out / "tiny-cpu")]).exit_code == 0
+
+
+def test_teacher_outputs_are_cached_across_student_sizes(tiny_encoder, text_file, profile_file, tmp_path, monkeypatch):
+    from edgedistill.runtimes import torch_cpu
+
+    cache = tmp_path / "cache"
+    opts = CompileOptions(distill=FAST, cache_dir=cache, student_layers=1)
+    compile(str(tiny_encoder), str(text_file), [str(profile_file)], tmp_path / "a", opts)
+    [entry] = (cache / "teacher-outputs").glob("*.npy")
+    labelled = []
+    real_predict = torch_cpu.predict
+    monkeypatch.setattr(torch_cpu, "predict", lambda *a, **k: labelled.append(k.get("description")) or real_predict(*a, **k))
+    opts.student_layers = 2
+    compile(str(tiny_encoder), str(text_file), [str(profile_file)], tmp_path / "b", opts)
+    assert "labelling with the teacher" not in labelled
+    assert list((cache / "teacher-outputs").glob("*.npy")) == [entry]
+
+
+def test_tampered_artifact_fails_verify(tiny_encoder, text_file, profile_file, tmp_path):
+    out = tmp_path / "out"
+    compile(str(tiny_encoder), str(text_file), [str(profile_file)], out, CompileOptions(distill=FAST))
+    with (out / "tiny-cpu" / "model.onnx").open("ab") as f:
+        f.write(b"\0")
+    res = runner.invoke(app, ["verify", str(out / "tiny-cpu")])
+    assert res.exit_code == 2 and "does not match its sha256" in res.stderr
+
+
+def _bad_inputs(tmp_path: Path, tiny_encoder: Path, text_file: Path, profile_file: Path):
+    not_utf8 = tmp_path / "latin1.txt"
+    not_utf8.write_bytes(b"good line\ncaf\xe9\n")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    for f in tiny_encoder.iterdir():
+        if f.is_file():
+            data = f.read_bytes()
+            (corrupt / f.name).write_bytes(data[: len(data) // 2] if f.name == "model.safetensors" else data)
+    bad_profile = tmp_path / "bad.yaml"
+    bad_profile.write_text(profile_file.read_text().replace("threads: 1", "threads: many"))
+    return {
+        "missing teacher": ([str(tmp_path / "nope")], "does not exist"),
+        "teacher is a file": ([str(text_file)], "is a file"),
+        "corrupt weights": ([str(corrupt)], "cannot load weights"),
+        "unknown target": ([str(tiny_encoder), "--target", "nokia-3310"], "unknown target 'nokia-3310'"),
+        "malformed profile": ([str(tiny_encoder), "--target", str(bad_profile)], "field 'threads'"),
+        "missing data": ([str(tiny_encoder), "--data", str(tmp_path / "none.txt")], "does not exist"),
+        "non-UTF-8 data": ([str(tiny_encoder), "--data", str(not_utf8)], "not UTF-8 (line 2"),
+        "empty data": ([str(tiny_encoder), "--data", str(empty)], "0 text"),
+        "bad task": ([str(tiny_encoder), "--task", "translation"], "unknown task"),
+        "too many layers": ([str(tiny_encoder), "--student-layers", "5"], "out of range"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing teacher", "teacher is a file", "corrupt weights", "unknown target",
+                                  "malformed profile", "missing data", "non-UTF-8 data", "empty data", "bad task",
+                                  "too many layers"])
+def test_bad_input_one_line_exit_2_nothing_written(case, tiny_encoder, text_file, profile_file, tmp_path):
+    args, expected = _bad_inputs(tmp_path, tiny_encoder, text_file, profile_file)[case]
+    if "--data" not in args:
+        args = [*args, "--data", str(text_file)]
+    if "--target" not in args:
+        args = [*args, "--target", str(profile_file)]
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["compile", *args, "--out", str(out)])
+    assert res.exit_code == 2, res.output
+    assert res.stderr.startswith("error:") and expected in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_targets_commands():
+    listing = runner.invoke(app, ["targets"])
+    assert listing.exit_code == 0 and "x86-64-avx2" in listing.stdout and "x86-64-avx512" in listing.stdout
+    shown = runner.invoke(app, ["targets", "show", "x86-64-avx512"])
+    assert shown.exit_code == 0 and "recipe: dynamic-int8" in shown.stdout
+    schema = json.loads(runner.invoke(app, ["targets", "schema"]).stdout)
+    assert "accuracy_budget" in schema["properties"]
+    assert runner.invoke(app, ["targets", "show", "nope"]).exit_code == 2
+
+
+def test_data_hash_in_manifest_is_content_hash(tiny_encoder, text_file, profile_file, tmp_path):
+    result = compile(str(tiny_encoder), str(text_file), [str(profile_file)], tmp_path / "out", CompileOptions(distill=FAST))
+    texts = [t for t in text_file.read_text().splitlines() if t.strip()]
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(t.encode() + b"\x00\n")
+    assert result.targets[0].manifest.data["sha256"] == h.hexdigest()
