@@ -28,22 +28,22 @@ def fail(e: EdgeDistillError) -> None:
 
 @app.command("compile")
 def compile_cmd(
-    teacher: Optional[str] = typer.Argument(None, help="Model directory (HF or sentence-transformers) or 'minilm' [default: minilm]"),
-    data: Optional[str] = typer.Option(None, "--data", help=".txt (a text per line), .jsonl or .csv [default: built-in English set]"),
-    target: Optional[list[str]] = typer.Option(None, "--target", help="Profile name or YAML path; repeat for several [default: this CPU]"),
+    teacher: Optional[str] = typer.Argument(None, help="Model directory (HF or sentence-transformers) or 'minilm' (default: minilm)"),
+    data: Optional[str] = typer.Option(None, "--data", help=".txt (a text per line), .jsonl or .csv (default: built-in English set)"),
+    target: Optional[list[str]] = typer.Option(None, "--target", help="Profile name or YAML path; repeat for several (default: this CPU)"),
     out_dir: Path = typer.Option(Path("build"), "--out", help="Artifacts go to OUT/<target>/"),
-    task: Optional[str] = typer.Option(None, "--task", help="feature-extraction | text-classification [default: from the checkpoint]"),
-    student_layers: Optional[int] = typer.Option(None, "--student-layers", help="Student depth [default: half the teacher's]"),
+    task: Optional[str] = typer.Option(None, "--task", help="feature-extraction | text-classification (default: from the checkpoint)"),
+    student_layers: Optional[int] = typer.Option(None, "--student-layers", help="Student depth (default: half the teacher's)"),
     epochs: int = typer.Option(2, "--epochs", min=1),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
     lr: float = typer.Option(3e-4, "--lr", min=0.0),
-    max_length: Optional[int] = typer.Option(None, "--max-length", min=8, help="Tokens per text [default: the teacher's]"),
+    max_length: Optional[int] = typer.Option(None, "--max-length", min=8, help="Tokens per text (default: the teacher's)"),
     max_texts: Optional[int] = typer.Option(None, "--max-texts", min=2, help="Use only the first N texts of the data"),
     val_fraction: float = typer.Option(0.05, "--val-fraction", help="Held-out share for validation (at most 2000 texts)"),
     seed: int = typer.Option(0, "--seed"),
     text_column: str = typer.Option("text", "--text-column", help="JSONL field / CSV column holding the text"),
     label_column: str = typer.Option("label", "--label-column", help="JSONL field / CSV column holding the label"),
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Teacher-output cache [default: ~/.cache/edgedistill]"),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Teacher-output cache (default: ~/.cache/edgedistill)"),
 ) -> None:
     """Compile TEACHER into a distilled, quantized, validated artifact for each --target."""
     from edgedistill.distill.loop import DistillConfig

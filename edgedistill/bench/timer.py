@@ -57,3 +57,16 @@ def measure(fn: Callable[[Any], Any], inputs: Sequence[Any], warmup: int = 5, mi
         samples.append((time.perf_counter_ns() - t0) / 1e6)
         i += 1
     return summarize(samples)
+
+
+def measure_interleaved(candidates: dict[str, tuple[Callable[[Any], Any], Sequence[Any]]], rounds: int = 3,
+                        **kwargs: Any) -> dict[str, float]:
+    """Return each candidate's p50 in ms, as the median over `rounds` rounds that each time every candidate in turn.
+
+    Interleaving spreads a noisy neighbour's bursts over all candidates instead of one, so their ratios hold.
+    """
+    p50s: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(rounds):
+        for name, (fn, inputs) in candidates.items():
+            p50s[name].append(measure(fn, inputs, **kwargs).p50_ms)
+    return {name: statistics.median(v) for name, v in p50s.items()}

@@ -14,7 +14,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from edgedistill.distill.losses import classification_loss, embedding_loss, fidelity
 from edgedistill.families.text_encoder import EncoderWithHead
-from edgedistill.progress import new_progress
+from edgedistill.progress import enabled, new_progress
 from edgedistill.runtimes import iter_batches
 
 
@@ -162,6 +162,9 @@ def distill(student: EncoderWithHead, tokenizer, input_names: list[str], max_len
                     if score > result.best_fidelity:
                         result.student = copy.deepcopy(accelerator.unwrap_model(model))
                         result.best_fidelity, result.best_step = score, step
+                    if enabled():
+                        progress.console.print(f"step {step}/{total_steps}: train loss {result.history[-1][2]:.4f}, "
+                                               f"validation fidelity {score:.4f} (best {result.best_fidelity:.4f})")
                     model.train()
     result.student.eval()
     return result
