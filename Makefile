@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 OUT ?= build
 
-.PHONY: install system-data demo test test-fast bench clean
+.PHONY: install system-data demo test test-fast bench compile-ci bench-ci clean
 
 # torch is pinned in the same pip command as everything else (constraints.txt explains why).
 $(STAMP): pyproject.toml constraints.txt
@@ -35,6 +35,17 @@ test-fast: install
 
 bench: install
 	$(BIN)/python benchmarks/minilm_cpu.py --artifact $(OUT)/x86-64-avx512
+
+# The CI benchmark: a short real compile of MiniLM, then the suite gated against the committed baseline.
+compile-ci: install
+	$(BIN)/edgedistill compile minilm --target benchmarks/ci-target.yaml --max-texts 3000 --epochs 1 --max-length 64 --out build/ci
+
+bench-ci: compile-ci
+	$(BIN)/edgedistill bench --suite benchmarks/ci.yaml
+
+# Refresh the committed baseline after an intended change (review the diff of benchmarks/ci-baseline.json).
+bench-ci-baseline: compile-ci
+	$(BIN)/edgedistill bench --suite benchmarks/ci.yaml --json benchmarks/ci-baseline.json --no-baseline
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache

@@ -140,5 +140,98 @@ def verify_cmd(artifact_dir: Path = typer.Argument(..., help="An OUT/<target> di
     out.print(f"[green]ok[/]: {len(manifest.files)} files match {artifact_dir}/manifest.json")
 
 
+@app.command("bench")
+def bench_cmd(
+    artifacts: Optional[list[Path]] = typer.Argument(None, help="OUT/<target> directories written by compile"),
+    suite: Optional[Path] = typer.Option(None, "--suite", help="A suite YAML (benchmarks/ci.yaml); options below override it"),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher to compare with (default: the manifest's)"),
+    runtime: Optional[list[str]] = typer.Option(None, "--runtime", help="ort-cpu | ort-mobile | ort-cuda | ort-tensorrt | torch; repeat or comma-separate (default: ort-cpu)"),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Intra-op threads (default: the profiles', capped at the cores)"),
+    batch: Optional[str] = typer.Option(None, "--batch", help="Batch sizes, comma-separated (default: 1,8)"),
+    seq: Optional[int] = typer.Option(None, "--seq", min=1, help="Sequence length (default: 128)"),
+    data: Optional[str] = typer.Option(None, "--data", help="Held-out texts (default: built-in English set, after the part compile used)"),
+    held_out: Optional[int] = typer.Option(None, "--held-out", min=2, help="Held-out texts for fidelity (default: 500)"),
+    rounds: Optional[int] = typer.Option(None, "--rounds", min=1, help="Interleaved timing rounds (default: 3)"),
+    no_memory: bool = typer.Option(False, "--no-memory", help="Skip the peak-memory probes (one process per model)"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result (versioned schema) here"),
+    markdown_out: Optional[Path] = typer.Option(None, "--markdown", help="Write the markdown table here"),
+    html_out: Optional[Path] = typer.Option(None, "--html", help="Write the HTML report with plots here"),
+    github_out: Optional[Path] = typer.Option(None, "--github-benchmark", help="Write github-action-benchmark customSmallerIsBetter JSON here"),
+    baseline: Optional[Path] = typer.Option(None, "--baseline", help="Compare with this stored --json result; exit 1 on regression"),
+    no_baseline: bool = typer.Option(False, "--no-baseline", help="Ignore the suite's baseline (e.g. to write a new one)"),
+    max_regression: Optional[str] = typer.Option(None, "--max-regression", help="Allowed rise of latency/teacher ratio (default: 10%)"),
+    max_fidelity_drop: Optional[float] = typer.Option(None, "--max-fidelity-drop", min=0.0, help="Allowed absolute fidelity drop (default: 0.01)"),
+) -> None:
+    """Measure artifacts against their teacher: latency, memory, size, fidelity; gate on a baseline."""
+    import os
+
+    from edgedistill.artifact import write_json
+    from edgedistill.bench.gate import compare, gate_markdown, load_baseline, parse_percent
+    from edgedistill.bench.results import github_benchmark_entries, markdown_table
+    from edgedistill.bench.runner import BenchSettings, run_bench
+    from edgedistill.bench.suite import BenchSuite, load_suite
+
+    try:
+        cfg = load_suite(suite) if suite else None
+        if cfg is None:
+            if not artifacts:
+                raise EdgeDistillError("no artifact directories given", hint="pass OUT/<target> directories or --suite FILE")
+            cfg = BenchSuite(name="cli", artifacts=[str(a) for a in artifacts])
+        overrides = {"artifacts": [str(a) for a in artifacts] if artifacts else None, "teacher": teacher, "data": data,
+                     "runtimes": [x.strip() for r in runtime for x in r.split(",") if x.strip()] if runtime else None,
+                     "threads": threads, "sequence": seq, "held_out": held_out, "rounds": rounds,
+                     "batches": _parse_batches(batch) if batch else None, "memory": False if no_memory else None,
+                     "baseline": str(baseline) if baseline else None, "max_regression": max_regression,
+                     "max_fidelity_drop": max_fidelity_drop, "json_out": json_out and str(json_out),
+                     "markdown_out": markdown_out and str(markdown_out), "html_out": html_out and str(html_out),
+                     "github_benchmark_out": github_out and str(github_out)}
+        cfg = cfg.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+        if no_baseline:
+            cfg = cfg.model_copy(update={"baseline": None})
+        limit = parse_percent(cfg.max_regression)
+        base = load_baseline(Path(cfg.baseline)) if cfg.baseline else None  # fail before measuring
+        result = run_bench([Path(a) for a in cfg.artifacts], cfg.teacher, cfg.data,
+                           BenchSettings(runtimes=cfg.runtimes, threads=cfg.threads, batches=cfg.batches,
+                                         sequence=cfg.sequence, held_out=cfg.held_out, rounds=cfg.rounds, memory=cfg.memory))
+    except EdgeDistillError as e:
+        fail(e)
+    table = markdown_table(result)
+    summary = [f"## edgedistill bench: {cfg.name}", "", table]
+    if cfg.json_out:
+        Path(cfg.json_out).write_text(result.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    if cfg.github_benchmark_out:
+        write_json(Path(cfg.github_benchmark_out), github_benchmark_entries(result))
+    if cfg.html_out:
+        from edgedistill.bench.html import render_html
+
+        Path(cfg.html_out).write_text(render_html(result), encoding="utf-8")
+    regressed = False
+    if base is not None:
+        rows = compare(result, base, limit, cfg.max_fidelity_drop)
+        regressed = any(r.regressed for r in rows)
+        verdict = "REGRESSED" if regressed else "no regression"
+        summary += [f"### Gate vs {cfg.baseline}: {verdict}", "", gate_markdown(rows)]
+    text = "\n".join(summary)
+    if cfg.markdown_out:
+        Path(cfg.markdown_out).write_text(text, encoding="utf-8")
+    if os.environ.get("GITHUB_STEP_SUMMARY"):
+        with open(os.environ["GITHUB_STEP_SUMMARY"], "a", encoding="utf-8") as f:
+            f.write(text + "\n")
+    sys.stdout.write(text + "\n")
+    if regressed:
+        err.print("[bold red]regression:[/] see the gate table above", highlight=False)
+        raise typer.Exit(1)
+
+
+def _parse_batches(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise EdgeDistillError(f"--batch {text!r} is not a list of positive integers", hint="write it like 1,8")
+    return values
+
+
 if __name__ == "__main__":
     app()

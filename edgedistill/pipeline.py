@@ -25,7 +25,7 @@ from edgedistill.report import render_report
 from edgedistill.runtimes import ort_cpu, torch_cpu
 from edgedistill.targets import TargetProfile, resolve_target
 from edgedistill.teachers import Teacher, load_teacher
-from edgedistill.teachers.hf import count_parameters
+from edgedistill.teachers.hf import count_parameters, weights_mb
 from edgedistill.validate import validate
 
 MODEL_FILE = "model.onnx"
@@ -176,9 +176,7 @@ def build_manifest(teacher: Teacher, data: TransferSet, profile: TargetProfile, 
     import onnxruntime
     import transformers
 
-    from edgedistill.teachers.hf import _weight_files
-
-    teacher_mb = sum(_mb(f) for f in _weight_files(teacher.path) if not f.name.endswith(".json"))
+    teacher_mb = weights_mb(teacher.path)
     graph = onnx.load(str(model_path), load_external_data=False).graph
     io = lambda vs: [{"name": v.name, "elem_type": onnx.TensorProto.DataType.Name(v.type.tensor_type.elem_type),  # noqa: E731
                       "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]} for v in vs]

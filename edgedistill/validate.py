@@ -67,3 +67,18 @@ def validate(artifact_outputs: np.ndarray, teacher_outputs: np.ndarray, student_
     metrics["max_abs_diff_vs_torch_student"] = float(np.max(np.abs(artifact_outputs - student_outputs)))
     passed, verdict = check_budget(metrics, task, budget)
     return Validation(metrics, passed, verdict)
+
+
+def retrieval_agreement(outputs: np.ndarray, teacher_outputs: np.ndarray, k: int = 10) -> float:
+    """Return the mean share of each text's k nearest neighbours (cosine, within the set) shared with the teacher's."""
+    def neighbours(x: np.ndarray) -> np.ndarray:
+        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        sim = x @ x.T
+        np.fill_diagonal(sim, -np.inf)
+        return np.argpartition(-sim, kth=min(k, len(x) - 1) - 1, axis=1)[:, :k]
+
+    k = min(k, len(outputs) - 1)
+    if k < 1:
+        return float("nan")
+    ours, theirs = neighbours(np.asarray(outputs, np.float64)), neighbours(np.asarray(teacher_outputs, np.float64))
+    return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(ours, theirs)]))

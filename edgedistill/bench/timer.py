@@ -4,7 +4,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -18,9 +18,11 @@ class LatencyStats:
     mean_ms: float
     stdev_ms: float
     runs: int
+    samples_ms: list[float] = field(default_factory=list, repr=False)
 
     def as_dict(self) -> dict[str, float]:
-        return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items()}
+        """Return the statistics (not the samples), rounded to 0.1 µs."""
+        return {k: round(v, 4) if isinstance(v, float) else v for k, v in vars(self).items() if k != "samples_ms"}
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:
@@ -37,7 +39,8 @@ def summarize(samples_ms: Sequence[float]) -> LatencyStats:
     """Return the statistics of latency samples in ms."""
     s = sorted(samples_ms)
     return LatencyStats(p50_ms=percentile(s, 50), p90_ms=percentile(s, 90), p99_ms=percentile(s, 99),
-                        mean_ms=statistics.fmean(s), stdev_ms=statistics.stdev(s) if len(s) > 1 else 0.0, runs=len(s))
+                        mean_ms=statistics.fmean(s), stdev_ms=statistics.stdev(s) if len(s) > 1 else 0.0, runs=len(s),
+                        samples_ms=list(samples_ms))
 
 
 def measure(fn: Callable[[Any], Any], inputs: Sequence[Any], warmup: int = 5, min_runs: int = 20,
@@ -60,13 +63,13 @@ def measure(fn: Callable[[Any], Any], inputs: Sequence[Any], warmup: int = 5, mi
 
 
 def measure_interleaved(candidates: dict[str, tuple[Callable[[Any], Any], Sequence[Any]]], rounds: int = 3,
-                        **kwargs: Any) -> dict[str, float]:
-    """Return each candidate's p50 in ms, as the median over `rounds` rounds that each time every candidate in turn.
+                        **kwargs: Any) -> dict[str, LatencyStats]:
+    """Return each candidate's statistics over the samples of `rounds` rounds that each time every candidate in turn.
 
     Interleaving spreads a noisy neighbour's bursts over all candidates instead of one, so their ratios hold.
     """
-    p50s: dict[str, list[float]] = {name: [] for name in candidates}
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(rounds):
         for name, (fn, inputs) in candidates.items():
-            p50s[name].append(measure(fn, inputs, **kwargs).p50_ms)
-    return {name: statistics.median(v) for name, v in p50s.items()}
+            samples[name] += measure(fn, inputs, **kwargs).samples_ms
+    return {name: summarize(v) for name, v in samples.items()}

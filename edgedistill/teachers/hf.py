@@ -55,7 +55,7 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _weight_files(path: Path) -> list[Path]:
+def weight_files(path: Path) -> list[Path]:
     found = [path / n for n in WEIGHT_FILES if (path / n).is_file()]
     for index in [p for p in found if p.name.endswith(".index.json")]:
         shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
@@ -71,7 +71,7 @@ def _weight_files(path: Path) -> list[Path]:
 def checkpoint_sha256(path: Path) -> str:
     """Return a sha256 over config.json and the weight files: the teacher's identity in caches and manifests."""
     h = hashlib.sha256()
-    for f in [path / "config.json", *_weight_files(path)]:
+    for f in [path / "config.json", *weight_files(path)]:
         h.update(f.name.encode())
         with f.open("rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -191,6 +191,11 @@ def load_teacher(spec: str | None, task: Task | None = None) -> Teacher:
         max_length=max_length,
         label_names=label_names,
     )
+
+
+def weights_mb(path: Path) -> float:
+    """Return the size of a checkpoint's weight files in MB (indexes excluded)."""
+    return sum(f.stat().st_size for f in weight_files(path) if not f.name.endswith(".json")) / 1e6
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -1,0 +1,192 @@
+"""`edgedistill bench`: latency, memory and fidelity of artifacts against their teacher, measured in one run."""
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgedistill.artifact import Manifest, verify_files
+from edgedistill.bench.memory import measure_peak_rss
+from edgedistill.bench.results import BenchResult, ModelResult, ShapeLatency, shape_key
+from edgedistill.bench.timer import LatencyStats, measure_interleaved
+from edgedistill.data import BUILTIN_NAME, builtin_english_texts, load_transfer_set
+from edgedistill.errors import ArtifactError, EdgeDistillError
+from edgedistill.progress import console, enabled
+from edgedistill.runtimes import iter_batches
+from edgedistill.runtimes.registry import RUNTIMES
+from edgedistill.teachers import Teacher, load_teacher
+from edgedistill.teachers.hf import weights_mb
+from edgedistill.validate import fidelity_metrics, retrieval_agreement
+
+TEACHER_RUNTIME = "torch"
+
+
+@dataclass
+class BenchSettings:
+    """What to measure. threads None: the smallest profile thread count among the artifacts, capped at the cores."""
+
+    runtimes: list[str] = field(default_factory=lambda: ["ort-cpu"])
+    threads: int | None = None
+    batches: list[int] = field(default_factory=lambda: [1, 8])
+    sequence: int = 128
+    held_out: int = 500
+    rounds: int = 3
+    min_time_s: float = 0.5
+    retrieval_k: int = 10
+    memory: bool = True
+
+
+def _check_runtimes(names: list[str]) -> list[str]:
+    known = [*RUNTIMES, TEACHER_RUNTIME]
+    for n in names:
+        if n not in known:
+            raise EdgeDistillError(f"unknown runtime '{n}'", hint=f"use one of: {', '.join(known)}")
+    return [n for n in names if n != TEACHER_RUNTIME]  # the teacher always runs in torch
+
+
+def _teacher_for(manifests: dict[Path, Manifest], teacher_spec: str | None) -> Teacher:
+    shas = {m.teacher["sha256"] for m in manifests.values()}
+    if len(shas) > 1:
+        raise ArtifactError("the artifacts come from different teachers", hint="bench artifacts of one teacher at a time")
+    spec = teacher_spec or next(iter(manifests.values())).teacher["name"]
+    try:
+        teacher = load_teacher(spec)
+    except EdgeDistillError as e:
+        if teacher_spec is None:
+            raise ArtifactError(f"cannot load the teacher recorded in the manifest ({spec}): {e.message}",
+                                hint="pass --teacher PATH") from None
+        raise
+    if teacher.sha256 not in shas:
+        raise ArtifactError(f"teacher {spec} is not the one the artifacts were compiled from (sha256 differs)",
+                            hint="pass the --teacher the artifacts were compiled from")
+    return teacher
+
+
+def _held_out(manifests: dict[Path, Manifest], data_path: str | None, teacher: Teacher, n: int):
+    if data_path is not None:
+        data = load_transfer_set(data_path, label_names=teacher.label_names, max_texts=n)
+        return data.source, data.texts, (np.asarray(data.labels) if data.labels is not None else None)
+    # the built-in set, after the part the compiles trained and validated on
+    used = max((m.data["num_texts"] for m in manifests.values() if m.data["source"] == BUILTIN_NAME), default=0)
+    return f"{BUILTIN_NAME}[{used}:{used + n}]", builtin_english_texts(limit=used + n)[used:], None
+
+
+def _predict(run, tokenizer, texts, input_names, max_length) -> np.ndarray:
+    out = None
+    for idx, feeds in iter_batches(tokenizer, texts, input_names, max_length, 64):
+        y = np.asarray(run(feeds), dtype=np.float32)
+        out = np.empty((len(texts), y.shape[-1]), np.float32) if out is None else out
+        out[idx] = y
+    return out
+
+
+def _shape_latency(stats: LatencyStats, batch: int, seq: int, threads: int) -> ShapeLatency:
+    return ShapeLatency(batch=batch, sequence=seq, threads=threads, p50_ms=stats.p50_ms, p90_ms=stats.p90_ms,
+                        p99_ms=stats.p99_ms, mean_ms=stats.mean_ms, stdev_ms=stats.stdev_ms, runs=stats.runs,
+                        throughput_items_s=batch * 1000.0 / stats.mean_ms, samples_ms=[round(x, 4) for x in stats.samples_ms])
+
+
+def run_bench(artifact_dirs: list[Path], teacher_spec: str | None, data_path: str | None,
+              settings: BenchSettings) -> BenchResult:
+    """Measure every artifact on every runtime and the teacher in torch, on the same inputs and threads."""
+    runtimes = _check_runtimes(settings.runtimes)
+    if not artifact_dirs:
+        raise EdgeDistillError("no artifact directories given", hint="pass one or more OUT/<target> directories")
+    manifests = {d: verify_files(d) for d in artifact_dirs}
+    teacher = _teacher_for(manifests, teacher_spec)
+    source, texts, labels = _held_out(manifests, data_path, teacher, settings.held_out)
+    if len(texts) < 2:
+        raise EdgeDistillError(f"{source} gives {len(texts)} held-out text(s); bench needs at least 2", hint="pass a larger --data")
+    threads = settings.threads or min(m.target["threads"] for m in manifests.values())
+    threads = min(threads, os.cpu_count() or 1)
+    tok, names, seq, task = teacher.tokenizer, teacher.family.input_names(teacher.tokenizer), settings.sequence, teacher.task
+    torch.set_num_threads(threads)
+
+    def teacher_run(feeds):
+        with torch.inference_mode():
+            return teacher.module(**{k: torch.from_numpy(v) for k, v in feeds.items()}).numpy()
+
+    teacher_out = _predict(teacher_run, tok, texts, names, seq)
+    results = [ModelResult(name=f"teacher ({Path(teacher.name).name})", role="teacher", runtime=TEACHER_RUNTIME,
+                           model_size_mb=weights_mb(teacher.path), runtime_settings={"torch": torch.__version__,
+                                                                                  "intra_op_threads": threads})]
+    runners = {0: teacher_run}
+    for d, m in manifests.items():
+        for rt_name in runtimes:
+            rt = RUNTIMES[rt_name]
+            model = rt.model_file(d, list(m.files))
+            r = ModelResult(name=m.target["name"], role="artifact", runtime=rt_name, artifact_dir=str(d))
+            reason = (f"{d} has no *{rt.model_suffix} model file" if model is None else rt.unavailable_reason())
+            if reason is None:
+                try:
+                    run, r.runtime_settings = rt.load(model, threads)
+                except Exception as e:  # a provider that is listed but cannot start (no device)
+                    reason = str(e).splitlines()[0]
+            if reason is not None:
+                r.status, r.reason = "not measured", reason
+                results.append(r)
+                continue
+            r.model_file, r.model_size_mb = model.name, model.stat().st_size / 1e6
+            out = _predict(run, tok, texts, names, seq)
+            r.accuracy = fidelity_metrics(out, teacher_out, task, labels)
+            if task == "feature-extraction":
+                r.accuracy[f"retrieval_agreement_at_{settings.retrieval_k}"] = retrieval_agreement(out, teacher_out, settings.retrieval_k)
+            runners[len(results)] = run
+            results.append(r)
+
+    for batch in settings.batches:
+        inputs = []
+        for i in range(8):  # 8 rotating batches of real text padded to the sequence length
+            chunk = [texts[(i * batch + j) % len(texts)] for j in range(batch)]
+            enc = tok(chunk, padding="max_length", truncation=True, max_length=seq, return_tensors="np")
+            inputs.append({k: enc[k].astype(np.int64) for k in names})
+        if enabled():
+            console.print(f"timing batch {batch} × seq {seq}, {threads} threads, {len(runners)} models, {settings.rounds} rounds")
+        stats = measure_interleaved({str(i): (fn, inputs) for i, fn in runners.items()}, rounds=settings.rounds,
+                                    min_time_s=settings.min_time_s)
+        for i in runners:
+            results[i].latency.append(_shape_latency(stats[str(i)], batch, seq, threads))
+    teacher_p50 = {lat.key: lat.p50_ms for lat in results[0].latency}
+    for i in runners:
+        results[i].ratio_to_teacher = {lat.key: lat.p50_ms / teacher_p50[lat.key] for lat in results[i].latency}
+
+    if settings.memory:
+        probe_batch = settings.batches[0]
+        for i, r in enumerate(results):
+            if i not in runners:
+                continue
+            kind, target = ("teacher", str(teacher.path)) if r.role == "teacher" else ("onnx", str(Path(r.artifact_dir) / r.model_file))
+            try:
+                mem = measure_peak_rss(kind, target, threads, probe_batch, seq, int(teacher.config.vocab_size),
+                                       runtime=r.runtime if r.role == "artifact" else "ort-cpu")
+            except RuntimeError as e:
+                r.notes.append(f"peak memory not measured: {e}")
+                continue
+            r.peak_rss_mb, r.rss_growth_mb = mem["peak_rss_mb"], mem["peak_rss_mb"] - mem["rss_after_imports_mb"]
+
+    return BenchResult(
+        created_utc=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        machine={"platform": platform.platform(), "machine": platform.machine(), "processor": _cpu_name(),
+                 "cores": os.cpu_count()},
+        teacher={"name": teacher.name, "sha256": teacher.sha256, "task": task},
+        data={"source": source, "num_texts": len(texts), "labelled": labels is not None},
+        settings={"threads": threads, "batches": settings.batches, "sequence": seq, "rounds": settings.rounds,
+                  "min_time_s_per_round": settings.min_time_s, "warmup_runs": 5, "rotating_inputs": 8,
+                  "memory_probe": f"fresh process, batch {settings.batches[0]}, 20 runs" if settings.memory else None},
+        results=results,
+    )
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()

@@ -1,0 +1,62 @@
+"""The runtimes `bench` can measure, by name. Each adapter says whether it can run here, and loads a model."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+Runner = Callable[[dict[str, np.ndarray]], np.ndarray]
+
+
+@dataclass(frozen=True)
+class OrtRuntime:
+    """onnxruntime with one execution provider, on the artifact's file with the given suffix."""
+
+    name: str
+    provider: str
+    model_suffix: str = ".onnx"
+
+    def model_file(self, artifact_dir: Path, manifest_files: list[str]) -> Path | None:
+        files = sorted(f for f in manifest_files if f.endswith(self.model_suffix))
+        return artifact_dir / files[0] if files else None
+
+    def unavailable_reason(self) -> str | None:
+        import onnxruntime as ort
+
+        if self.provider not in ort.get_available_providers():
+            return f"{self.provider} is not in this onnxruntime build (available: {', '.join(ort.get_available_providers())})"
+        return None
+
+    def load(self, model_path: Path, threads: int) -> tuple[Runner, dict[str, Any]]:
+        """Return a callable running the model's first output, and the session settings to record."""
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        session = ort.InferenceSession(str(model_path), opts, providers=[self.provider])
+        if session.get_providers()[0] != self.provider:  # e.g. onnxruntime-gpu on a machine without a GPU
+            raise RuntimeError(f"{self.provider} could not start (session fell back to {session.get_providers()[0]})")
+        names = {i.name for i in session.get_inputs()}
+        settings = {"provider": self.provider, "intra_op_threads": threads, "inter_op_threads": 1,
+                    "graph_optimization": "ORT_ENABLE_ALL", "cpu_mem_arena": opts.enable_cpu_mem_arena,
+                    "mem_pattern": opts.enable_mem_pattern, "onnxruntime": ort.__version__}
+
+        def run(feeds: dict[str, np.ndarray]) -> np.ndarray:
+            return session.run(None, {k: v for k, v in feeds.items() if k in names})[0]
+
+        return run, settings
+
+
+RUNTIMES: dict[str, OrtRuntime] = {
+    "ort-cpu": OrtRuntime("ort-cpu", "CPUExecutionProvider"),
+    "ort-mobile": OrtRuntime("ort-mobile", "CPUExecutionProvider", model_suffix=".ort"),
+    "ort-cuda": OrtRuntime("ort-cuda", "CUDAExecutionProvider"),
+    "ort-tensorrt": OrtRuntime("ort-tensorrt", "TensorrtExecutionProvider"),
+}
