@@ -64,56 +64,84 @@ class CompileResult:
     targets: list[TargetResult]
 
 
+@dataclass
+class Distilled:
+    """What every target is built from: the trained student and the held-out split with its reference outputs."""
+
+    teacher: Teacher
+    data: TransferSet
+    trained: DistillResult
+    kept_layers: list[int]
+    input_names: list[str]
+    max_length: int
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    val_teacher: np.ndarray  # teacher outputs on the held-out split
+    val_student: np.ndarray  # fp32 torch student outputs on the held-out split
+
+    @property
+    def val_texts(self) -> list[str]:
+        return [self.data.texts[i] for i in self.val_idx]
+
+    @property
+    def val_labels(self) -> np.ndarray | None:
+        return None if self.data.labels is None else np.asarray(self.data.labels)[self.val_idx]
+
+
 def compile(teacher_spec: str | None, data_path: str | None, target_specs: list[str], out_dir: Path,
             opts: CompileOptions) -> CompileResult:
     """Compile the teacher into one artifact per target under out_dir/<target>/."""
     profiles = [resolve_target(s) for s in (target_specs or [None])]  # fail fast on a bad profile
     teacher = load_teacher(teacher_spec, opts.task)
     data = load_transfer_set(data_path, opts.text_column, opts.label_column, teacher.label_names, opts.max_texts)
+    distilled = distill_student(teacher, data, opts)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".edgedistill-work-", dir=out_dir) as work:
+        results = [build_target(distilled, profile, Path(work) / profile.name, out_dir, opts) for profile in profiles]
+    return CompileResult(distilled.trained.student, results)
+
+
+def distill_student(teacher: Teacher, data: TransferSet, opts: CompileOptions) -> Distilled:
+    """Label the transfer set with the teacher (cached), derive the student and distill it; done once for all targets."""
     max_length = opts.max_length or teacher.max_length
     train_idx, val_idx = split_indices(len(data), opts.val_fraction, opts.distill.seed)
     teacher_outputs = label_with_teacher(teacher, data, max_length, opts.cache_dir or default_cache_dir())
     input_names = teacher.family.input_names(teacher.tokenizer)
-
     num_layers = opts.student_layers or max(1, teacher.family.num_layers(teacher.config) // 2)
     student, kept_layers = derive_student(teacher, num_layers)
-    split = lambda idx: ([data.texts[i] for i in idx], teacher_outputs[idx])  # noqa: E731
+    texts = lambda idx: [data.texts[i] for i in idx]  # noqa: E731
     labels = np.asarray(data.labels)[train_idx] if data.labels is not None else None
-    trained = distill(student, teacher.tokenizer, input_names, max_length, (*split(train_idx), labels),
-                      split(val_idx), opts.distill)
+    trained = distill(student, teacher.tokenizer, input_names, max_length,
+                      (texts(train_idx), teacher_outputs[train_idx], labels),
+                      (texts(val_idx), teacher_outputs[val_idx]), opts.distill)
+    val_student = torch_cpu.predict(trained.student, teacher.tokenizer, texts(val_idx), input_names, max_length)
+    return Distilled(teacher, data, trained, kept_layers, input_names, max_length, train_idx, val_idx,
+                     np.asarray(teacher_outputs[val_idx]), val_student)
 
-    val_texts, val_teacher = split(val_idx)
-    val_labels = np.asarray(data.labels)[val_idx] if data.labels is not None else None
-    val_student = torch_cpu.predict(trained.student, teacher.tokenizer, val_texts, input_names, max_length)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    results = []
-    with tempfile.TemporaryDirectory(prefix=".edgedistill-work-", dir=out_dir) as work:
-        for profile in profiles:
-            stage_dir = Path(work) / profile.name
-            stage_dir.mkdir()
-            onnx_model = export_onnx(trained.student, teacher.family, input_names, profile.opset, stage_dir / "student.onnx")
-            optimized = optimize_graph(onnx_model.path, teacher.family, trained.student.model.config,
-                                       profile.optimization, stage_dir / "optimized.onnx")
-            model_path = quantize(optimized.path, profile.quantization, stage_dir / MODEL_FILE)
-            threads = min(profile.threads, os.cpu_count() or 1)
-            session = ort_cpu.cpu_session(model_path, threads)
-            val_artifact = ort_cpu.predict(session, teacher.tokenizer, val_texts, max_length)
-            validation = validate(val_artifact, np.asarray(val_teacher), val_student, teacher.task,
-                                  profile.accuracy_budget, val_labels)
-            latency = measure_latency(teacher, session, profile, threads, val_texts, input_names)
-            tokenizer_dir = stage_dir / "tokenizer"
-            teacher.tokenizer.save_pretrained(tokenizer_dir)
-            files = {MODEL_FILE: model_path, **{f.name: f for f in sorted(tokenizer_dir.iterdir()) if f.is_file()}}
-            manifest = build_manifest(teacher, data, profile, trained, kept_layers, onnx_model, optimized, model_path,
-                                      validation, latency, max_length, train_idx, val_idx, opts)
-            report = render_report(manifest, published=validation.passed)
-            if validation.passed:
-                path = write_artifact(out_dir / profile.name, files, manifest, report)
-            else:
-                path = out_dir / f"{profile.name}.rejected.md"
-                path.write_text(report, encoding="utf-8")
-            results.append(TargetResult(profile, validation.passed, path, manifest))
-    return CompileResult(trained.student, results)
+
+def build_target(d: Distilled, profile: TargetProfile, stage_dir: Path, out_dir: Path, opts: CompileOptions) -> TargetResult:
+    """Export, optimize, quantize, validate and measure for one profile; publish the artifact if it keeps the budget."""
+    teacher = d.teacher
+    stage_dir.mkdir(parents=True)
+    onnx_model = export_onnx(d.trained.student, teacher.family, d.input_names, profile.opset, stage_dir / "student.onnx")
+    optimized = optimize_graph(onnx_model.path, teacher.family, d.trained.student.model.config, profile.optimization,
+                               stage_dir / "optimized.onnx")
+    model_path = quantize(optimized.path, profile.quantization, stage_dir / MODEL_FILE)
+    threads = min(profile.threads, os.cpu_count() or 1)
+    session = ort_cpu.cpu_session(model_path, threads)
+    val_artifact = ort_cpu.predict(session, teacher.tokenizer, d.val_texts, d.max_length)
+    validation = validate(val_artifact, d.val_teacher, d.val_student, teacher.task, profile.accuracy_budget, d.val_labels)
+    latency = measure_latency(teacher, session, profile, threads, d.val_texts, d.input_names)
+    teacher.tokenizer.save_pretrained(stage_dir / "tokenizer")
+    files = {MODEL_FILE: model_path, **{f.name: f for f in sorted((stage_dir / "tokenizer").iterdir()) if f.is_file()}}
+    manifest = build_manifest(d, profile, onnx_model, optimized, model_path, validation, latency, opts)
+    report = render_report(manifest, published=validation.passed)
+    if validation.passed:
+        path = write_artifact(out_dir / profile.name, files, manifest, report)
+    else:
+        path = out_dir / f"{profile.name}.rejected.md"
+        path.write_text(report, encoding="utf-8")
+    return TargetResult(profile, validation.passed, path, manifest)
 
 
 def label_with_teacher(teacher: Teacher, data: TransferSet, max_length: int, cache_dir: Path) -> np.ndarray:
@@ -168,10 +196,10 @@ def _mb(path: Path) -> float:
     return path.stat().st_size / 1e6
 
 
-def build_manifest(teacher: Teacher, data: TransferSet, profile: TargetProfile, trained: DistillResult, kept_layers,
-                   onnx_model, optimized, model_path: Path, validation, latency: dict, max_length: int,
-                   train_idx, val_idx, opts: CompileOptions) -> Manifest:
+def build_manifest(d: Distilled, profile: TargetProfile, onnx_model, optimized, model_path: Path, validation,
+                   latency: dict, opts: CompileOptions) -> Manifest:
     """Return the manifest of one target's artifact (files and their hashes are added when it is written)."""
+    teacher, data, trained = d.teacher, d.data, d.trained
     import onnx
     import onnxruntime
     import transformers
@@ -188,10 +216,10 @@ def build_manifest(teacher: Teacher, data: TransferSet, profile: TargetProfile, 
                  "task": teacher.task, "num_layers": teacher.family.num_layers(teacher.config),
                  "num_parameters": count_parameters(teacher.module), "label_names": teacher.label_names,
                  "pooling": asdict(teacher.module.pooling) if teacher.task == "feature-extraction" else None},
-        student={"num_layers": teacher.family.num_layers(student_config), "kept_teacher_layers": kept_layers,
+        student={"num_layers": teacher.family.num_layers(student_config), "kept_teacher_layers": d.kept_layers,
                  "num_parameters": count_parameters(trained.student), "config": student_config.to_diff_dict()},
-        data={"source": data.source, "sha256": data.sha256, "num_texts": len(data), "num_train": len(train_idx),
-              "num_validation": len(val_idx), "labelled": data.labels is not None, "max_length": max_length,
+        data={"source": data.source, "sha256": data.sha256, "num_texts": len(data), "num_train": len(d.train_idx),
+              "num_validation": len(d.val_idx), "labelled": data.labels is not None, "max_length": d.max_length,
               "val_fraction": opts.val_fraction},
         distillation={"config": asdict(opts.distill), "best_fidelity": trained.best_fidelity,
                       "best_step": trained.best_step, "history": trained.history},
