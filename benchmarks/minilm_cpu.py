@@ -66,7 +66,7 @@ def main() -> int:
     ap.add_argument("--artifact", type=Path, default=Path("build/x86-64-avx512"))
     ap.add_argument("--held-out", type=int, default=1000, help="held-out texts for the cosine column")
     ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; samples pooled over rounds")
+    ap.add_argument("--min-time", type=float, default=4.0, help="seconds of timing per shape, all models interleaved")
     args = ap.parse_args()
     console = Console(width=160)
     manifest = verify_files(args.artifact)
@@ -112,14 +112,14 @@ def main() -> int:
             sessions = {name: cpu_session(path, t) for name, path in candidates.items()}
             runs = {rows[0]["name"]: (torch.inference_mode()(lambda x: teacher.module(**x)), tb)}
             runs.update({name: (partial(sess.run, None), lat_batches[b]) for name, sess in sessions.items()})
-            p50 = measure_interleaved(runs, rounds=args.rounds)
+            p50 = measure_interleaved(runs, min_time_s=args.min_time)
             for row in rows:
                 row[f"b{b}_t{t}_ms"] = p50[row["name"]].p50_ms
 
     base = rows[0]
     table = Table(title=f"MiniLM-L6 on this CPU: median latency (ms) at seq {SEQ}, {len(texts)} held-out texts for cosine; "
                         f"ratio = teacher / row; "
-                        f"pooled over {args.rounds} interleaved rounds")
+                        f"all models interleaved call by call")
     table.add_column("model", no_wrap=True)
     for b, t in SHAPES:
         table.add_column(f"b{b} t{t}", justify="right")

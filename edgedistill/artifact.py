@@ -87,17 +87,24 @@ def write_artifact(final_dir: Path, files: dict[str, Path], manifest: Manifest, 
 def read_manifest(artifact_dir: Path) -> Manifest:
     """Return the manifest of an artifact directory, or raise ArtifactError."""
     path = artifact_dir / MANIFEST
+    if not artifact_dir.is_dir():
+        raise ArtifactError(f"artifact directory {artifact_dir} does not exist", hint="pass a directory written by `edgedistill compile`")
     if not path.is_file():
         raise ArtifactError(f"{artifact_dir} has no {MANIFEST}", hint="pass a directory written by `edgedistill compile`")
     try:
         return Manifest.model_validate_json(path.read_text(encoding="utf-8"))
     except (ValidationError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{path} is not an edgedistill manifest: {str(e).splitlines()[0]}") from None
+        raise ArtifactError(f"{path} is not a valid edgedistill manifest ({_first_error(e)})",
+                            hint="the file was edited or truncated; re-run compile") from None
 
 
 def verify_files(artifact_dir: Path) -> Manifest:
     """Return the manifest after checking every listed file exists and matches its sha256; raise ArtifactError if not."""
     manifest = read_manifest(artifact_dir)
+    unlisted = sorted(p.name for p in artifact_dir.iterdir() if p.name not in manifest.files and p.name != MANIFEST)
+    if unlisted:
+        raise ArtifactError(f"{artifact_dir}: {', '.join(unlisted)} not listed in the manifest",
+                            hint="an artifact holds exactly the files compile wrote; remove the extra files or re-run compile")
     for name, expected in manifest.files.items():
         path = artifact_dir / name
         if not path.is_file():
@@ -106,6 +113,13 @@ def verify_files(artifact_dir: Path) -> Manifest:
             raise ArtifactError(f"{artifact_dir}: {name} does not match its sha256 in the manifest",
                                 hint="the file was modified or corrupted after compile; re-run compile")
     return manifest
+
+
+def _first_error(e: Exception) -> str:
+    if isinstance(e, ValidationError):
+        err = e.errors()[0]
+        return f"field '{'.'.join(str(p) for p in err['loc']) or '(top level)'}': {err['msg']}"
+    return str(e).splitlines()[0]
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -14,6 +14,19 @@ from edgedistill.errors import BudgetError, EdgeDistillError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Distill, quantize and verify a teacher model into a device artifact per target.")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from edgedistill import __version__
+
+        sys.stdout.write(f"edgedistill {__version__}\n")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version")) -> None:
+    """Distill, quantize and verify a teacher model into a device artifact per target."""
 targets_app = typer.Typer(help="List, show and describe target profiles.", pretty_exceptions_enable=False)
 app.add_typer(targets_app, name="targets")
 out = Console(width=None if sys.stdout.isatty() else 120)
@@ -38,7 +51,7 @@ def compile_cmd(
     batch_size: int = typer.Option(32, "--batch-size", min=1),
     lr: float = typer.Option(3e-4, "--lr", min=0.0),
     max_length: Optional[int] = typer.Option(None, "--max-length", min=8, help="Tokens per text (default: the teacher's)"),
-    max_texts: Optional[int] = typer.Option(None, "--max-texts", min=2, help="Use only the first N texts of the data"),
+    max_texts: Optional[int] = typer.Option(None, "--max-texts", help="Use only the first N texts of the data"),
     val_fraction: float = typer.Option(0.05, "--val-fraction", help="Held-out share for validation (at most 2000 texts)"),
     seed: int = typer.Option(0, "--seed"),
     text_column: str = typer.Option("text", "--text-column", help="JSONL field / CSV column holding the text"),
@@ -48,6 +61,7 @@ def compile_cmd(
     """Compile TEACHER into a distilled, quantized, validated artifact for each --target."""
     from edgedistill.distill.loop import DistillConfig
     from edgedistill.pipeline import CompileOptions, compile
+    from edgedistill.report import warnings_for
 
     if task not in (None, "feature-extraction", "text-classification"):
         fail(EdgeDistillError(f"unknown task '{task}'", hint="use feature-extraction or text-classification"))
@@ -58,20 +72,27 @@ def compile_cmd(
         results = compile(teacher, data, target or [], out_dir, opts).targets
     except EdgeDistillError as e:
         fail(e)
+    except OSError as e:  # disk full, permissions changed mid-run: the artifact was not published
+        fail(EdgeDistillError(f"cannot write {e.filename or out_dir}: {e.strerror}", hint="free space or fix permissions, then re-run"))
     table = Table(title="edgedistill compile")
     table.add_column("", no_wrap=True)
     for r in results:
         table.add_column(r.profile.name, overflow="fold")
-    rows = {"status": [], "fidelity vs teacher": [], "latency p50 vs teacher": [], "size vs teacher": [], "artifact": []}
+    rows = {"status": [], "fidelity vs teacher": [], "latency p50 vs teacher": [], "size vs teacher": [], "artifact": [],
+            "warnings": []}
     for r in results:
         m, lat = r.manifest, r.manifest.latency
         metric = "cosine_mean" if m.teacher["task"] == "feature-extraction" else "top1_agreement"
         rows["status"].append("[green]pass[/]" if r.published else "[red]FAIL[/]")
-        rows["fidelity vs teacher"].append(f"{metric} {m.metrics['values'][metric]:.4f}")
+        floor = m.metrics["budget"]["min_cosine" if metric == "cosine_mean" else "min_top1_agreement"]
+        rows["fidelity vs teacher"].append(f"{metric} {m.metrics['values'][metric]:.4f} (budget ≥ {floor:g}, "
+                                           f"{m.data['num_validation']} held-out texts)")
         rows["latency p50 vs teacher"].append(f"{lat['artifact']['p50_ms']:.2f} vs {lat['teacher_torch_fp32']['p50_ms']:.2f} ms "
-                                             f"({lat['speedup_vs_teacher']:.1f}x faster, {lat['threads_measured']} threads)")
-        rows["size vs teacher"].append(f"{m.sizes['model_mb']:.1f} vs {m.sizes['teacher_weights_mb']:.1f} MB ({m.sizes['size_ratio']:.0%})")
+                                             f"({lat['speedup_vs_teacher']:.1f}x faster; batch {lat['batch']} × seq {lat['sequence']}, "
+                                             f"{lat['threads_measured']} thread{'s' if lat['threads_measured'] > 1 else ''})")
+        rows["size vs teacher"].append(f"{m.sizes['model_mb']:.2f} vs {m.sizes['teacher_weights_mb']:.2f} MB ({m.sizes['size_ratio']:.0%})")
         rows["artifact"].append(str(r.path))
+        rows["warnings"].append(" ".join(warnings_for(m)) or "none")
     for name, cells in rows.items():
         table.add_row(name, *cells)
     out.print(table)
@@ -151,7 +172,7 @@ def bench_cmd(
     seq: Optional[int] = typer.Option(None, "--seq", min=1, help="Sequence length (default: 128)"),
     data: Optional[str] = typer.Option(None, "--data", help="Held-out texts (default: built-in English set, after the part compile used)"),
     held_out: Optional[int] = typer.Option(None, "--held-out", min=2, help="Held-out texts for fidelity (default: 500)"),
-    rounds: Optional[int] = typer.Option(None, "--rounds", min=1, help="Interleaved timing rounds (default: 3)"),
+    min_time: Optional[float] = typer.Option(None, "--min-time", min=0.01, help="Seconds of timing per shape, all models interleaved (default: 3)"),
     no_memory: bool = typer.Option(False, "--no-memory", help="Skip the peak-memory probes (one process per model)"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result (versioned schema) here"),
     markdown_out: Optional[Path] = typer.Option(None, "--markdown", help="Write the markdown table here"),
@@ -179,7 +200,7 @@ def bench_cmd(
             cfg = BenchSuite(name="cli", artifacts=[str(a) for a in artifacts])
         overrides = {"artifacts": [str(a) for a in artifacts] if artifacts else None, "teacher": teacher, "data": data,
                      "runtimes": [x.strip() for r in runtime for x in r.split(",") if x.strip()] if runtime else None,
-                     "threads": threads, "sequence": seq, "held_out": held_out, "rounds": rounds,
+                     "threads": threads, "sequence": seq, "held_out": held_out, "min_time_s": min_time,
                      "batches": _parse_batches(batch) if batch else None, "memory": False if no_memory else None,
                      "baseline": str(baseline) if baseline else None, "max_regression": max_regression,
                      "max_fidelity_drop": max_fidelity_drop, "json_out": json_out and str(json_out),
@@ -192,11 +213,12 @@ def bench_cmd(
         base = load_baseline(Path(cfg.baseline)) if cfg.baseline else None  # fail before measuring
         result = run_bench([Path(a) for a in cfg.artifacts], cfg.teacher, cfg.data,
                            BenchSettings(runtimes=cfg.runtimes, threads=cfg.threads, batches=cfg.batches,
-                                         sequence=cfg.sequence, held_out=cfg.held_out, rounds=cfg.rounds, memory=cfg.memory))
+                                         sequence=cfg.sequence, held_out=cfg.held_out, min_time_s=cfg.min_time_s,
+                                         memory=cfg.memory))
     except EdgeDistillError as e:
         fail(e)
     table = markdown_table(result)
-    summary = [f"## edgedistill bench: {cfg.name}", "", table]
+    summary = [f"## edgedistill bench{': ' + cfg.name if suite else ''}", "", table]
     if cfg.json_out:
         Path(cfg.json_out).write_text(result.model_dump_json(indent=2) + "\n", encoding="utf-8")
     if cfg.github_benchmark_out:

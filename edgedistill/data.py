@@ -85,6 +85,8 @@ def load_transfer_set(
         source = BUILTIN_NAME
     else:
         path = Path(path)
+        if path.is_dir():
+            raise DataError(f"data path {path} is a directory", hint="pass --data PATH to a .txt, .jsonl or .csv file")
         if not path.is_file():
             raise DataError(f"data file {path} does not exist", hint="pass --data PATH to a .txt, .jsonl or .csv file")
         source = str(path)
@@ -114,7 +116,9 @@ def _read_jsonl(lines: list[str], path: Path, text_column: str, label_column: st
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{n} is not valid JSON: {e.msg}", hint="one JSON object per line") from None
-        if not isinstance(record, dict) or not isinstance(record.get(text_column), str):
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{n} is not a JSON object", hint="one JSON object per line, like {\"text\": ...}")
+        if not isinstance(record.get(text_column), str):
             raise DataError(f"{path}:{n} has no string field '{text_column}'", hint="each line needs {\"text\": ...} or pass --text-column")
         texts.append(record[text_column])
         labels.append(record.get(label_column))
@@ -190,7 +194,7 @@ def _stdlib_docstring_sentences() -> list[str]:
 def split_indices(n: int, val_fraction: float, seed: int, max_val: int = 2000) -> tuple[np.ndarray, np.ndarray]:
     """Return (train, validation) index arrays: a seeded permutation, the validation part at least one item."""
     if not 0.0 < val_fraction < 1.0:
-        raise DataError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
+        raise DataError(f"--val-fraction must be between 0 and 1, got {val_fraction}", hint="e.g. --val-fraction 0.05")
     n_val = min(max(1, round(n * val_fraction)), max_val, n - 1)
     order = np.random.default_rng(seed).permutation(n)
     return np.sort(order[n_val:]), np.sort(order[:n_val])

@@ -1,8 +1,10 @@
 """compile(): teacher -> student -> distill -> export -> optimize -> quantize -> validate -> artifact, per target."""
 from __future__ import annotations
 
+import copy
 import os
 import platform
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,7 +18,7 @@ from edgedistill.bench.timer import LatencyStats, measure
 from edgedistill.cache import cache_key, cached_outputs, default_cache_dir
 from edgedistill.data import TransferSet, load_transfer_set, split_indices
 from edgedistill.distill.loop import DistillConfig, DistillResult, distill
-from edgedistill.errors import DataError
+from edgedistill.errors import DataError, EdgeDistillError, ProfileError
 from edgedistill.export import export_onnx
 from edgedistill.families.text_encoder import EncoderWithHead, Task
 from edgedistill.optimize import optimize_graph
@@ -91,23 +93,67 @@ class Distilled:
 def compile(teacher_spec: str | None, data_path: str | None, target_specs: list[str], out_dir: Path,
             opts: CompileOptions) -> CompileResult:
     """Compile the teacher into one artifact per target under out_dir/<target>/."""
-    profiles = [resolve_target(s) for s in (target_specs or [None])]  # fail fast on a bad profile
+    profiles = resolve_targets(target_specs)  # fail fast: bad profiles, unwritable output, before any work
+    check_writable(out_dir, "--out")
+    check_writable(opts.cache_dir or default_cache_dir(), "--cache-dir")
     teacher = load_teacher(teacher_spec, opts.task)
+    num_layers = student_depth(teacher, opts.student_layers)
+    max_length = check_max_length(teacher, opts.max_length or teacher.max_length)
     data = load_transfer_set(data_path, opts.text_column, opts.label_column, teacher.label_names, opts.max_texts)
-    distilled = distill_student(teacher, data, opts)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    distilled = distill_student(teacher, data, num_layers, max_length, opts)
     with tempfile.TemporaryDirectory(prefix=".edgedistill-work-", dir=out_dir) as work:
         results = [build_target(distilled, profile, Path(work) / profile.name, out_dir, opts) for profile in profiles]
     return CompileResult(distilled.trained.student, results)
 
 
-def distill_student(teacher: Teacher, data: TransferSet, opts: CompileOptions) -> Distilled:
+def resolve_targets(specs: list[str]) -> list[TargetProfile]:
+    """Return the profiles for --target values (this CPU's when none), refusing two targets of one name."""
+    profiles = [resolve_target(s) for s in (specs or [None])]
+    names = [p.name for p in profiles]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ProfileError(f"two --target profiles are named {', '.join(dupes)}; each target needs its own OUT/<name>",
+                           hint="give each profile a distinct `name:`")
+    return profiles
+
+
+def check_writable(path: Path, option: str) -> None:
+    """Create `path` if needed and prove a file can be written there, or raise EdgeDistillError naming the option."""
+    if path.exists() and not path.is_dir():
+        raise EdgeDistillError(f"{option} {path} is a file, not a directory", hint=f"pass a directory to {option}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise EdgeDistillError(f"cannot write to {option} {path}: {e.strerror}", hint=f"pass a writable {option}") from None
+
+
+def student_depth(teacher: Teacher, requested: int | None) -> int:
+    """Return the student's number of layers: `requested`, or half the teacher's; raise if out of range."""
+    total = teacher.family.num_layers(teacher.config)
+    layers = max(1, total // 2) if requested is None else requested
+    if not 1 <= layers <= total:
+        raise EdgeDistillError(f"--student-layers {layers} is out of range: the teacher has {total} layers",
+                               hint=f"pass a number from 1 to {total}")
+    return layers
+
+
+def check_max_length(teacher: Teacher, max_length: int) -> int:
+    """Return `max_length` if the teacher's position embeddings cover it, else raise."""
+    limit = getattr(teacher.config, "max_position_embeddings", None)
+    if limit is not None and max_length > limit:
+        raise EdgeDistillError(f"--max-length {max_length} exceeds the teacher's {limit} positions",
+                               hint=f"pass --max-length {limit} or less")
+    return max_length
+
+
+def distill_student(teacher: Teacher, data: TransferSet, num_layers: int, max_length: int,
+                    opts: CompileOptions) -> Distilled:
     """Label the transfer set with the teacher (cached), derive the student and distill it; done once for all targets."""
-    max_length = opts.max_length or teacher.max_length
     train_idx, val_idx = split_indices(len(data), opts.val_fraction, opts.distill.seed)
     teacher_outputs = label_with_teacher(teacher, data, max_length, opts.cache_dir or default_cache_dir())
     input_names = teacher.family.input_names(teacher.tokenizer)
-    num_layers = opts.student_layers or max(1, teacher.family.num_layers(teacher.config) // 2)
     student, kept_layers = derive_student(teacher, num_layers)
     texts = lambda idx: [data.texts[i] for i in idx]  # noqa: E731
     labels = np.asarray(data.labels)[train_idx] if data.labels is not None else None
@@ -132,16 +178,32 @@ def build_target(d: Distilled, profile: TargetProfile, stage_dir: Path, out_dir:
     val_artifact = ort_cpu.predict(session, teacher.tokenizer, d.val_texts, d.max_length)
     validation = validate(val_artifact, d.val_teacher, d.val_student, teacher.task, profile.accuracy_budget, d.val_labels)
     latency = measure_latency(teacher, session, profile, threads, d.val_texts, d.input_names)
-    teacher.tokenizer.save_pretrained(stage_dir / "tokenizer")
+    save_tokenizer(teacher.tokenizer, d.max_length, stage_dir / "tokenizer")
     files = {MODEL_FILE: model_path, **{f.name: f for f in sorted((stage_dir / "tokenizer").iterdir()) if f.is_file()}}
     manifest = build_manifest(d, profile, onnx_model, optimized, model_path, validation, latency, opts)
     report = render_report(manifest, published=validation.passed)
+    published, rejected = out_dir / profile.name, out_dir / f"{profile.name}.rejected.md"
+    # this compile's verdict supersedes an older one: never leave a stale artifact beside a new rejection, or back
     if validation.passed:
-        path = write_artifact(out_dir / profile.name, files, manifest, report)
+        path = write_artifact(published, files, manifest, report)
+        rejected.unlink(missing_ok=True)
     else:
-        path = out_dir / f"{profile.name}.rejected.md"
-        path.write_text(report, encoding="utf-8")
+        rejected.write_text(report, encoding="utf-8")
+        path = rejected
+        if published.is_dir():
+            shutil.rmtree(published)
     return TargetResult(profile, validation.passed, path, manifest)
+
+
+def save_tokenizer(tokenizer, max_length: int, out_dir: Path) -> None:
+    """Save the tokenizer with the truncation length the artifact was validated at (and padding), also in tokenizer.json."""
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.model_max_length = max_length
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # plain `tokenizers` users get the same truncation and padding
+        backend.enable_truncation(max_length=max_length)
+        backend.enable_padding(pad_id=tokenizer.pad_token_id, pad_token=tokenizer.pad_token)
+    tokenizer.save_pretrained(out_dir)
 
 
 def label_with_teacher(teacher: Teacher, data: TransferSet, max_length: int, cache_dir: Path) -> np.ndarray:
@@ -158,10 +220,6 @@ def label_with_teacher(teacher: Teacher, data: TransferSet, max_length: int, cac
 
 def derive_student(teacher: Teacher, num_layers: int) -> tuple[EncoderWithHead, list[int]]:
     """Return the student (teacher architecture, `num_layers` layers) with the teacher's head, and the layers it kept."""
-    total = teacher.family.num_layers(teacher.config)
-    if not 1 <= num_layers <= total:
-        raise DataError(f"--student-layers {num_layers} is out of range: the teacher has {total} layers",
-                        hint=f"pass a number from 1 to {total}")
     model, kept = teacher.family.derive_student(teacher.module.model, num_layers)
     return EncoderWithHead(model, teacher.task, teacher.module.pooling if teacher.task == "feature-extraction" else None), kept
 

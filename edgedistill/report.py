@@ -8,6 +8,31 @@ def _fmt(v) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 100_000 else f"{n:,}"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def warnings_for(m: Manifest) -> list[str]:
+    """Return what a reader should know before trusting the verdict."""
+    out = []
+    n_val = m.data["num_validation"]
+    if n_val < 200:
+        out.append(f"The verdict rests on only {n_val} held-out texts; pass more data or a larger --val-fraction "
+                   "before trusting it.")
+    if m.distillation["best_step"] == 0:
+        out.append("Distillation never beat the initial student (step 0): this artifact is the layer-pruned teacher "
+                   "without training. Check --lr, --epochs and the transfer set.")
+    lat = m.latency
+    if lat["threads_measured"] < lat["threads_profile"]:
+        out.append(f"Latency was measured with {_plural(lat['threads_measured'], 'thread')} (this machine's cores), "
+                   f"not the profile's {lat['threads_profile']}.")
+    return out
+
+
 def render_report(m: Manifest, published: bool) -> str:
     """Return report.md: verdict, fidelity, latency and size vs the teacher, the recipe, and the training curve."""
     lat, sizes, metrics = m.latency, m.sizes, m.metrics
@@ -18,18 +43,20 @@ def render_report(m: Manifest, published: bool) -> str:
         f"**Status:** {status}. {metrics['verdict']}.",
         "",
         f"Teacher `{m.teacher['name']}` ({m.teacher['model_type']}, {m.teacher['num_layers']} layers, "
-        f"{m.teacher['num_parameters'] / 1e6:.1f}M parameters, task {m.teacher['task']}) → student with "
-        f"{m.student['num_layers']} layers (from teacher layers {m.student['kept_teacher_layers']}, "
-        f"{m.student['num_parameters'] / 1e6:.1f}M parameters).",
+        f"{_count(m.teacher['num_parameters'])} parameters, task {m.teacher['task']}) → student with "
+        f"{_plural(m.student['num_layers'], 'layer')} (from teacher layers {m.student['kept_teacher_layers']}, "
+        f"{_count(m.student['num_parameters'])} parameters).",
+        "",
+        *[line for w in warnings_for(m) for line in ("", f"> **Warning:** {w}")],
         "",
         "## Summary vs the teacher",
         "",
         "| | teacher (torch fp32) | artifact | ratio |",
         "|---|---|---|---|",
-        f"| latency p50, batch {lat['batch']} × seq {lat['sequence']}, {lat['threads_measured']} threads (ms) | "
+        f"| latency p50, batch {lat['batch']} × seq {lat['sequence']}, {_plural(lat['threads_measured'], 'thread')} (ms) | "
         f"{lat['teacher_torch_fp32']['p50_ms']:.2f} | {lat['artifact']['p50_ms']:.2f} | "
         f"{lat['speedup_vs_teacher']:.2f}× faster |",
-        f"| size (MB) | {sizes['teacher_weights_mb']:.1f} | {sizes['model_mb']:.1f} | {sizes['size_ratio']:.1%} |",
+        f"| size (MB) | {sizes['teacher_weights_mb']:.2f} | {sizes['model_mb']:.2f} | {sizes['size_ratio']:.1%} |",
         "",
         "## Fidelity on the held-out split",
         "",
@@ -48,9 +75,11 @@ def render_report(m: Manifest, published: bool) -> str:
         "",
         f"- export: {m.export['exporter']}, opset {m.export['opset']}, max |onnx - torch| {m.export['max_abs_diff_vs_torch']:.2e}",
         f"- graph optimization: {m.optimization['mode']}; fused operators: {m.optimization['fused_ops'] or 'none'}",
-        f"- quantization: {m.quantization}",
+        f"- quantization: {m.quantization['recipe']}"
+        + (f" ({', '.join(f'{k}={v}' for k, v in m.quantization.items() if k != 'recipe')})" if len(m.quantization) > 1 else ""),
         f"- runtime: {m.target['runtime']} / {m.target['execution_provider']}, profile threads {m.target['threads']}"
         f" (measured with {lat['threads_measured']} on this machine)",
+        f"- budget: {', '.join(f'{k} {v}' for k, v in m.metrics['budget'].items())}",
         "",
         "## Distillation",
         "",
@@ -60,6 +89,6 @@ def render_report(m: Manifest, published: bool) -> str:
         "| step | validation fidelity | train loss |",
         "|---|---|---|",
     ]
-    lines += [f"| {s} | {f:.4f} | {loss:.4f} |" for s, f, loss in m.distillation["history"]]
+    lines += [f"| {s} | {f:.4f} | {'—' if loss != loss else f'{loss:.4f}'} |" for s, f, loss in m.distillation["history"]]
     lines += ["", f"Latency: {lat['note']}", ""]
     return "\n".join(lines)

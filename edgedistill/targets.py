@@ -52,7 +52,7 @@ class TargetProfile(BaseModel):
 
 def _format_validation_error(source: str, err: ValidationError) -> str:
     parts = []
-    for e in err.errors():
+    for e in sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden"):
         field = ".".join(str(p) for p in e["loc"]) or "(top level)"
         parts.append(f"field '{field}': {e['msg']}")
     return f"{source}: " + "; ".join(parts)

@@ -54,8 +54,8 @@ def check_budget(metrics: dict[str, float], task: str, budget: AccuracyBudget) -
     else:
         name, value, floor = "mean cosine", metrics["cosine_mean"], budget.min_cosine
     if value >= floor:
-        return True, f"{name} to the teacher {value:.4f} >= budget {floor:.4f}"
-    return False, f"{name} to the teacher {value:.4f} is {floor - value:.4f} below the budget {floor:.4f}"
+        return True, f"{name} to the teacher {value:.4f} >= budget {floor:g}"
+    return False, f"{name} to the teacher {value:.4f} is {floor - value:.4f} below the budget {floor:g}"
 
 
 def validate(artifact_outputs: np.ndarray, teacher_outputs: np.ndarray, student_outputs: np.ndarray, task: str,

@@ -140,7 +140,7 @@ def test_verify_missing_manifest(artifact):
 
 
 def test_verify_not_a_directory(tmp_path):
-    with pytest.raises(ArtifactError, match="no manifest.json"):
+    with pytest.raises(ArtifactError, match="does not exist"):
         verify_files(tmp_path / "nothing-here")
 
 
@@ -156,7 +156,7 @@ def test_verify_invalid_manifest(artifact, content):
         path.write_bytes(content)
     else:
         path.write_text(content, encoding="utf-8")
-    with pytest.raises(ArtifactError, match="not an edgedistill manifest"):
+    with pytest.raises(ArtifactError, match="not a valid edgedistill manifest"):
         verify_files(artifact)
 
 
@@ -164,7 +164,7 @@ def test_verify_manifest_with_unknown_field(artifact):
     data = json.loads((artifact / MANIFEST).read_text(encoding="utf-8"))
     data["surprise"] = 1
     (artifact / MANIFEST).write_text(json.dumps(data), encoding="utf-8")
-    with pytest.raises(ArtifactError, match="not an edgedistill manifest"):
+    with pytest.raises(ArtifactError, match="not a valid edgedistill manifest"):
         verify_files(artifact)
 
 

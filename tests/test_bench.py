@@ -37,7 +37,7 @@ def artifact(tmp_path_factory):
 
 def bench_args(artifact, *extra):
     return ["bench", str(artifact["dir"]), "--teacher", str(artifact["teacher"]), "--data", str(artifact["data"]),
-            "--batch", "1,2", "--seq", "16", "--rounds", "1", "--held-out", "50", *extra]
+            "--batch", "1,2", "--seq", "16", "--min-time", "0.2", "--held-out", "50", *extra]
 
 
 def test_bench_end_to_end_outputs(artifact, tmp_path):
@@ -97,7 +97,7 @@ data: {artifact['data']}
 batches: [1]
 sequence: 16
 held_out: 50
-rounds: 2
+min_time_s: 0.3
 memory: false
 baseline: {baseline}
 max_regression: "{limit}"
@@ -155,9 +155,19 @@ def test_bad_inputs_exit_2(artifact, tmp_path):
         "bad batch": (bench_args(artifact, "--batch", "1,x"), "positive integers"),
         "bad suite": (["bench", "--suite", str(bad_suite)], "field 'artifacts'"),
         "nothing": (["bench"], "no artifact directories"),
+        "seq too long": (bench_args(artifact, "--seq", "500"), "exceeds the teacher's 64 positions"),
+        "no such dir": (["bench", str(tmp_path / "nope")], "does not exist"),
+        "baseline not json": (bench_args(artifact, "--baseline", str(bad_suite)), "is not JSON"),
     }
     for name, (args, expected) in cases.items():
         res = runner.invoke(app, args)
         assert res.exit_code == 2, (name, res.output)
         assert res.stderr.startswith("error:") and expected in res.stderr, (name, res.stderr)
         assert "Traceback" not in res.stderr
+
+
+def test_bench_warns_when_data_is_the_transfer_set(artifact, tmp_path):
+    j = tmp_path / "r.json"
+    res = runner.invoke(app, bench_args(artifact, "--no-memory", "--batch", "1", "--min-time", "0.1", "--json", str(j)))
+    assert res.exit_code == 0
+    assert "training texts" in BenchResult.model_validate_json(j.read_text()).data["source"]

@@ -172,12 +172,19 @@ def _bad_inputs(tmp_path: Path, tiny_encoder: Path, text_file: Path, profile_fil
         "empty data": ([str(tiny_encoder), "--data", str(empty)], "0 text"),
         "bad task": ([str(tiny_encoder), "--task", "translation"], "unknown task"),
         "too many layers": ([str(tiny_encoder), "--student-layers", "5"], "out of range"),
+        "zero layers": ([str(tiny_encoder), "--student-layers", "0"], "out of range"),
+        "max length too long": ([str(tiny_encoder), "--max-length", "500"], "exceeds the teacher's 64 positions"),
+        "data is a directory": ([str(tiny_encoder), "--data", str(tmp_path)], "is a directory"),
+        "one text": ([str(tiny_encoder), "--max-texts", "1"], "needs at least 2"),
+        "duplicate targets": ([str(tiny_encoder), "--target", str(profile_file), "--target", str(profile_file)],
+                              "two --target profiles are named tiny-cpu"),
     }
 
 
 @pytest.mark.parametrize("case", ["missing teacher", "teacher is a file", "corrupt weights", "unknown target",
                                   "malformed profile", "missing data", "non-UTF-8 data", "empty data", "bad task",
-                                  "too many layers"])
+                                  "too many layers", "zero layers", "max length too long", "data is a directory",
+                                  "one text", "duplicate targets"])
 def test_bad_input_one_line_exit_2_nothing_written(case, tiny_encoder, text_file, profile_file, tmp_path):
     args, expected = _bad_inputs(tmp_path, tiny_encoder, text_file, profile_file)[case]
     if "--data" not in args:
@@ -209,3 +216,50 @@ def test_data_hash_in_manifest_is_content_hash(tiny_encoder, text_file, profile_
     for t in texts:
         h.update(t.encode() + b"\x00\n")
     assert result.targets[0].manifest.data["sha256"] == h.hexdigest()
+
+
+def test_out_is_a_file_fails_before_any_work(tiny_encoder, text_file, profile_file, tmp_path, monkeypatch):
+    import edgedistill.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "load_teacher", lambda *a, **k: pytest.fail("loaded the teacher before checking --out"))
+    out = tmp_path / "out"
+    out.write_text("a file")
+    res = runner.invoke(app, ["compile", str(tiny_encoder), "--data", str(text_file), "--target", str(profile_file),
+                              "--out", str(out)])
+    assert res.exit_code == 2 and "--out" in res.stderr and "is a file" in res.stderr
+    assert out.read_text() == "a file"
+
+
+def test_new_verdict_replaces_the_old_one(tiny_encoder, text_file, tmp_path):
+    out = tmp_path / "out"
+    lenient = write_profile(tmp_path / "lenient.yaml", name="dev", min_cosine=0.5)
+    strict = write_profile(tmp_path / "strict.yaml", name="dev", min_cosine=0.99999)
+    base = ["compile", str(tiny_encoder), "--data", str(text_file), "--out", str(out), "--epochs", "1", "--target"]
+    assert runner.invoke(app, [*base, str(lenient)]).exit_code == 0
+    assert (out / "dev").is_dir()
+    assert runner.invoke(app, [*base, str(strict)]).exit_code == 2
+    assert not (out / "dev").exists(), "a stale artifact must not sit beside a newer rejection"
+    assert (out / "dev.rejected.md").is_file()
+    assert runner.invoke(app, [*base, str(lenient)]).exit_code == 0
+    assert (out / "dev").is_dir() and not (out / "dev.rejected.md").exists()
+
+
+def test_verify_rejects_unlisted_files(tiny_encoder, text_file, profile_file, tmp_path):
+    out = tmp_path / "out"
+    compile(str(tiny_encoder), str(text_file), [str(profile_file)], out, CompileOptions(distill=FAST))
+    (out / "tiny-cpu" / "extra.onnx").write_bytes(b"not ours")
+    res = runner.invoke(app, ["verify", str(out / "tiny-cpu")])
+    assert res.exit_code == 2 and "extra.onnx not listed in the manifest" in res.stderr
+
+
+def test_tokenizer_files_carry_the_validated_max_length(tiny_encoder, text_file, profile_file, tmp_path):
+    from tokenizers import Tokenizer
+
+    result = compile(str(tiny_encoder), str(text_file), [str(profile_file)], tmp_path / "out",
+                     CompileOptions(distill=FAST, max_length=24))
+    artifact = result.targets[0].path
+    assert result.targets[0].manifest.data["max_length"] == 24
+    tok = Tokenizer.from_file(str(artifact / "tokenizer.json"))
+    enc = tok.encode_batch(["dog " * 100, "cat"])
+    assert len(enc[0].ids) == 24 and len(enc[1].ids) == 24  # truncation and padding configured
+    assert AutoTokenizer.from_pretrained(artifact).model_max_length == 24

@@ -134,7 +134,7 @@ def test_missing_file(tmp_path):
 
 
 def test_directory_is_not_a_file(tmp_path):
-    with pytest.raises(DataError, match="does not exist"):
+    with pytest.raises(DataError, match="is a directory"):
         load_transfer_set(tmp_path)
 
 

@@ -272,3 +272,29 @@ def test_validate_combines_metrics():
     assert "torch_student_cosine_mean" in v.metrics and v.metrics["cosine_mean"] > 0.99
     v = validate(-teacher, teacher, student, "feature-extraction", AccuracyBudget(min_cosine=0.9))
     assert not v.passed and "below" in v.verdict
+
+
+def test_measure_interleaved_pairs_samples_and_paired_ratio_cancels_load():
+    import time
+
+    from edgedistill.bench.timer import measure_interleaved, paired_ratio
+
+    calls = []
+
+    def slow(x):
+        calls.append(("slow", x))
+        time.sleep(0.002)
+
+    def fast(x):
+        calls.append(("fast", x))
+        time.sleep(0.001)
+
+    stats = measure_interleaved({"slow": (slow, [0, 1]), "fast": (fast, [0, 1])}, warmup=1, min_runs=30, min_time_s=0.0)
+    assert stats["slow"].runs == stats["fast"].runs == 30
+    timed = calls[2:]  # after one warm-up call each
+    assert [c[0] for c in timed[:4]] == ["slow", "fast", "slow", "fast"]  # call by call, in turn
+    assert {c[1] for c in timed} == {0, 1}  # inputs rotate
+    assert 1.5 < paired_ratio(stats["slow"].samples_ms, stats["fast"].samples_ms) < 2.5
+    # a load burst that hits one iteration of both candidates does not move the paired ratio
+    a, b = [2.0] * 9 + [20.0], [1.0] * 9 + [10.0]
+    assert paired_ratio(a, b) == 2.0

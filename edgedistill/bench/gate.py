@@ -2,6 +2,7 @@
 run (so the machine's speed cancels out), fidelity as absolute drops."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,10 +46,19 @@ def load_baseline(path: Path) -> BenchResult:
     if not path.is_file():
         raise EdgeDistillError(f"baseline {path} does not exist", hint="write one with `edgedistill bench ... --json PATH`")
     try:
-        baseline = BenchResult.model_validate_json(path.read_text(encoding="utf-8"))
-    except (ValidationError, UnicodeDecodeError, ValueError) as e:
-        raise EdgeDistillError(f"{path} is not an edgedistill bench result: {str(e).splitlines()[0]}",
-                               hint=f"regenerate it with this version (schema {SCHEMA_VERSION})") from None
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise EdgeDistillError(f"baseline {path} is not JSON: {e}", hint="pass a file written by `edgedistill bench --json`") from None
+    if isinstance(raw, dict) and raw.get("schema_version") != SCHEMA_VERSION:
+        raise EdgeDistillError(f"baseline {path} has schema version {raw.get('schema_version')}, this edgedistill reads "
+                               f"{SCHEMA_VERSION}", hint="regenerate the baseline with this version")
+    try:
+        baseline = BenchResult.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise EdgeDistillError(f"baseline {path} is not an edgedistill bench result (field "
+                               f"'{'.'.join(str(p) for p in err['loc'])}': {err['msg']})",
+                               hint="pass a file written by `edgedistill bench --json`") from None
     return baseline
 
 

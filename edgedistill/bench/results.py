@@ -22,7 +22,7 @@ class ShapeLatency(BaseModel):
     stdev_ms: float
     runs: int
     throughput_items_s: float
-    samples_ms: list[float] = Field(default_factory=list, description="every timed run of the last round")
+    samples_ms: list[float] = Field(default_factory=list, description="every timed run, in order")
 
     @property
     def key(self) -> str:
@@ -46,7 +46,8 @@ class ModelResult(BaseModel):
     status: Literal["measured", "not measured"] = "measured"
     reason: str | None = None
     latency: list[ShapeLatency] = Field(default_factory=list)
-    ratio_to_teacher: dict[str, float] = Field(default_factory=dict, description="p50 / teacher p50, per shape key")
+    ratio_to_teacher: dict[str, float] = Field(
+        default_factory=dict, description="median of per-iteration latency / teacher latency (interleaved), per shape key")
     peak_rss_mb: float | None = None
     rss_growth_mb: float | None = Field(None, description="peak RSS minus RSS after imports: session + runs")
     runtime_settings: dict = Field(default_factory=dict)

@@ -13,7 +13,7 @@ import torch
 from edgedistill.artifact import Manifest, verify_files
 from edgedistill.bench.memory import measure_peak_rss
 from edgedistill.bench.results import BenchResult, ModelResult, ShapeLatency, shape_key
-from edgedistill.bench.timer import LatencyStats, measure_interleaved
+from edgedistill.bench.timer import LatencyStats, measure_interleaved, paired_ratio
 from edgedistill.data import BUILTIN_NAME, builtin_english_texts, load_transfer_set
 from edgedistill.errors import ArtifactError, EdgeDistillError
 from edgedistill.progress import console, enabled
@@ -35,8 +35,7 @@ class BenchSettings:
     batches: list[int] = field(default_factory=lambda: [1, 8])
     sequence: int = 128
     held_out: int = 500
-    rounds: int = 3
-    min_time_s: float = 0.5
+    min_time_s: float = 3.0
     retrieval_k: int = 10
     memory: bool = True
 
@@ -69,8 +68,15 @@ def _teacher_for(manifests: dict[Path, Manifest], teacher_spec: str | None) -> T
 
 def _held_out(manifests: dict[Path, Manifest], data_path: str | None, teacher: Teacher, n: int):
     if data_path is not None:
-        data = load_transfer_set(data_path, label_names=teacher.label_names, max_texts=n)
-        return data.source, data.texts, (np.asarray(data.labels) if data.labels is not None else None)
+        data = load_transfer_set(data_path, label_names=teacher.label_names)
+        source = data.source
+        if data.sha256 in {m.data["sha256"] for m in manifests.values()}:
+            source += " (WARNING: the compile's own transfer set: fidelity is measured partly on training texts)"
+            if enabled():
+                console.print(f"[yellow]warning:[/] {data_path} is the transfer set the artifact was distilled on; "
+                              "its fidelity there overstates held-out fidelity")
+        labels = np.asarray(data.labels)[:n] if data.labels is not None else None
+        return source, data.texts[:n], labels
     # the built-in set, after the part the compiles trained and validated on
     used = max((m.data["num_texts"] for m in manifests.values() if m.data["source"] == BUILTIN_NAME), default=0)
     return f"{BUILTIN_NAME}[{used}:{used + n}]", builtin_english_texts(limit=used + n)[used:], None
@@ -102,6 +108,9 @@ def run_bench(artifact_dirs: list[Path], teacher_spec: str | None, data_path: st
     source, texts, labels = _held_out(manifests, data_path, teacher, settings.held_out)
     if len(texts) < 2:
         raise EdgeDistillError(f"{source} gives {len(texts)} held-out text(s); bench needs at least 2", hint="pass a larger --data")
+    limit = getattr(teacher.config, "max_position_embeddings", None)
+    if limit is not None and settings.sequence > limit:
+        raise EdgeDistillError(f"--seq {settings.sequence} exceeds the teacher's {limit} positions", hint=f"pass --seq {limit} or less")
     threads = settings.threads or min(m.target["threads"] for m in manifests.values())
     threads = min(threads, os.cpu_count() or 1)
     tok, names, seq, task = teacher.tokenizer, teacher.family.input_names(teacher.tokenizer), settings.sequence, teacher.task
@@ -146,14 +155,13 @@ def run_bench(artifact_dirs: list[Path], teacher_spec: str | None, data_path: st
             enc = tok(chunk, padding="max_length", truncation=True, max_length=seq, return_tensors="np")
             inputs.append({k: enc[k].astype(np.int64) for k in names})
         if enabled():
-            console.print(f"timing batch {batch} × seq {seq}, {threads} threads, {len(runners)} models, {settings.rounds} rounds")
-        stats = measure_interleaved({str(i): (fn, inputs) for i, fn in runners.items()}, rounds=settings.rounds,
-                                    min_time_s=settings.min_time_s)
+            console.print(f"timing batch {batch} × seq {seq}, {threads} threads, {len(runners)} models interleaved, "
+                          f"≥{settings.min_time_s:g} s")
+        stats = measure_interleaved({str(i): (fn, inputs) for i, fn in runners.items()}, min_time_s=settings.min_time_s)
         for i in runners:
-            results[i].latency.append(_shape_latency(stats[str(i)], batch, seq, threads))
-    teacher_p50 = {lat.key: lat.p50_ms for lat in results[0].latency}
-    for i in runners:
-        results[i].ratio_to_teacher = {lat.key: lat.p50_ms / teacher_p50[lat.key] for lat in results[i].latency}
+            lat = _shape_latency(stats[str(i)], batch, seq, threads)
+            results[i].latency.append(lat)
+            results[i].ratio_to_teacher[lat.key] = paired_ratio(stats[str(i)].samples_ms, stats["0"].samples_ms)
 
     if settings.memory:
         probe_batch = settings.batches[0]
@@ -175,8 +183,9 @@ def run_bench(artifact_dirs: list[Path], teacher_spec: str | None, data_path: st
                  "cores": os.cpu_count()},
         teacher={"name": teacher.name, "sha256": teacher.sha256, "task": task},
         data={"source": source, "num_texts": len(texts), "labelled": labels is not None},
-        settings={"threads": threads, "batches": settings.batches, "sequence": seq, "rounds": settings.rounds,
-                  "min_time_s_per_round": settings.min_time_s, "warmup_runs": 5, "rotating_inputs": 8,
+        settings={"threads": threads, "batches": settings.batches, "sequence": seq, "min_time_s_per_shape": settings.min_time_s,
+                  "timing": "interleaved call by call; ratio_to_teacher = median of paired per-iteration ratios",
+                  "warmup_runs": 5, "rotating_inputs": 8,
                   "memory_probe": f"fresh process, batch {settings.batches[0]}, 20 runs" if settings.memory else None},
         results=results,
     )

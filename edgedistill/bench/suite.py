@@ -22,7 +22,7 @@ class BenchSuite(BaseModel):
     batches: list[int] = Field(default_factory=lambda: [1, 8])
     sequence: int = Field(128, ge=1)
     held_out: int = Field(500, ge=2)
-    rounds: int = Field(3, ge=1)
+    min_time_s: float = Field(3.0, gt=0, description="timing time per shape, all models interleaved")
     memory: bool = True
     baseline: str | None = None
     max_regression: str = "10%"
@@ -44,6 +44,7 @@ def load_suite(path: Path) -> BenchSuite:
     try:
         return BenchSuite.model_validate(raw)
     except ValidationError as e:
-        first = e.errors()[0]
+        # an unknown key (a typo) explains the other errors better than the missing field it was meant to be
+        first = sorted(e.errors(), key=lambda err: err["type"] != "extra_forbidden")[0]
         field = ".".join(str(p) for p in first["loc"]) or "(top level)"
         raise EdgeDistillError(f"{path}: field '{field}': {first['msg']}", hint="see benchmarks/ci.yaml for an example") from None

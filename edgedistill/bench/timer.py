@@ -62,14 +62,34 @@ def measure(fn: Callable[[Any], Any], inputs: Sequence[Any], warmup: int = 5, mi
     return summarize(samples)
 
 
-def measure_interleaved(candidates: dict[str, tuple[Callable[[Any], Any], Sequence[Any]]], rounds: int = 3,
-                        **kwargs: Any) -> dict[str, LatencyStats]:
-    """Return each candidate's statistics over the samples of `rounds` rounds that each time every candidate in turn.
+def measure_interleaved(candidates: dict[str, tuple[Callable[[Any], Any], Sequence[Any]]], warmup: int = 5,
+                        min_runs: int = 20, max_runs: int = 2000, min_time_s: float = 3.0) -> dict[str, LatencyStats]:
+    """Time several candidates call by call: each iteration calls every candidate once, in turn, on rotating inputs.
 
-    Interleaving spreads a noisy neighbour's bursts over all candidates instead of one, so their ratios hold.
+    Samples of one iteration are taken milliseconds apart, so a noisy neighbour's bursts hit all candidates alike;
+    `paired_ratio` of two candidates' samples is then robust to the machine's load. Stops after at least
+    `min_runs` iterations and `min_time_s` seconds in all.
     """
+    for fn, inputs in candidates.values():
+        if not inputs:
+            raise ValueError("measure_interleaved() needs at least one input per candidate")
+        for i in range(warmup):
+            fn(inputs[i % len(inputs)])
     samples: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(rounds):
+    start = time.perf_counter()
+    i = 0
+    while i < max_runs and (i < min_runs or time.perf_counter() - start < min_time_s):
         for name, (fn, inputs) in candidates.items():
-            samples[name] += measure(fn, inputs, **kwargs).samples_ms
+            x = inputs[i % len(inputs)]
+            t0 = time.perf_counter_ns()
+            fn(x)
+            samples[name].append((time.perf_counter_ns() - t0) / 1e6)
+        i += 1
     return {name: summarize(v) for name, v in samples.items()}
+
+
+def paired_ratio(samples: Sequence[float], reference: Sequence[float]) -> float:
+    """Return the median of samples[i] / reference[i]: the latency ratio of two interleaved candidates."""
+    if len(samples) != len(reference) or not samples:
+        raise ValueError("paired_ratio() needs two equally long, non-empty sample lists")
+    return statistics.median(a / b for a, b in zip(samples, reference))
