@@ -18,19 +18,21 @@ from edgedistill.bench.timer import LatencyStats, measure
 from edgedistill.cache import cache_key, cached_outputs, default_cache_dir
 from edgedistill.data import TransferSet, load_transfer_set, split_indices
 from edgedistill.distill.loop import DistillConfig, DistillResult, distill
-from edgedistill.errors import DataError, EdgeDistillError, ProfileError
+from edgedistill.errors import DataError, EdgeDistillError, ExportError, ProfileError
 from edgedistill.export import export_onnx
 from edgedistill.families.text_encoder import EncoderWithHead, Task
 from edgedistill.optimize import optimize_graph
-from edgedistill.quantize import quantize
+from edgedistill.ort_format import convert_to_ort, fix_input_shapes
+from edgedistill.quantize.search import quantize_within_budget
 from edgedistill.report import render_report
-from edgedistill.runtimes import ort_cpu, torch_cpu
+from edgedistill.runtimes import iter_batches, ort_cpu, torch_cpu
 from edgedistill.targets import TargetProfile, resolve_target
 from edgedistill.teachers import Teacher, load_teacher
 from edgedistill.teachers.hf import count_parameters, weights_mb
-from edgedistill.validate import validate
+from edgedistill.validate import fidelity_metrics, primary_metric, validate
 
 MODEL_FILE = "model.onnx"
+SEARCH_TEXTS = 300  # held-out texts each quantization trial is scored on (the final validation uses all)
 
 
 @dataclass
@@ -166,21 +168,46 @@ def distill_student(teacher: Teacher, data: TransferSet, num_layers: int, max_le
 
 
 def build_target(d: Distilled, profile: TargetProfile, stage_dir: Path, out_dir: Path, opts: CompileOptions) -> TargetResult:
-    """Export, optimize, quantize, validate and measure for one profile; publish the artifact if it keeps the budget."""
+    """Export, optimize, quantize (within the budget), validate and measure for one profile; publish if it passes."""
     teacher = d.teacher
     stage_dir.mkdir(parents=True)
     onnx_model = export_onnx(d.trained.student, teacher.family, d.input_names, profile.opset, stage_dir / "student.onnx")
-    optimized = optimize_graph(onnx_model.path, teacher.family, d.trained.student.model.config, profile.optimization,
+    graph = onnx_model.path
+    if profile.fixed_shape:
+        graph = fix_input_shapes(graph, profile.input_shape.batch, profile.input_shape.sequence, stage_dir / "fixed.onnx")
+    optimized = optimize_graph(graph, teacher.family, d.trained.student.model.config, profile.optimization,
                                stage_dir / "optimized.onnx")
-    model_path = quantize(optimized.path, profile.quantization, stage_dir / MODEL_FILE)
     threads = min(profile.threads, os.cpu_count() or 1)
-    session = ort_cpu.cpu_session(model_path, threads)
+    metric, floor = primary_metric(teacher.task, profile.accuracy_budget)
+    search_texts, search_teacher = d.val_texts[:SEARCH_TEXTS], d.val_teacher[:SEARCH_TEXTS]
+
+    def search_fidelity(path: Path) -> float:
+        out = ort_cpu.predict(ort_cpu.cpu_session(path, threads), teacher.tokenizer, search_texts, d.max_length)
+        return fidelity_metrics(out, search_teacher, teacher.task)[metric]
+
+    model_path, quant_config, trials = quantize_within_budget(
+        optimized.path, profile.quantization, stage_dir, calibration_feeds(d, profile), search_fidelity, floor)
+    files = {MODEL_FILE: model_path}
+    run_path, ort_diff = model_path, None
+    if profile.model_format == "ort":
+        ort_model = convert_to_ort(model_path, stage_dir / "ort")
+        files.update({ort_model.model.name: ort_model.model, ort_model.operators_config.name: ort_model.operators_config})
+        ort_diff = ort_matches_onnx(ort_model.model, model_path, teacher.tokenizer, search_texts, d.max_length)
+        run_path = ort_model.model  # validate and time what the device runs
+    session = ort_cpu.cpu_session(run_path, threads)
     val_artifact = ort_cpu.predict(session, teacher.tokenizer, d.val_texts, d.max_length)
     validation = validate(val_artifact, d.val_teacher, d.val_student, teacher.task, profile.accuracy_budget, d.val_labels)
     latency = measure_latency(teacher, session, profile, threads, d.val_texts, d.input_names)
     save_tokenizer(teacher.tokenizer, d.max_length, stage_dir / "tokenizer")
-    files = {MODEL_FILE: model_path, **{f.name: f for f in sorted((stage_dir / "tokenizer").iterdir()) if f.is_file()}}
+    files.update({f.name: f for f in sorted((stage_dir / "tokenizer").iterdir()) if f.is_file()})
     manifest = build_manifest(d, profile, onnx_model, optimized, model_path, validation, latency, opts)
+    manifest.quantization = {"profile": profile.quantization.model_dump(mode="json"),
+                             "chosen": quant_config.model_dump(mode="json"), "trials": [asdict(t) for t in trials]}
+    if ort_diff is not None:  # the device runs the .ort file; model.onnx stays beside it as the reference
+        manifest.export["ort_format_max_abs_diff_vs_onnx"] = ort_diff
+        manifest.model.update(file=run_path.name, onnx_file=MODEL_FILE,
+                              device_execution_providers=profile.device_execution_providers)
+        manifest.sizes.update(model_mb=_mb(run_path), size_ratio=_mb(run_path) / manifest.sizes["teacher_weights_mb"])
     report = render_report(manifest, published=validation.passed)
     published, rejected = out_dir / profile.name, out_dir / f"{profile.name}.rejected.md"
     # this compile's verdict supersedes an older one: never leave a stale artifact beside a new rejection, or back
@@ -193,6 +220,25 @@ def build_target(d: Distilled, profile: TargetProfile, stage_dir: Path, out_dir:
         if published.is_dir():
             shutil.rmtree(published)
     return TargetResult(profile, validation.passed, path, manifest)
+
+
+def calibration_feeds(d: Distilled, profile: TargetProfile) -> list[dict[str, np.ndarray]]:
+    """Return calibration inputs for recipes that calibrate: training-split texts at the profile's input shape."""
+    count = getattr(profile.quantization, "calibration_texts", 0)
+    texts = [d.data.texts[i] for i in d.train_idx[:count]]
+    shape = profile.input_shape
+    return [feeds for _, feeds in iter_batches(d.teacher.tokenizer, texts, d.input_names, shape.sequence, shape.batch,
+                                               fixed=True)]
+
+
+def ort_matches_onnx(ort_path: Path, onnx_path: Path, tokenizer, texts: list[str], max_length: int) -> float:
+    """Return max |ORT-format model - ONNX model| on `texts`; raise ExportError past the tolerance."""
+    a = ort_cpu.predict(ort_cpu.cpu_session(ort_path, 1), tokenizer, texts, max_length)
+    b = ort_cpu.predict(ort_cpu.cpu_session(onnx_path, 1), tokenizer, texts, max_length)
+    diff = float(np.max(np.abs(a - b)))
+    if diff > 1e-3:
+        raise ExportError(f"the ORT-format model differs from the ONNX model by {diff:.2e}", hint="report this model")
+    return diff
 
 
 def save_tokenizer(tokenizer, max_length: int, out_dir: Path) -> None:
@@ -284,8 +330,8 @@ def build_manifest(d: Distilled, profile: TargetProfile, onnx_model, optimized, 
         export={"exporter": "torch.onnx.export (TorchScript, dynamo=False)", "opset": onnx_model.opset,
                 "max_abs_diff_vs_torch": onnx_model.max_abs_diff},
         optimization={"mode": profile.optimization, "fused_ops": optimized.fused_ops},
-        quantization=profile.quantization.model_dump(mode="json"),
-        model={"file": MODEL_FILE, "inputs": io(graph.input), "outputs": io(graph.output)},
+        quantization={"profile": profile.quantization.model_dump(mode="json")},
+        model={"file": MODEL_FILE, "format": profile.model_format, "inputs": io(graph.input), "outputs": io(graph.output)},
         metrics={"values": validation.metrics, "budget": profile.accuracy_budget.model_dump(),
                  "passed": validation.passed, "verdict": validation.verdict},
         latency=latency,

@@ -16,6 +16,11 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
+def _recipe(cfg: dict) -> str:
+    rest = ", ".join(f"{k}={v}" for k, v in cfg.items() if k != "recipe" and v not in (None, [], ()))
+    return f"{cfg['recipe']} ({rest})" if rest else cfg["recipe"]
+
+
 def warnings_for(m: Manifest) -> list[str]:
     """Return what a reader should know before trusting the verdict."""
     out = []
@@ -75,8 +80,9 @@ def render_report(m: Manifest, published: bool) -> str:
         "",
         f"- export: {m.export['exporter']}, opset {m.export['opset']}, max |onnx - torch| {m.export['max_abs_diff_vs_torch']:.2e}",
         f"- graph optimization: {m.optimization['mode']}; fused operators: {m.optimization['fused_ops'] or 'none'}",
-        f"- quantization: {m.quantization['recipe']}"
-        + (f" ({', '.join(f'{k}={v}' for k, v in m.quantization.items() if k != 'recipe')})" if len(m.quantization) > 1 else ""),
+        f"- quantization: {_recipe(m.quantization['chosen'])}"
+        + (f" (after {len(m.quantization['trials'])} trials; the profile asked for "
+           f"{_recipe(m.quantization['profile'])})" if len(m.quantization["trials"]) > 1 else ""),
         f"- runtime: {m.target['runtime']} / {m.target['execution_provider']}, profile threads {m.target['threads']}"
         f" (measured with {lat['threads_measured']} on this machine)",
         f"- budget: {', '.join(f'{k} {v}' for k, v in m.metrics['budget'].items())}",
@@ -90,5 +96,12 @@ def render_report(m: Manifest, published: bool) -> str:
         "|---|---|---|",
     ]
     lines += [f"| {s} | {f:.4f} | {'—' if loss != loss else f'{loss:.4f}'} |" for s, f, loss in m.distillation["history"]]
+    trials = m.quantization["trials"]
+    if len(trials) > 1:
+        lines += ["", "## Quantization search", "",
+                  f"The first recipe missed the budget on {min(300, m.data['num_validation'])} held-out texts; "
+                  "these were tried, in order:", "", "| trial | fidelity | meets budget | size MB |", "|---|---|---|---|"]
+        lines += [f"| {t['description']} | {t['fidelity']:.4f} | {'yes' if t['passed'] else 'no'} | {t['size_mb']:.2f} |"
+                  for t in trials]
     lines += ["", f"Latency: {lat['note']}", ""]
     return "\n".join(lines)

@@ -39,6 +39,11 @@ class TargetProfile(BaseModel):
     description: str = ""
     runtime: Literal["onnxruntime"] = "onnxruntime"
     execution_provider: Literal["CPUExecutionProvider"] = "CPUExecutionProvider"
+    device_execution_providers: list[Literal["XNNPACK", "NNAPI", "CoreML", "CPU"]] = Field(
+        default_factory=list, description="providers the device's onnxruntime build would use (recorded, for mobile)")
+    arch: Literal["x86_64", "arm64"] = Field("x86_64", description="the device's CPU architecture")
+    model_format: Literal["onnx", "ort"] = Field("onnx", description="ort: also write the ORT-format model for ORT Mobile")
+    fixed_shape: bool = Field(False, description="fix the graph's input shapes to input_shape (mobile accelerators need it)")
     cpu_flags: list[str] = Field(default_factory=list, description="/proc/cpuinfo flags a CPU needs to match")
     threads: int = Field(ge=1, le=256, description="intra-op threads the device runs with")
     opset: int = Field(17, ge=17, le=23, description="ONNX opset of the exported graph")

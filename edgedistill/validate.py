@@ -47,12 +47,17 @@ def fidelity_metrics(outputs: np.ndarray, teacher_outputs: np.ndarray, task: str
     return {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()), "cosine_p5": float(np.percentile(cos, 5))}
 
 
+def primary_metric(task: str, budget: AccuracyBudget) -> tuple[str, float]:
+    """Return the metric the budget holds for this task, and its floor."""
+    if task == "text-classification":
+        return "top1_agreement", budget.min_top1_agreement
+    return "cosine_mean", budget.min_cosine
+
+
 def check_budget(metrics: dict[str, float], task: str, budget: AccuracyBudget) -> tuple[bool, str]:
     """Return (passed, one-line verdict) of the metrics against the profile's budget."""
-    if task == "text-classification":
-        name, value, floor = "top-1 agreement", metrics["top1_agreement"], budget.min_top1_agreement
-    else:
-        name, value, floor = "mean cosine", metrics["cosine_mean"], budget.min_cosine
+    key, floor = primary_metric(task, budget)
+    name, value = {"top1_agreement": "top-1 agreement", "cosine_mean": "mean cosine"}[key], metrics[key]
     if value >= floor:
         return True, f"{name} to the teacher {value:.4f} >= budget {floor:g}"
     return False, f"{name} to the teacher {value:.4f} is {floor - value:.4f} below the budget {floor:g}"

@@ -82,10 +82,13 @@ def _held_out(manifests: dict[Path, Manifest], data_path: str | None, teacher: T
     return f"{BUILTIN_NAME}[{used}:{used + n}]", builtin_english_texts(limit=used + n)[used:], None
 
 
-def _predict(run, tokenizer, texts, input_names, max_length) -> np.ndarray:
+def _predict(run, tokenizer, texts, input_names, max_length, fixed_shape=(None, None)) -> np.ndarray:
+    """Return one output row per text; a model with fixed input shapes gets batches of exactly its shape."""
+    batch, seq = fixed_shape
+    fixed = seq is not None
     out = None
-    for idx, feeds in iter_batches(tokenizer, texts, input_names, max_length, 64):
-        y = np.asarray(run(feeds), dtype=np.float32)
+    for idx, feeds in iter_batches(tokenizer, texts, input_names, seq or max_length, batch or 64, fixed=fixed):
+        y = np.asarray(run(feeds), dtype=np.float32)[: len(idx)]
         out = np.empty((len(texts), y.shape[-1]), np.float32) if out is None else out
         out[idx] = y
     return out
@@ -141,7 +144,7 @@ def run_bench(artifact_dirs: list[Path], teacher_spec: str | None, data_path: st
                 results.append(r)
                 continue
             r.model_file, r.model_size_mb = model.name, model.stat().st_size / 1e6
-            out = _predict(run, tok, texts, names, seq)
+            out = _predict(run, tok, texts, names, seq, r.runtime_settings.get("fixed_input_shape", (None, None)))
             r.accuracy = fidelity_metrics(out, teacher_out, task, labels)
             if task == "feature-extraction":
                 r.accuracy[f"retrieval_agreement_at_{settings.retrieval_k}"] = retrieval_agreement(out, teacher_out, settings.retrieval_k)
@@ -157,8 +160,16 @@ def run_bench(artifact_dirs: list[Path], teacher_spec: str | None, data_path: st
         if enabled():
             console.print(f"timing batch {batch} × seq {seq}, {threads} threads, {len(runners)} models interleaved, "
                           f"≥{settings.min_time_s:g} s")
-        stats = measure_interleaved({str(i): (fn, inputs) for i, fn in runners.items()}, min_time_s=settings.min_time_s)
-        for i in runners:
+        timed = {}
+        for i, fn in runners.items():
+            fixed = results[i].runtime_settings.get("fixed_input_shape", [None, None])
+            if any(f is not None and f != want for f, want in zip(fixed, (batch, seq))):
+                results[i].notes.append(f"{shape_key(batch, seq, threads)} not measured: the model's input shape is "
+                                        f"fixed at {fixed[0]}×{fixed[1]}")
+            else:
+                timed[i] = fn
+        stats = measure_interleaved({str(i): (fn, inputs) for i, fn in timed.items()}, min_time_s=settings.min_time_s)
+        for i in timed:
             lat = _shape_latency(stats[str(i)], batch, seq, threads)
             results[i].latency.append(lat)
             results[i].ratio_to_teacher[lat.key] = paired_ratio(stats[str(i)].samples_ms, stats["0"].samples_ms)
@@ -169,8 +180,10 @@ def run_bench(artifact_dirs: list[Path], teacher_spec: str | None, data_path: st
             if i not in runners:
                 continue
             kind, target = ("teacher", str(teacher.path)) if r.role == "teacher" else ("onnx", str(Path(r.artifact_dir) / r.model_file))
+            fixed = r.runtime_settings.get("fixed_input_shape", [None, None])
             try:
-                mem = measure_peak_rss(kind, target, threads, probe_batch, seq, int(teacher.config.vocab_size),
+                mem = measure_peak_rss(kind, target, threads, fixed[0] or probe_batch, fixed[1] or seq,
+                                       int(teacher.config.vocab_size),
                                        runtime=r.runtime if r.role == "artifact" else "ort-cpu")
             except RuntimeError as e:
                 r.notes.append(f"peak memory not measured: {e}")

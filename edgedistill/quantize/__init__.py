@@ -4,12 +4,16 @@ Adding a recipe = a config class in configs.py plus a module here that registers
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
+import onnx
 from pydantic import BaseModel
 
-_HANDLERS: dict[type, Callable[[Path, BaseModel, Path], Path]] = {}
+Feeds = dict[str, np.ndarray]
+_HANDLERS: dict[type, Callable[..., Path]] = {}
 
 
 def register_recipe(config_type: type):
@@ -21,9 +25,21 @@ def register_recipe(config_type: type):
     return wrap
 
 
-def quantize(model_path: Path, config: BaseModel, out_path: Path) -> Path:
-    """Write `model_path` quantized per `config` to `out_path` and return it."""
-    return _HANDLERS[type(config)](model_path, config, out_path)
+def quantize(model_path: Path, config: BaseModel, out_path: Path, calibration: Sequence[Feeds] = ()) -> Path:
+    """Write `model_path` quantized per `config` to `out_path` and return it.
+
+    `calibration` holds example inputs (real transfer-set text) for recipes that calibrate activation ranges.
+    """
+    return _HANDLERS[type(config)](model_path, config, out_path, calibration)
 
 
-from edgedistill.quantize import dynamic, fp32  # noqa: E402,F401  (registers the handlers)
+def excluded_nodes(model_path: Path, patterns: list[str]) -> list[str]:
+    """Return the names of the graph's nodes that match any of the regexes."""
+    if not patterns:
+        return []
+    compiled = [re.compile(p) for p in patterns]
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    return [n.name for n in graph.node if any(c.search(n.name) for c in compiled)]
+
+
+from edgedistill.quantize import dynamic, fp32, static_qdq  # noqa: E402,F401  (registers the handlers)

@@ -29,6 +29,33 @@ class DynamicInt8Config(BaseModel):
     per_channel: bool = True
     reduce_range: bool = False
     op_types: list[str] | None = None
+    exclude: list[str] = Field(default_factory=list, description="regexes of node names kept in float")
 
 
-QuantizationConfig = Annotated[Union[DynamicInt8Config, Fp32Config], Field(discriminator="recipe")]
+class StaticQdqInt8Config(BaseModel):
+    """Static int8 in QDQ format (onnxruntime `quantize_static`), activation ranges calibrated on the transfer set.
+
+    The format mobile runtimes and their accelerators (XNNPACK, NNAPI, CoreML) execute as int8. Fields:
+        op_types: operator types to quantize. Measured on MiniLM (unfused graph, uint8 activations, per-channel
+            int8 weights, minmax): every op 0.40 cosine to fp32, MatMul only 0.94; so MatMul is the default.
+        per_channel: one weight scale per output channel.
+        activation_type / weight_type: uint8 or int8 (int8 + symmetric activations for TensorRT).
+        calibration: minmax, entropy or percentile range estimation.
+        calibration_texts: transfer-set texts used for calibration.
+        exclude: regexes of node names kept in float (the accuracy search adds the most sensitive ones).
+        search: when the budget is missed, exclude node groups in order of measured sensitivity until it holds.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    recipe: Literal["static-qdq-int8"] = "static-qdq-int8"
+    op_types: list[str] = Field(default_factory=lambda: ["MatMul"])
+    per_channel: bool = True
+    activation_type: Literal["uint8", "int8"] = "uint8"
+    weight_type: Literal["int8"] = "int8"
+    calibration: Literal["minmax", "entropy", "percentile"] = "minmax"
+    calibration_texts: int = Field(128, ge=4, le=10000)
+    exclude: list[str] = Field(default_factory=list, description="regexes of node names kept in float")
+    search: bool = True
+
+
+QuantizationConfig = Annotated[Union[DynamicInt8Config, StaticQdqInt8Config, Fp32Config], Field(discriminator="recipe")]

@@ -7,12 +7,12 @@ from pathlib import Path
 import onnx
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
-from edgedistill.quantize import register_recipe
+from edgedistill.quantize import excluded_nodes, register_recipe
 from edgedistill.quantize.configs import DynamicInt8Config
 
 
 @register_recipe(DynamicInt8Config)
-def quantize_dynamic_int8(model_path: Path, config: DynamicInt8Config, out_path: Path) -> Path:
+def quantize_dynamic_int8(model_path: Path, config: DynamicInt8Config, out_path: Path, calibration=()) -> Path:
     logging.getLogger("root").setLevel(logging.ERROR)  # the quantizer logs every skipped node at WARNING
     quantize_dynamic(
         model_path, out_path,
@@ -20,6 +20,7 @@ def quantize_dynamic_int8(model_path: Path, config: DynamicInt8Config, out_path:
         per_channel=config.per_channel,
         reduce_range=config.reduce_range,
         op_types_to_quantize=config.op_types,
+        nodes_to_exclude=excluded_nodes(model_path, config.exclude),
         # fused contrib ops (Attention, SkipLayerNormalization...) have no type info for the quantizer's
         # shape inference; without a default it refuses to quantize their consumers
         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},

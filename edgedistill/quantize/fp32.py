@@ -9,6 +9,6 @@ from edgedistill.quantize.configs import Fp32Config
 
 
 @register_recipe(Fp32Config)
-def keep_fp32(model_path: Path, config: Fp32Config, out_path: Path) -> Path:
+def keep_fp32(model_path: Path, config: Fp32Config, out_path: Path, calibration=()) -> Path:
     shutil.copyfile(model_path, out_path)
     return out_path

@@ -44,7 +44,8 @@ class OrtRuntime:
         if session.get_providers()[0] != self.provider:  # e.g. onnxruntime-gpu on a machine without a GPU
             raise RuntimeError(f"{self.provider} could not start (session fell back to {session.get_providers()[0]})")
         names = {i.name for i in session.get_inputs()}
-        settings = {"provider": self.provider, "intra_op_threads": threads, "inter_op_threads": 1,
+        dims = session.get_inputs()[0].shape[:2]
+        settings = {"fixed_input_shape": [d if isinstance(d, int) else None for d in dims],"provider": self.provider, "intra_op_threads": threads, "inter_op_threads": 1,
                     "graph_optimization": "ORT_ENABLE_ALL", "cpu_mem_arena": opts.enable_cpu_mem_arena,
                     "mem_pattern": opts.enable_mem_pattern, "onnxruntime": ort.__version__}
 

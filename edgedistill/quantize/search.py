@@ -1,0 +1,96 @@
+"""Accuracy-aware quantization: when a recipe misses the budget, search calibration and per-channel settings, then
+keep the most sensitive node groups (measured by quantizing one group at a time) in float until the budget holds."""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+from pydantic import BaseModel
+
+from edgedistill.quantize import Feeds, quantize
+
+_LAYER = re.compile(r"layer[._](\d+)")
+
+
+@dataclass
+class Trial:
+    """One quantization tried: what changed, its fidelity on the search set, and whether it met the budget."""
+
+    description: str
+    config: dict
+    fidelity: float
+    passed: bool
+    size_mb: float
+
+
+def node_groups(model_path: Path, op_types: Sequence[str] | None) -> dict[str, list[str]]:
+    """Return the quantizable nodes grouped by role: the node name with its layer index removed."""
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    groups: dict[str, list[str]] = {}
+    for node in graph.node:
+        if op_types is None or node.op_type in op_types:
+            groups.setdefault(_LAYER.sub("layer.*", node.name), []).append(node.name)
+    return groups
+
+
+def _pattern(names: list[str]) -> str:
+    return "^(" + "|".join(re.escape(n) for n in names) + ")$"
+
+
+def quantize_within_budget(model_path: Path, config: BaseModel, work_dir: Path, calibration: Sequence[Feeds],
+                           evaluate: Callable[[Path], float], floor: float) -> tuple[Path, BaseModel, list[Trial]]:
+    """Return (model, config, trials): the first trial that meets `floor`, else the most faithful one."""
+    trials: list[Trial] = []
+    candidates: list[tuple[float, Path, BaseModel]] = []  # real candidates, not the one-group sensitivity probes
+
+    def attempt(cfg: BaseModel, description: str, probe: bool = False) -> bool:
+        out = work_dir / f"trial{len(trials)}.onnx"
+        quantize(model_path, cfg, out, calibration)
+        score = evaluate(out)
+        trials.append(Trial(description, cfg.model_dump(mode="json"), score, score >= floor and not probe,
+                            out.stat().st_size / 1e6))
+        if not probe:
+            candidates.append((score, out, cfg))
+        return score >= floor and not probe
+
+    def last() -> tuple[Path, BaseModel, list[Trial]]:
+        return candidates[-1][1], candidates[-1][2], trials
+
+    def best() -> tuple[Path, BaseModel, list[Trial]]:
+        score, path, cfg = max(candidates, key=lambda r: r[0])
+        return path, cfg, trials
+
+    if attempt(config, "as the profile says") or not getattr(config, "search", False):
+        return last()
+    fields = type(config).model_fields
+    if "calibration" in fields:
+        for method in ("entropy", "percentile", "minmax"):
+            if method != config.calibration and attempt(config.model_copy(update={"calibration": method}),
+                                                        f"calibration {method}"):
+                return last()
+    if "per_channel" in fields and not config.per_channel:
+        if attempt(config.model_copy(update={"per_channel": True}), "per-channel weights"):
+            return last()
+    # sensitivity: quantize one group at a time with the most faithful settings so far
+    base = max(candidates, key=lambda r: r[0])[2]
+    groups = node_groups(model_path, getattr(base, "op_types", None))
+    if len(groups) < 2:
+        return best()
+    sensitivity = {}
+    for name, nodes in groups.items():
+        others = [n for g, ns in groups.items() if g != name for n in ns]
+        cfg = base.model_copy(update={"exclude": [*base.exclude, _pattern(others)]})
+        attempt(cfg, f"sensitivity probe: only {name} quantized", probe=True)
+        sensitivity[name] = trials[-1].fidelity
+    excluded: list[str] = []
+    for name in sorted(groups, key=lambda g: sensitivity[g]):  # least faithful alone = most sensitive first
+        excluded += groups[name]
+        if len(excluded) == sum(len(ns) for ns in groups.values()):
+            break  # excluding everything is no quantization at all
+        cfg = base.model_copy(update={"exclude": [*base.exclude, _pattern(excluded)]})
+        if attempt(cfg, f"keep in float: {name} (and {len(excluded) - len(groups[name])} nodes before)"):
+            return last()
+    return best()

@@ -1,0 +1,76 @@
+"""Accuracy-aware quantization on a graph with a planted sensitive node: plain static int8 misses the budget, the
+search finds the node by measuring sensitivity and keeps it in float."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from edgedistill.quantize.configs import StaticQdqInt8Config
+from edgedistill.quantize.search import node_groups, quantize_within_budget
+
+
+def planted_model(path):
+    """out = concat(x @ Wa, (x * spike) @ Wb, x @ Wc): the spike gives one MatMul input a 1e4 outlier (which Wb
+    ignores), so a per-tensor uint8 activation scale wipes out all the values that matter."""
+    rng = np.random.default_rng(0)
+    spike = np.ones((1, 64), np.float32)
+    spike[0, 0] = 1e4
+    weights = {n: rng.normal(size=(64, 32)).astype(np.float32) for n in ("Wa", "Wb", "Wc")}
+    weights["Wb"][0, :] = 0.0
+    inits = [numpy_helper.from_array(w, n) for n, w in weights.items()]
+    inits.append(numpy_helper.from_array(spike, "spike"))
+    nodes = [
+        helper.make_node("MatMul", ["x", "Wa"], ["a"], name="/a/MatMul"),
+        helper.make_node("Mul", ["x", "spike"], ["xs"], name="/b/Mul"),
+        helper.make_node("MatMul", ["xs", "Wb"], ["b"], name="/b/MatMul"),
+        helper.make_node("MatMul", ["x", "Wc"], ["c"], name="/c/MatMul"),
+        helper.make_node("Concat", ["a", "b", "c"], ["out"], axis=1, name="/concat"),
+    ]
+    graph = helper.make_graph(nodes, "planted", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 96])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.save(model, path)
+    return path
+
+
+def test_search_keeps_the_planted_sensitive_node_in_float(tmp_path):
+    model = planted_model(tmp_path / "planted.onnx")
+    rng = np.random.default_rng(1)
+    calibration = [{"x": rng.normal(size=(1, 64)).astype(np.float32)} for _ in range(16)]
+    held_out = [rng.normal(size=(1, 64)).astype(np.float32) for _ in range(32)]
+    reference = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    expected = np.concatenate([reference.run(None, {"x": x})[0] for x in held_out])
+
+    def fidelity(path) -> float:
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = np.concatenate([sess.run(None, {"x": x})[0] for x in held_out])
+        cos = np.sum(got * expected, 1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(expected, axis=1))
+        return float(cos.mean())
+
+    assert set(node_groups(model, ["MatMul"])) == {"/a/MatMul", "/b/MatMul", "/c/MatMul"}
+    config = StaticQdqInt8Config(op_types=["MatMul"], calibration_texts=16, search=True)
+    path, chosen, trials = quantize_within_budget(model, config, tmp_path, calibration, fidelity, floor=0.99)
+    assert not trials[0].passed and trials[0].fidelity < 0.99  # plain quantization misses the budget
+    assert trials[-1].passed and fidelity(path) >= 0.99
+    # it kept exactly the planted node in float, and still quantized the other two
+    graph = onnx.load(str(path)).graph
+    dq_outputs = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    quantized = {n.name for n in graph.node if n.op_type == "MatMul" and any(i in dq_outputs for i in n.input)}
+    assert quantized == {"/a/MatMul", "/c/MatMul"}
+    assert any("only /b/MatMul" in t.description for t in trials)  # the sensitivity probes ran
+    assert any("/b/MatMul" in p for p in chosen.exclude)
+
+
+def test_no_search_when_disabled_or_budget_met(tmp_path):
+    model = planted_model(tmp_path / "planted.onnx")
+    rng = np.random.default_rng(2)
+    calibration = [{"x": rng.normal(size=(1, 64)).astype(np.float32)} for _ in range(8)]
+    config = StaticQdqInt8Config(calibration_texts=8, search=False)
+    _, _, trials = quantize_within_budget(model, config, tmp_path, calibration, lambda p: 0.5, floor=0.99)
+    assert len(trials) == 1 and not trials[0].passed
+    _, _, trials = quantize_within_budget(model, config.model_copy(update={"search": True}), tmp_path, calibration,
+                                          lambda p: 1.0, floor=0.99)
+    assert len(trials) == 1 and trials[0].passed

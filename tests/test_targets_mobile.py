@@ -1,0 +1,114 @@
+"""Mobile and ARM profiles on a tiny teacher: static QDQ int8, fixed shapes, ORT format with its operator config."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import yaml
+from conftest import make_texts
+from transformers import AutoTokenizer
+from typer.testing import CliRunner
+
+from edgedistill.artifact import verify_files
+from edgedistill.bench.results import BenchResult
+from edgedistill.cli import app
+from edgedistill.distill.loop import DistillConfig
+from edgedistill.pipeline import CompileOptions, compile
+from edgedistill.targets import builtin_profiles, resolve_target
+
+runner = CliRunner()
+
+
+def tiny_version(name: str, tmp_path: Path, **changes) -> Path:
+    """The built-in profile `name`, shrunk for a tiny model: sequence 16, 1 thread, a budget tiny models reach."""
+    profile = resolve_target(name).model_dump(mode="json")
+    profile.update(name=f"tiny-{name}", threads=1, input_shape={"batch": 1, "sequence": 16},
+                   accuracy_budget={"min_cosine": 0.5, "min_top1_agreement": 0.5}, **changes)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(profile))
+    return path
+
+
+def test_builtin_profiles_cover_cpu_mobile_and_boards():
+    profiles = builtin_profiles()
+    assert {"x86-64-avx2", "x86-64-avx512", "arm64-mobile", "raspberry-pi-4"} <= set(profiles)
+    mobile = profiles["arm64-mobile"]
+    assert mobile.model_format == "ort" and mobile.fixed_shape and mobile.arch == "arm64"
+    assert mobile.quantization.recipe == "static-qdq-int8" and mobile.device_execution_providers
+    assert profiles["raspberry-pi-4"].quantization.recipe == "dynamic-int8" and profiles["raspberry-pi-4"].threads == 4
+
+
+@pytest.fixture(scope="module")
+def mobile_artifact(tmp_path_factory):
+    import os
+
+    from conftest import build_tiny_bert
+
+    root = tmp_path_factory.mktemp("mobile")
+    os.environ["EDGEDISTILL_CACHE"] = str(root / "cache")
+    teacher = build_tiny_bert(root / "teacher", sentence_transformers=True)
+    data = root / "data.txt"
+    data.write_text("\n".join(make_texts(240)))
+    result = compile(str(teacher), str(data), [str(tiny_version("arm64-mobile", root))], root / "out",
+                     CompileOptions(distill=DistillConfig(epochs=1)))
+    return result, teacher, data
+
+
+def test_mobile_artifact_is_static_qdq_ort_with_fixed_shapes(mobile_artifact):
+    result, _, _ = mobile_artifact
+    [target] = result.targets
+    assert target.published
+    art = target.path
+    m = verify_files(art)
+    assert {"model.ort", "model.onnx", "required_operators.config"} <= set(m.files)
+    assert m.model["file"] == "model.ort" and m.model["device_execution_providers"] == ["XNNPACK", "NNAPI", "CoreML"]
+    # QDQ graph: MatMuls fed by DequantizeLinear, activations quantized with uint8 and weights with int8
+    graph = onnx.load(str(art / "model.onnx")).graph
+    dq = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    assert any(n.op_type == "MatMul" and any(i in dq for i in n.input) for n in graph.node)
+    assert any(n.op_type == "QuantizeLinear" for n in graph.node)
+    inits = {i.name: i for i in graph.initializer}
+    assert TensorProtoInt8 in {inits[n.input[0]].data_type for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits}
+    # fixed input shapes
+    assert [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim] == [1, 16]
+    # the reduced-operator config a minimal ORT build needs lists real operators
+    config = (art / "required_operators.config").read_text()
+    assert "ai.onnx;" in config and ("QLinearMatMul" in config or "MatMul" in config)
+    # the .ort loads in onnxruntime and matches the .onnx on new text
+    tok = AutoTokenizer.from_pretrained(art)
+    enc = tok(make_texts(4, seed=9), padding="max_length", truncation=True, max_length=16, return_tensors="np")
+    outs = []
+    for f in ("model.ort", "model.onnx"):
+        sess = ort.InferenceSession(str(art / f), providers=["CPUExecutionProvider"])
+        outs.append(np.concatenate([sess.run(None, {k: enc[k][i:i + 1].astype(np.int64) for k in
+                                                    ("input_ids", "attention_mask", "token_type_ids")})[0] for i in range(4)]))
+    np.testing.assert_allclose(outs[0], outs[1], atol=1e-3)
+    assert m.export["ort_format_max_abs_diff_vs_onnx"] <= 1e-3
+    assert m.quantization["chosen"]["recipe"] == "static-qdq-int8" and m.quantization["trials"]
+
+
+TensorProtoInt8 = onnx.TensorProto.INT8
+
+
+def test_bench_measures_the_ort_format_model(mobile_artifact, tmp_path):
+    result, teacher, data = mobile_artifact
+    j = tmp_path / "b.json"
+    res = runner.invoke(app, ["bench", str(result.targets[0].path), "--teacher", str(teacher), "--data", str(data),
+                              "--runtime", "ort-mobile", "--batch", "1", "--seq", "16", "--min-time", "0.2",
+                              "--held-out", "40", "--no-memory", "--json", str(j)])
+    assert res.exit_code == 0, res.output
+    mobile = BenchResult.model_validate_json(j.read_text()).results[1]
+    assert mobile.runtime == "ort-mobile" and mobile.status == "measured" and mobile.model_file == "model.ort"
+    assert mobile.accuracy["cosine_mean"] > 0.5
+
+
+def test_static_quantization_needs_calibration_data(tmp_path):
+    from edgedistill.errors import DataError
+    from edgedistill.quantize import quantize
+    from edgedistill.quantize.configs import StaticQdqInt8Config
+
+    with pytest.raises(DataError, match="calibration"):
+        quantize(tmp_path / "m.onnx", StaticQdqInt8Config(), tmp_path / "q.onnx", calibration=[])
