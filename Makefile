@@ -11,7 +11,7 @@ OUT ?= build
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt torch==2.13.0 -e '.[teachers,dev]'
+	$(BIN)/pip install -q -c constraints.txt torch==2.13.0 -e '.[teachers,mobile,dev]'
 	touch $(STAMP)
 
 # The built-in transfer set reads WordNet glosses from Debian's wordnet-base (without it: Python's own docstrings).

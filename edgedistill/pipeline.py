@@ -14,24 +14,21 @@ import torch
 
 from edgedistill import __version__
 from edgedistill.artifact import Manifest, write_artifact
-from edgedistill.bench.timer import LatencyStats, measure
+from edgedistill.backends import BuildContext, Built, build_model
+from edgedistill.bench.timer import measure_interleaved, paired_ratio
 from edgedistill.cache import cache_key, cached_outputs, default_cache_dir
 from edgedistill.data import TransferSet, load_transfer_set, split_indices
 from edgedistill.distill.loop import DistillConfig, DistillResult, distill
-from edgedistill.errors import DataError, EdgeDistillError, ExportError, ProfileError
-from edgedistill.export import export_onnx
+from edgedistill.errors import DataError, EdgeDistillError, ProfileError
 from edgedistill.families.text_encoder import EncoderWithHead, Task
-from edgedistill.optimize import optimize_graph
-from edgedistill.ort_format import convert_to_ort, fix_input_shapes
-from edgedistill.quantize.search import quantize_within_budget
-from edgedistill.report import render_report
-from edgedistill.runtimes import iter_batches, ort_cpu, torch_cpu
+from edgedistill.report import render_report, render_summary
+from edgedistill.runtimes import iter_batches, predict_with, torch_cpu
 from edgedistill.targets import TargetProfile, resolve_target
 from edgedistill.teachers import Teacher, load_teacher
 from edgedistill.teachers.hf import count_parameters, weights_mb
 from edgedistill.validate import fidelity_metrics, primary_metric, validate
 
-MODEL_FILE = "model.onnx"
+SUMMARY = "summary.md"
 SEARCH_TEXTS = 300  # held-out texts each quantization trial is scored on (the final validation uses all)
 
 
@@ -105,6 +102,8 @@ def compile(teacher_spec: str | None, data_path: str | None, target_specs: list[
     distilled = distill_student(teacher, data, num_layers, max_length, opts)
     with tempfile.TemporaryDirectory(prefix=".edgedistill-work-", dir=out_dir) as work:
         results = [build_target(distilled, profile, Path(work) / profile.name, out_dir, opts) for profile in profiles]
+    if len(results) > 1:
+        (out_dir / SUMMARY).write_text(render_summary(results), encoding="utf-8")
     return CompileResult(distilled.trained.student, results)
 
 
@@ -168,46 +167,26 @@ def distill_student(teacher: Teacher, data: TransferSet, num_layers: int, max_le
 
 
 def build_target(d: Distilled, profile: TargetProfile, stage_dir: Path, out_dir: Path, opts: CompileOptions) -> TargetResult:
-    """Export, optimize, quantize (within the budget), validate and measure for one profile; publish if it passes."""
+    """Build the profile's model (its runtime's backend), validate and time what ships; publish if it keeps the budget."""
     teacher = d.teacher
     stage_dir.mkdir(parents=True)
-    onnx_model = export_onnx(d.trained.student, teacher.family, d.input_names, profile.opset, stage_dir / "student.onnx")
-    graph = onnx_model.path
-    if profile.fixed_shape:
-        graph = fix_input_shapes(graph, profile.input_shape.batch, profile.input_shape.sequence, stage_dir / "fixed.onnx")
-    optimized = optimize_graph(graph, teacher.family, d.trained.student.model.config, profile.optimization,
-                               stage_dir / "optimized.onnx")
-    threads = min(profile.threads, os.cpu_count() or 1)
     metric, floor = primary_metric(teacher.task, profile.accuracy_budget)
     search_texts, search_teacher = d.val_texts[:SEARCH_TEXTS], d.val_teacher[:SEARCH_TEXTS]
 
-    def search_fidelity(path: Path) -> float:
-        out = ort_cpu.predict(ort_cpu.cpu_session(path, threads), teacher.tokenizer, search_texts, d.max_length)
+    def search_fidelity(run, fixed_shape) -> float:
+        out = predict_with(run, teacher.tokenizer, search_texts, d.input_names, d.max_length, fixed_shape)
         return fidelity_metrics(out, search_teacher, teacher.task)[metric]
 
-    model_path, quant_config, trials = quantize_within_budget(
-        optimized.path, profile.quantization, stage_dir, calibration_feeds(d, profile), search_fidelity, floor)
-    files = {MODEL_FILE: model_path}
-    run_path, ort_diff = model_path, None
-    if profile.model_format == "ort":
-        ort_model = convert_to_ort(model_path, stage_dir / "ort")
-        files.update({ort_model.model.name: ort_model.model, ort_model.operators_config.name: ort_model.operators_config})
-        ort_diff = ort_matches_onnx(ort_model.model, model_path, teacher.tokenizer, search_texts, d.max_length)
-        run_path = ort_model.model  # validate and time what the device runs
-    session = ort_cpu.cpu_session(run_path, threads)
-    val_artifact = ort_cpu.predict(session, teacher.tokenizer, d.val_texts, d.max_length)
+    calibration_texts = [d.data.texts[i] for i in d.train_idx[:getattr(profile.quantization, "calibration_texts", 8)]]
+    ctx = BuildContext(d.trained.student, teacher.family, teacher.tokenizer, d.input_names, d.max_length,
+                       calibration_texts, search_fidelity, floor)
+    built = build_model(profile, ctx, stage_dir)
+    val_artifact = predict_with(built.run, teacher.tokenizer, d.val_texts, d.input_names, d.max_length, built.fixed_shape)
     validation = validate(val_artifact, d.val_teacher, d.val_student, teacher.task, profile.accuracy_budget, d.val_labels)
-    latency = measure_latency(teacher, session, profile, threads, d.val_texts, d.input_names)
+    latency = measure_latency(teacher, built.run, profile, d.val_texts, d.input_names)
     save_tokenizer(teacher.tokenizer, d.max_length, stage_dir / "tokenizer")
-    files.update({f.name: f for f in sorted((stage_dir / "tokenizer").iterdir()) if f.is_file()})
-    manifest = build_manifest(d, profile, onnx_model, optimized, model_path, validation, latency, opts)
-    manifest.quantization = {"profile": profile.quantization.model_dump(mode="json"),
-                             "chosen": quant_config.model_dump(mode="json"), "trials": [asdict(t) for t in trials]}
-    if ort_diff is not None:  # the device runs the .ort file; model.onnx stays beside it as the reference
-        manifest.export["ort_format_max_abs_diff_vs_onnx"] = ort_diff
-        manifest.model.update(file=run_path.name, onnx_file=MODEL_FILE,
-                              device_execution_providers=profile.device_execution_providers)
-        manifest.sizes.update(model_mb=_mb(run_path), size_ratio=_mb(run_path) / manifest.sizes["teacher_weights_mb"])
+    files = {**built.files, **{f.name: f for f in sorted((stage_dir / "tokenizer").iterdir()) if f.is_file()}}
+    manifest = build_manifest(d, profile, built, validation, latency, opts)
     report = render_report(manifest, published=validation.passed)
     published, rejected = out_dir / profile.name, out_dir / f"{profile.name}.rejected.md"
     # this compile's verdict supersedes an older one: never leave a stale artifact beside a new rejection, or back
@@ -220,25 +199,6 @@ def build_target(d: Distilled, profile: TargetProfile, stage_dir: Path, out_dir:
         if published.is_dir():
             shutil.rmtree(published)
     return TargetResult(profile, validation.passed, path, manifest)
-
-
-def calibration_feeds(d: Distilled, profile: TargetProfile) -> list[dict[str, np.ndarray]]:
-    """Return calibration inputs for recipes that calibrate: training-split texts at the profile's input shape."""
-    count = getattr(profile.quantization, "calibration_texts", 0)
-    texts = [d.data.texts[i] for i in d.train_idx[:count]]
-    shape = profile.input_shape
-    return [feeds for _, feeds in iter_batches(d.teacher.tokenizer, texts, d.input_names, shape.sequence, shape.batch,
-                                               fixed=True)]
-
-
-def ort_matches_onnx(ort_path: Path, onnx_path: Path, tokenizer, texts: list[str], max_length: int) -> float:
-    """Return max |ORT-format model - ONNX model| on `texts`; raise ExportError past the tolerance."""
-    a = ort_cpu.predict(ort_cpu.cpu_session(ort_path, 1), tokenizer, texts, max_length)
-    b = ort_cpu.predict(ort_cpu.cpu_session(onnx_path, 1), tokenizer, texts, max_length)
-    diff = float(np.max(np.abs(a - b)))
-    if diff > 1e-3:
-        raise ExportError(f"the ORT-format model differs from the ONNX model by {diff:.2e}", hint="report this model")
-    return diff
 
 
 def save_tokenizer(tokenizer, max_length: int, out_dir: Path) -> None:
@@ -270,48 +230,43 @@ def derive_student(teacher: Teacher, num_layers: int) -> tuple[EncoderWithHead, 
     return EncoderWithHead(model, teacher.task, teacher.module.pooling if teacher.task == "feature-extraction" else None), kept
 
 
-def measure_latency(teacher: Teacher, session, profile: TargetProfile, threads: int, texts: list[str],
-                    input_names: list[str]) -> dict:
-    """Return p50 etc. of the artifact and the teacher (torch fp32) on the same inputs at the profile's shape."""
-    shape = profile.input_shape
-    batches = []
-    for start in range(0, min(len(texts), 8 * shape.batch), shape.batch):
-        chunk = (texts[start : start + shape.batch] * shape.batch)[: shape.batch]
-        enc = teacher.tokenizer(chunk, padding="max_length", truncation=True, max_length=shape.sequence, return_tensors="np")
-        batches.append({k: enc[k].astype(np.int64) if k in enc else np.zeros_like(enc["input_ids"], dtype=np.int64)
-                        for k in input_names})
-    artifact = measure(lambda x: session.run(None, x), batches)
+def measure_latency(teacher: Teacher, run, profile: TargetProfile, texts: list[str], input_names: list[str]) -> dict:
+    """Return latency statistics of the artifact and the teacher (torch fp32), interleaved call by call on the same
+    inputs at the profile's shape and threads, and their paired ratio."""
+    shape, threads = profile.input_shape, profile.effective_threads
+    batches = [feeds for _, feeds in iter_batches(teacher.tokenizer, texts[: 8 * shape.batch], input_names,
+                                                  shape.sequence, shape.batch, fixed=True)]
+    torch_batches = [{k: torch.from_numpy(v) for k, v in b.items()} for b in batches]
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        torch_batches = [{k: torch.from_numpy(v) for k, v in b.items()} for b in batches]
         with torch.inference_mode():
-            teacher_stats = measure(lambda x: teacher.module(**x), torch_batches)
+            stats = measure_interleaved({"artifact": (run, batches), "teacher": (lambda x: teacher.module(**x), torch_batches)},
+                                        min_time_s=2.0)
     finally:
         torch.set_num_threads(previous)
-    note = (f"median of ≥20 runs after 5 warm-up runs, inputs rotated over {len(batches)} batches of real held-out text "
-            f"padded to {shape.sequence} tokens; teacher and artifact measured in the same run.")
+    artifact, teacher_stats = stats["artifact"], stats["teacher"]
+    note = (f"5 warm-up runs each, then ≥2 s with artifact and teacher called in turn on {len(batches)} rotating batches "
+            f"of real held-out text padded to {shape.sequence} tokens; speed-up = median of the paired per-call ratios.")
     return {"batch": shape.batch, "sequence": shape.sequence, "threads_profile": profile.threads,
             "threads_measured": threads, "artifact": artifact.as_dict(), "teacher_torch_fp32": teacher_stats.as_dict(),
-            "speedup_vs_teacher": teacher_stats.p50_ms / artifact.p50_ms, "note": note}
+            "speedup_vs_teacher": 1.0 / paired_ratio(artifact.samples_ms, teacher_stats.samples_ms), "note": note}
 
 
 def _mb(path: Path) -> float:
     return path.stat().st_size / 1e6
 
 
-def build_manifest(d: Distilled, profile: TargetProfile, onnx_model, optimized, model_path: Path, validation,
-                   latency: dict, opts: CompileOptions) -> Manifest:
+def build_manifest(d: Distilled, profile: TargetProfile, built: Built, validation, latency: dict,
+                   opts: CompileOptions) -> Manifest:
     """Return the manifest of one target's artifact (files and their hashes are added when it is written)."""
-    teacher, data, trained = d.teacher, d.data, d.trained
     import onnx
     import onnxruntime
     import transformers
 
+    teacher, data, trained = d.teacher, d.data, d.trained
     teacher_mb = weights_mb(teacher.path)
-    graph = onnx.load(str(model_path), load_external_data=False).graph
-    io = lambda vs: [{"name": v.name, "elem_type": onnx.TensorProto.DataType.Name(v.type.tensor_type.elem_type),  # noqa: E731
-                      "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]} for v in vs]
+    model_mb = _mb(built.files[built.model_file])
     student_config = trained.student.model.config
     return Manifest(
         edgedistill_version=__version__,
@@ -327,15 +282,14 @@ def build_manifest(d: Distilled, profile: TargetProfile, onnx_model, optimized, 
               "val_fraction": opts.val_fraction},
         distillation={"config": asdict(opts.distill), "best_fidelity": trained.best_fidelity,
                       "best_step": trained.best_step, "history": trained.history},
-        export={"exporter": "torch.onnx.export (TorchScript, dynamo=False)", "opset": onnx_model.opset,
-                "max_abs_diff_vs_torch": onnx_model.max_abs_diff},
-        optimization={"mode": profile.optimization, "fused_ops": optimized.fused_ops},
-        quantization={"profile": profile.quantization.model_dump(mode="json")},
-        model={"file": MODEL_FILE, "format": profile.model_format, "inputs": io(graph.input), "outputs": io(graph.output)},
+        export=built.record["export"],
+        optimization=built.record["optimization"],
+        quantization=built.record["quantization"],
+        model=built.record["model"],
         metrics={"values": validation.metrics, "budget": profile.accuracy_budget.model_dump(),
                  "passed": validation.passed, "verdict": validation.verdict},
         latency=latency,
-        sizes={"model_mb": _mb(model_path), "teacher_weights_mb": teacher_mb, "size_ratio": _mb(model_path) / teacher_mb},
+        sizes={"model_mb": model_mb, "teacher_weights_mb": teacher_mb, "size_ratio": model_mb / teacher_mb},
         versions={"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
                   "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "platform": platform.platform(),
                   "machine": platform.machine()},

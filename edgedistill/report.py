@@ -78,7 +78,8 @@ def render_report(m: Manifest, published: bool) -> str:
         "",
         "## Recipe",
         "",
-        f"- export: {m.export['exporter']}, opset {m.export['opset']}, max |onnx - torch| {m.export['max_abs_diff_vs_torch']:.2e}",
+        f"- export: {m.export['exporter']}" + (f", opset {m.export['opset']}" if "opset" in m.export else "")
+        + f", max |exported - torch| {m.export['max_abs_diff_vs_torch']:.2e}",
         f"- graph optimization: {m.optimization['mode']}; fused operators: {m.optimization['fused_ops'] or 'none'}",
         f"- quantization: {_recipe(m.quantization['chosen'])}"
         + (f" (after {len(m.quantization['trials'])} trials; the profile asked for "
@@ -104,4 +105,24 @@ def render_report(m: Manifest, published: bool) -> str:
         lines += [f"| {t['description']} | {t['fidelity']:.4f} | {'yes' if t['passed'] else 'no'} | {t['size_mb']:.2f} |"
                   for t in trials]
     lines += ["", f"Latency: {lat['note']}", ""]
+    return "\n".join(lines)
+
+
+def render_summary(results) -> str:
+    """Return OUT/summary.md: one row per target of a multi-target compile."""
+    lines = ["# edgedistill compile summary", "",
+             "| target | runtime | file | size MB (vs teacher) | latency p50 ms here (speed-up) | fidelity vs teacher | budget | verdict |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        m = r.manifest
+        metric = "cosine_mean" if m.teacher["task"] == "feature-extraction" else "top1_agreement"
+        budget = m.metrics["budget"]["min_cosine" if metric == "cosine_mean" else "min_top1_agreement"]
+        lat = m.latency
+        lines.append(f"| {m.target['name']} | {m.target['runtime']} / {m.target['execution_provider']} | {m.model['file']} | "
+                     f"{m.sizes['model_mb']:.2f} ({m.sizes['size_ratio']:.0%}) | {lat['artifact']['p50_ms']:.2f} "
+                     f"({lat['speedup_vs_teacher']:.1f}×, {_plural(lat['threads_measured'], 'thread')}) | "
+                     f"{metric} {m.metrics['values'][metric]:.4f} | ≥ {budget:g} | {'pass' if r.published else '**FAIL**'} |")
+    lines += ["", "Latency is measured on this machine"
+              " (an arm64 target's numbers come from this host's CPU, not the device)."
+              " Each target's report.md has the details.", ""]
     return "\n".join(lines)

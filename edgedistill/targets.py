@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edgedistill.errors import ProfileError
-from edgedistill.quantize.configs import QuantizationConfig
+from edgedistill.quantize.configs import RUNTIME_RECIPES, QuantizationConfig
 
 TARGETS_DIR = Path(os.environ.get("EDGEDISTILL_TARGETS", Path(__file__).resolve().parents[1] / "targets"))
 
@@ -37,12 +37,14 @@ class TargetProfile(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="used as the artifact's directory name")
     description: str = ""
-    runtime: Literal["onnxruntime"] = "onnxruntime"
-    execution_provider: Literal["CPUExecutionProvider"] = "CPUExecutionProvider"
+    runtime: Literal["onnxruntime", "executorch"] = "onnxruntime"
+    execution_provider: Literal["CPUExecutionProvider", "XNNPACK"] = Field(
+        "CPUExecutionProvider", description="onnxruntime: CPUExecutionProvider; executorch: XNNPACK (its delegate)")
     device_execution_providers: list[Literal["XNNPACK", "NNAPI", "CoreML", "CPU"]] = Field(
         default_factory=list, description="providers the device's onnxruntime build would use (recorded, for mobile)")
     arch: Literal["x86_64", "arm64"] = Field("x86_64", description="the device's CPU architecture")
-    model_format: Literal["onnx", "ort"] = Field("onnx", description="ort: also write the ORT-format model for ORT Mobile")
+    model_format: Literal["onnx", "ort", "pte"] = Field(
+        "onnx", description="onnx; ort: also the ORT-format model for ORT Mobile; pte: ExecuTorch program")
     fixed_shape: bool = Field(False, description="fix the graph's input shapes to input_shape (mobile accelerators need it)")
     cpu_flags: list[str] = Field(default_factory=list, description="/proc/cpuinfo flags a CPU needs to match")
     threads: int = Field(ge=1, le=256, description="intra-op threads the device runs with")
@@ -53,6 +55,26 @@ class TargetProfile(BaseModel):
     quantization: QuantizationConfig
     input_shape: InputShape = Field(default_factory=InputShape)
     accuracy_budget: AccuracyBudget = Field(default_factory=AccuracyBudget)
+
+    @model_validator(mode="after")
+    def _runtime_can_run_it(self) -> TargetProfile:
+        recipes = RUNTIME_RECIPES[self.runtime]
+        if self.quantization.recipe not in recipes:
+            raise ValueError(f"runtime {self.runtime} cannot run quantization recipe '{self.quantization.recipe}' "
+                             f"(it runs: {', '.join(recipes)})")
+        wants = {"onnxruntime": ("CPUExecutionProvider", ("onnx", "ort")), "executorch": ("XNNPACK", ("pte",))}
+        provider, formats = wants[self.runtime]
+        if self.execution_provider != provider or self.model_format not in formats:
+            raise ValueError(f"runtime {self.runtime} needs execution_provider {provider} and model_format "
+                             f"{' or '.join(formats)}")
+        if self.runtime == "executorch" and not self.fixed_shape:
+            raise ValueError("runtime executorch exports fixed input shapes: set fixed_shape: true")
+        return self
+
+    @property
+    def effective_threads(self) -> int:
+        """The profile's threads, capped at this machine's cores (what latency is measured with here)."""
+        return min(self.threads, os.cpu_count() or 1)
 
 
 def _format_validation_error(source: str, err: ValidationError) -> str:

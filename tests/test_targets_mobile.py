@@ -112,3 +112,68 @@ def test_static_quantization_needs_calibration_data(tmp_path):
 
     with pytest.raises(DataError, match="calibration"):
         quantize(tmp_path / "m.onnx", StaticQdqInt8Config(), tmp_path / "q.onnx", calibration=[])
+
+
+def test_executorch_artifact_runs_and_matches_the_student(tmp_path):
+    import os
+
+    from conftest import build_tiny_bert
+
+    os.environ["EDGEDISTILL_CACHE"] = str(tmp_path / "cache")
+    teacher = build_tiny_bert(tmp_path / "teacher", sentence_transformers=True)
+    data = tmp_path / "data.txt"
+    data.write_text("\n".join(make_texts(200)))
+    result = compile(str(teacher), str(data), [str(tiny_version("android-executorch", tmp_path))], tmp_path / "out",
+                     CompileOptions(distill=DistillConfig(epochs=1)))
+    [target] = result.targets
+    assert target.published
+    m = verify_files(target.path)
+    assert m.model["file"] == "model.pte" and m.model["format"] == "pte"
+    assert m.quantization["chosen"]["recipe"] == "xnnpack-dynamic-int8"
+    # the .pte runs in ExecuTorch's runtime and agrees with the torch student on new text
+    from edgedistill.backends.executorch import load_pte
+
+    run = load_pte(target.path / "model.pte")
+    tok = AutoTokenizer.from_pretrained(target.path)
+    import torch
+
+    for text in make_texts(4, seed=11):
+        enc = tok([text], padding="max_length", truncation=True, max_length=16, return_tensors="np")
+        feeds = {k: enc[k].astype(np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")}
+        got = run(feeds)
+        with torch.no_grad():
+            expected = result.student(**{k: torch.from_numpy(v) for k, v in feeds.items()}).numpy()
+        cos = float(np.sum(got * expected) / (np.linalg.norm(got) * np.linalg.norm(expected)))
+        assert cos > 0.99
+    res = runner.invoke(app, ["bench", str(target.path), "--teacher", str(teacher), "--data", str(data), "--runtime",
+                              "executorch", "--batch", "1", "--seq", "16", "--min-time", "0.2", "--held-out", "30",
+                              "--no-memory"])
+    assert res.exit_code == 0, res.output
+    assert "| tiny-android-executorch | executorch |" in res.stdout
+
+
+def test_profile_asking_for_a_recipe_its_runtime_cannot_run_is_rejected(tmp_path):
+    from edgedistill.errors import ProfileError
+
+    bad = tiny_version("android-executorch", tmp_path, quantization={"recipe": "static-qdq-int8"})
+    with pytest.raises(ProfileError, match="cannot run quantization recipe 'static-qdq-int8'"):
+        resolve_target(str(bad))
+
+
+def test_multi_target_compile_writes_summary(tmp_path):
+    import os
+
+    from conftest import build_tiny_bert, write_profile
+
+    os.environ["EDGEDISTILL_CACHE"] = str(tmp_path / "cache")
+    teacher = build_tiny_bert(tmp_path / "teacher", sentence_transformers=True)
+    data = tmp_path / "data.txt"
+    data.write_text("\n".join(make_texts(200)))
+    targets = [str(write_profile(tmp_path / "a.yaml", name="cpu-a")), str(tiny_version("arm64-mobile", tmp_path)),
+               str(write_profile(tmp_path / "strict.yaml", name="strict", min_cosine=0.99999))]
+    result = compile(str(teacher), str(data), targets, tmp_path / "out", CompileOptions(distill=DistillConfig(epochs=1)))
+    assert [t.published for t in result.targets] == [True, True, False]
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    for name in ("cpu-a", "tiny-arm64-mobile", "strict"):
+        assert f"| {name} |" in summary
+    assert "model.ort" in summary and "**FAIL**" in summary

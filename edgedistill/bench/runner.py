@@ -17,7 +17,7 @@ from edgedistill.bench.timer import LatencyStats, measure_interleaved, paired_ra
 from edgedistill.data import BUILTIN_NAME, builtin_english_texts, load_transfer_set
 from edgedistill.errors import ArtifactError, EdgeDistillError
 from edgedistill.progress import console, enabled
-from edgedistill.runtimes import iter_batches
+from edgedistill.runtimes import predict_with
 from edgedistill.runtimes.registry import RUNTIMES
 from edgedistill.teachers import Teacher, load_teacher
 from edgedistill.teachers.hf import weights_mb
@@ -82,18 +82,6 @@ def _held_out(manifests: dict[Path, Manifest], data_path: str | None, teacher: T
     return f"{BUILTIN_NAME}[{used}:{used + n}]", builtin_english_texts(limit=used + n)[used:], None
 
 
-def _predict(run, tokenizer, texts, input_names, max_length, fixed_shape=(None, None)) -> np.ndarray:
-    """Return one output row per text; a model with fixed input shapes gets batches of exactly its shape."""
-    batch, seq = fixed_shape
-    fixed = seq is not None
-    out = None
-    for idx, feeds in iter_batches(tokenizer, texts, input_names, seq or max_length, batch or 64, fixed=fixed):
-        y = np.asarray(run(feeds), dtype=np.float32)[: len(idx)]
-        out = np.empty((len(texts), y.shape[-1]), np.float32) if out is None else out
-        out[idx] = y
-    return out
-
-
 def _shape_latency(stats: LatencyStats, batch: int, seq: int, threads: int) -> ShapeLatency:
     return ShapeLatency(batch=batch, sequence=seq, threads=threads, p50_ms=stats.p50_ms, p90_ms=stats.p90_ms,
                         p99_ms=stats.p99_ms, mean_ms=stats.mean_ms, stdev_ms=stats.stdev_ms, runs=stats.runs,
@@ -123,7 +111,7 @@ def run_bench(artifact_dirs: list[Path], teacher_spec: str | None, data_path: st
         with torch.inference_mode():
             return teacher.module(**{k: torch.from_numpy(v) for k, v in feeds.items()}).numpy()
 
-    teacher_out = _predict(teacher_run, tok, texts, names, seq)
+    teacher_out = predict_with(teacher_run, tok, texts, names, seq)
     results = [ModelResult(name=f"teacher ({Path(teacher.name).name})", role="teacher", runtime=TEACHER_RUNTIME,
                            model_size_mb=weights_mb(teacher.path), runtime_settings={"torch": torch.__version__,
                                                                                   "intra_op_threads": threads})]
@@ -144,7 +132,8 @@ def run_bench(artifact_dirs: list[Path], teacher_spec: str | None, data_path: st
                 results.append(r)
                 continue
             r.model_file, r.model_size_mb = model.name, model.stat().st_size / 1e6
-            out = _predict(run, tok, texts, names, seq, r.runtime_settings.get("fixed_input_shape", (None, None)))
+            fixed = r.runtime_settings.get("fixed_input_shape")
+            out = predict_with(run, tok, texts, names, seq, tuple(fixed) if fixed and None not in fixed else None)
             r.accuracy = fidelity_metrics(out, teacher_out, task, labels)
             if task == "feature-extraction":
                 r.accuracy[f"retrieval_agreement_at_{settings.retrieval_k}"] = retrieval_agreement(out, teacher_out, settings.retrieval_k)

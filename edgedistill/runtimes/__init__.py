@@ -28,3 +28,16 @@ def iter_batches(tokenizer, texts: list[str], input_names: list[str], max_length
 
 def num_batches(n: int, batch_size: int) -> int:
     return (n + batch_size - 1) // batch_size
+
+
+def predict_with(run, tokenizer, texts: list[str], input_names: list[str], max_length: int,
+                 fixed_shape: tuple[int, int] | None = None, batch_size: int = 64) -> np.ndarray:
+    """Return run(feeds)'s output for `texts`, one float32 row per text, in order; a model with a fixed
+    (batch, sequence) gets batches of exactly that shape."""
+    batch, seq = fixed_shape or (batch_size, max_length)
+    out = None
+    for idx, feeds in iter_batches(tokenizer, texts, input_names, seq, batch, fixed=fixed_shape is not None):
+        y = np.asarray(run(feeds), dtype=np.float32)[: len(idx)]
+        out = np.empty((len(texts), y.shape[-1]), np.float32) if out is None else out
+        out[idx] = y
+    return out

@@ -6,8 +6,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from edgedistill.progress import track
-from edgedistill.runtimes import iter_batches, num_batches
+from edgedistill.runtimes import predict_with
 
 
 def cpu_session(model_path: Path, threads: int) -> ort.InferenceSession:
@@ -21,24 +20,9 @@ def cpu_session(model_path: Path, threads: int) -> ort.InferenceSession:
     return ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
 
 
-def predict(session: ort.InferenceSession, tokenizer, texts: list[str], max_length: int,
-            batch_size: int = 64, description: str | None = None) -> np.ndarray:
-    """Return the session's first output for `texts`, one float32 row per text, in the order given.
-
-    A graph with fixed input shapes is fed batches of exactly its shape.
-    """
-    input_names = [i.name for i in session.get_inputs()]
-    batch_dim, seq_dim = session.get_inputs()[0].shape[:2]
-    fixed = isinstance(seq_dim, int)
-    if fixed:
-        max_length, batch_size = seq_dim, batch_dim if isinstance(batch_dim, int) else batch_size
-    out = None
-    batches = iter_batches(tokenizer, texts, input_names, max_length, batch_size, fixed=fixed)
-    if description:
-        batches = track(batches, num_batches(len(texts), batch_size), description)
-    for idx, inputs in batches:
-        y = session.run(None, inputs)[0][: len(idx)].astype(np.float32)
-        if out is None:
-            out = np.empty((len(texts), y.shape[-1]), dtype=np.float32)
-        out[idx] = y
-    return out
+def predict(session: ort.InferenceSession, tokenizer, texts: list[str], max_length: int, batch_size: int = 64) -> np.ndarray:
+    """Return the session's first output for `texts`, one float32 row per text; fixed-shape graphs get their shape."""
+    dims = session.get_inputs()[0].shape[:2]
+    fixed = (dims[0], dims[1]) if all(isinstance(d, int) for d in dims) else None
+    return predict_with(lambda feeds: session.run(None, feeds)[0], tokenizer, texts,
+                        [i.name for i in session.get_inputs()], max_length, fixed, batch_size)

@@ -55,7 +55,42 @@ class OrtRuntime:
         return run, settings
 
 
-RUNTIMES: dict[str, OrtRuntime] = {
+@dataclass(frozen=True)
+class ExecutorchRuntime:
+    """ExecuTorch's Python runtime on the artifact's .pte (XNNPACK kernels, as on a phone)."""
+
+    name: str = "executorch"
+    model_suffix: str = ".pte"
+
+    def model_file(self, artifact_dir: Path, manifest_files: list[str]) -> Path | None:
+        files = sorted(f for f in manifest_files if f.endswith(self.model_suffix))
+        return artifact_dir / files[0] if files else None
+
+    def unavailable_reason(self) -> str | None:
+        try:
+            import executorch.runtime  # noqa: F401
+        except ImportError:
+            return "the executorch package is not installed"
+        return None
+
+    def load(self, model_path: Path, threads: int) -> tuple[Runner, dict[str, Any]]:
+        import executorch
+        import torch
+        from executorch.runtime import Runtime
+
+        method = Runtime.get().load_program(str(model_path)).load_method("forward")
+        meta = method.metadata
+        fixed = list(meta.input_tensor_meta(0).sizes())[:2]
+
+        def run(feeds: dict[str, np.ndarray]) -> np.ndarray:
+            return method.execute([torch.from_numpy(v) for v in feeds.values()])[0].numpy()
+
+        return run, {"runtime": "executorch", "executorch": getattr(executorch, "__version__", "unknown"),
+                     "delegate": "XNNPACK", "threads": "runtime default", "fixed_input_shape": fixed}
+
+
+RUNTIMES: dict[str, OrtRuntime | ExecutorchRuntime] = {
+    "executorch": ExecutorchRuntime(),
     "ort-cpu": OrtRuntime("ort-cpu", "CPUExecutionProvider"),
     "ort-mobile": OrtRuntime("ort-mobile", "CPUExecutionProvider", model_suffix=".ort"),
     "ort-cuda": OrtRuntime("ort-cuda", "CUDAExecutionProvider"),

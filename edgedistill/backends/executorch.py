@@ -1,0 +1,81 @@
+"""The ExecuTorch backend (the PyTorch-native mobile path): torch.export -> optional PT2E dynamic int8 for XNNPACK ->
+XNNPACK delegate -> .pte. ExecuTorch's Python runtime runs the .pte here with the same XNNPACK kernels a phone uses."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgedistill.backends import BuildContext, Built, register_backend
+from edgedistill.errors import ExportError
+from edgedistill.quantize.configs import Fp32Config, XnnpackDynamicInt8Config
+from edgedistill.runtimes import iter_batches
+
+MODEL_FILE = "model.pte"
+
+
+def load_pte(path: Path):
+    """Return a runner for a .pte file: feeds (numpy, in input order) -> first output as numpy."""
+    from executorch.runtime import Runtime
+
+    method = Runtime.get().load_program(str(path)).load_method("forward")
+
+    def run(feeds: dict[str, np.ndarray]) -> np.ndarray:
+        return method.execute([torch.from_numpy(v) for v in feeds.values()])[0].numpy()
+
+    return run
+
+
+@register_backend("executorch")
+def build_executorch(profile, ctx: BuildContext, stage_dir: Path) -> Built:
+    try:
+        from executorch import version as et_version
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+        from executorch.exir import to_edge_transform_and_lower
+    except ImportError:
+        raise ExportError("the ExecuTorch target needs the executorch package", hint="run `make install`") from None
+    shape = profile.input_shape
+    batches = [feeds for _, feeds in iter_batches(ctx.tokenizer, ctx.calibration_texts or ["a"], ctx.input_names,
+                                                  shape.sequence, shape.batch, fixed=True)]
+    example = tuple(torch.from_numpy(v) for v in batches[0].values())
+    module = ctx.student.eval()
+    with torch.no_grad():
+        exported = torch.export.export(module, example)
+        cfg = profile.quantization
+        if isinstance(cfg, XnnpackDynamicInt8Config):
+            from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+                XNNPACKQuantizer,
+                get_symmetric_quantization_config,
+            )
+            from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+            quantizer = XNNPACKQuantizer().set_global(
+                get_symmetric_quantization_config(is_per_channel=cfg.per_channel, is_dynamic=True))
+            prepared = prepare_pt2e(exported.module(), quantizer)
+            for feeds in batches[:8]:
+                prepared(*(torch.from_numpy(v) for v in feeds.values()))
+            exported = torch.export.export(convert_pt2e(prepared), example)
+        program = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()]).to_executorch()
+    path = stage_dir / MODEL_FILE
+    path.write_bytes(program.buffer)
+    run = load_pte(path)
+    with torch.no_grad():
+        expected = module(*example).numpy()
+    diff = float(np.max(np.abs(run(batches[0]) - expected)))
+    if isinstance(cfg, Fp32Config) and diff > 1e-3:
+        raise ExportError(f"the .pte differs from the torch student by {diff:.2e}", hint="report this model")
+    fixed = (shape.batch, shape.sequence)
+    fidelity = ctx.fidelity(run, fixed)
+    trial = {"description": "as the profile says", "config": cfg.model_dump(mode="json"), "fidelity": fidelity,
+             "passed": fidelity >= ctx.floor, "size_mb": path.stat().st_size / 1e6}
+    record = {
+        "export": {"exporter": "torch.export -> ExecuTorch, XNNPACK delegate", "executorch": et_version.__version__,
+                   "max_abs_diff_vs_torch": diff},
+        "optimization": {"mode": "XNNPACK partitioner", "fused_ops": {}},
+        "quantization": {"profile": cfg.model_dump(mode="json"), "chosen": cfg.model_dump(mode="json"), "trials": [trial]},
+        "model": {"file": MODEL_FILE, "format": "pte", "device_execution_providers": ["XNNPACK"],
+                  "inputs": [{"name": n, "elem_type": "INT64", "shape": list(fixed)} for n in ctx.input_names],
+                  "outputs": [{"name": "output", "elem_type": "FLOAT", "shape": list(expected.shape)}]},
+    }
+    return Built({MODEL_FILE: path}, run, fixed, MODEL_FILE, record)

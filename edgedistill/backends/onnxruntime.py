@@ -1,0 +1,84 @@
+"""The ONNX Runtime backend: export, fix shapes, fuse, quantize within the budget, and (mobile) convert to ORT format."""
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from edgedistill.backends import BuildContext, Built, register_backend
+from edgedistill.errors import ExportError
+from edgedistill.export import export_onnx
+from edgedistill.optimize import optimize_graph
+from edgedistill.ort_format import convert_to_ort, fix_input_shapes
+from edgedistill.quantize.search import quantize_within_budget
+from edgedistill.runtimes import iter_batches
+from edgedistill.runtimes.ort_cpu import cpu_session
+
+MODEL_FILE = "model.onnx"
+
+
+def _runner(path: Path, threads: int):
+    session = cpu_session(path, threads)
+    dims = session.get_inputs()[0].shape[:2]
+    fixed = (dims[0], dims[1]) if all(isinstance(d, int) for d in dims) else None
+    return (lambda feeds: session.run(None, feeds)[0]), fixed
+
+
+def _io(model_path: Path) -> dict:
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    return {kind: [{"name": v.name, "elem_type": onnx.TensorProto.DataType.Name(v.type.tensor_type.elem_type),
+                    "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]} for v in vs]
+            for kind, vs in (("inputs", graph.input), ("outputs", graph.output))}
+
+
+@register_backend("onnxruntime")
+def build_onnxruntime(profile, ctx: BuildContext, stage_dir: Path) -> Built:
+    threads = profile.effective_threads
+    onnx_model = export_onnx(ctx.student, ctx.family, ctx.input_names, profile.opset, stage_dir / "student.onnx")
+    graph = onnx_model.path
+    if profile.fixed_shape:
+        graph = fix_input_shapes(graph, profile.input_shape.batch, profile.input_shape.sequence, stage_dir / "fixed.onnx")
+    optimized = optimize_graph(graph, ctx.family, ctx.student.model.config, profile.optimization, stage_dir / "optimized.onnx")
+    shape = profile.input_shape
+    calibration = [feeds for _, feeds in iter_batches(ctx.tokenizer, ctx.calibration_texts, ctx.input_names,
+                                                      shape.sequence, shape.batch, fixed=True)]
+    model_path, chosen, trials = quantize_within_budget(
+        optimized.path, profile.quantization, stage_dir, calibration, lambda p: ctx.fidelity(*_runner(p, threads)),
+        ctx.floor)
+    files = {MODEL_FILE: model_path}
+    record = {
+        "export": {"exporter": "torch.onnx.export (TorchScript, dynamo=False)", "opset": onnx_model.opset,
+                   "max_abs_diff_vs_torch": onnx_model.max_abs_diff},
+        "optimization": {"mode": profile.optimization, "fused_ops": optimized.fused_ops},
+        "quantization": {"profile": profile.quantization.model_dump(mode="json"), "chosen": chosen.model_dump(mode="json"),
+                         "trials": [asdict(t) for t in trials]},
+        "model": {"file": MODEL_FILE, "format": "onnx", **_io(model_path)},
+    }
+    run, fixed = _runner(model_path, threads)
+    device_file = MODEL_FILE
+    if profile.model_format == "ort":
+        ort_model = convert_to_ort(model_path, stage_dir / "ort")
+        files.update({ort_model.model.name: ort_model.model, ort_model.operators_config.name: ort_model.operators_config})
+        ort_run, _ = _runner(ort_model.model, 1)
+        reference, _ = _runner(model_path, 1)
+        diff = _max_diff(ort_run, reference, ctx, fixed)
+        record["export"]["ort_format_max_abs_diff_vs_onnx"] = diff
+        record["model"].update(file=ort_model.model.name, format="ort", onnx_file=MODEL_FILE,
+                               device_execution_providers=profile.device_execution_providers)
+        run, _ = _runner(ort_model.model, threads)  # validate and time what the device runs
+        device_file = ort_model.model.name
+    return Built(files, run, fixed, device_file, record)
+
+
+def _max_diff(a, b, ctx: BuildContext, fixed) -> float:
+    """Return max |a - b| on calibration text; raise ExportError past 1e-3 (the two must be the same model)."""
+    batch, seq = fixed or (8, ctx.max_length)
+    diff = 0.0
+    for _, feeds in iter_batches(ctx.tokenizer, ctx.calibration_texts[:32] or ["a"], ctx.input_names, seq, batch,
+                                 fixed=fixed is not None):
+        diff = max(diff, float(np.max(np.abs(a(feeds) - b(feeds)))))
+    if diff > 1e-3:
+        raise ExportError(f"the ORT-format model differs from the ONNX model by {diff:.2e}", hint="report this model")
+    return diff
