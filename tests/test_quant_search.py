@@ -74,3 +74,12 @@ def test_no_search_when_disabled_or_budget_met(tmp_path):
     _, _, trials = quantize_within_budget(model, config.model_copy(update={"search": True}), tmp_path, calibration,
                                           lambda p: 1.0, floor=0.99)
     assert len(trials) == 1 and trials[0].passed
+
+
+def test_search_stops_when_even_the_unquantized_graph_misses(tmp_path):
+    model = planted_model(tmp_path / "planted.onnx")
+    rng = np.random.default_rng(3)
+    calibration = [{"x": rng.normal(size=(1, 64)).astype(np.float32)} for _ in range(8)]
+    config = StaticQdqInt8Config(calibration_texts=8, search=True)
+    _, _, trials = quantize_within_budget(model, config, tmp_path, calibration, lambda p: 0.5, floor=0.99)
+    assert [t.description for t in trials] == ["as the profile says", "reference: the unquantized graph"]

@@ -2,6 +2,7 @@
 XNNPACK delegate -> .pte. ExecuTorch's Python runtime runs the .pte here with the same XNNPACK kernels a phone uses."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +41,8 @@ def build_executorch(profile, ctx: BuildContext, stage_dir: Path) -> Built:
                                                   shape.sequence, shape.batch, fixed=True)]
     example = tuple(torch.from_numpy(v) for v in batches[0].values())
     module = ctx.student.eval()
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.export / pytree deprecation chatter, one line per tensor
         exported = torch.export.export(module, example)
         cfg = profile.quantization
         if isinstance(cfg, XnnpackDynamicInt8Config):

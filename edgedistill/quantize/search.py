@@ -10,6 +10,7 @@ from pathlib import Path
 import onnx
 from pydantic import BaseModel
 
+from edgedistill.errors import EdgeDistillError
 from edgedistill.quantize import Feeds, quantize
 
 _LAYER = re.compile(r"layer[._](\d+)")
@@ -48,8 +49,15 @@ def quantize_within_budget(model_path: Path, config: BaseModel, work_dir: Path, 
 
     def attempt(cfg: BaseModel, description: str, probe: bool = False) -> bool:
         out = work_dir / f"trial{len(trials)}.onnx"
-        quantize(model_path, cfg, out, calibration)
-        score = evaluate(out)
+        try:
+            quantize(model_path, cfg, out, calibration)
+            score = evaluate(out)
+        except EdgeDistillError:
+            raise
+        except Exception as e:  # onnxruntime rejects some partial-QDQ graphs (quantizer or session); note it, go on
+            trials.append(Trial(f"{description} (failed: {str(e).splitlines()[0][:160]})", cfg.model_dump(mode="json"),
+                                float("nan"), False, 0.0))
+            return False
         trials.append(Trial(description, cfg.model_dump(mode="json"), score, score >= floor and not probe,
                             out.stat().st_size / 1e6))
         if not probe:
@@ -60,11 +68,20 @@ def quantize_within_budget(model_path: Path, config: BaseModel, work_dir: Path, 
         return candidates[-1][1], candidates[-1][2], trials
 
     def best() -> tuple[Path, BaseModel, list[Trial]]:
+        if not candidates:
+            raise EdgeDistillError(f"every quantization trial failed: {trials[0].description}",
+                                   hint="choose another quantization recipe in the profile")
         score, path, cfg = max(candidates, key=lambda r: r[0])
         return path, cfg, trials
 
-    if attempt(config, "as the profile says") or not getattr(config, "search", False):
+    if attempt(config, "as the profile says"):
         return last()
+    if not getattr(config, "search", False):
+        return best()
+    reference = evaluate(model_path)  # no quantization at all: the most any search can reach
+    trials.append(Trial("reference: the unquantized graph", {}, reference, False, model_path.stat().st_size / 1e6))
+    if reference < floor:
+        return best()  # the fp32 student itself misses the budget: quantization is not what to search
     fields = type(config).model_fields
     if "calibration" in fields:
         for method in ("entropy", "percentile", "minmax"):
@@ -75,6 +92,8 @@ def quantize_within_budget(model_path: Path, config: BaseModel, work_dir: Path, 
         if attempt(config.model_copy(update={"per_channel": True}), "per-channel weights"):
             return last()
     # sensitivity: quantize one group at a time with the most faithful settings so far
+    if not candidates:
+        return best()
     base = max(candidates, key=lambda r: r[0])[2]
     groups = node_groups(model_path, getattr(base, "op_types", None))
     if len(groups) < 2:

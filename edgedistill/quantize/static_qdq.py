@@ -1,6 +1,8 @@
 """Static int8 in QDQ format with onnxruntime's quantizer, calibrated on real transfer-set inputs."""
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import tempfile
 from collections.abc import Sequence
@@ -41,17 +43,18 @@ def quantize_static_qdq(model_path: Path, config: StaticQdqInt8Config, out_path:
         prepared = Path(tmp) / "prepared.onnx"
         # symbolic shape inference fails on these graphs (and is not needed with fixed or plain dims)
         quant_pre_process(str(model_path), str(prepared), skip_symbolic_shape=True)
-        quantize_static(
-            str(prepared), str(out_path), _Reader(calibration),
-            quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=config.op_types,
-            per_channel=config.per_channel,
-            activation_type=_TYPES[config.activation_type],
-            weight_type=_TYPES[config.weight_type],
-            calibrate_method=_METHODS[config.calibration],
-            nodes_to_exclude=excluded_nodes(prepared, config.exclude),
-            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT,
-                           "ActivationSymmetric": config.activation_type == "int8"},
-            calibration_cache_path=cache,
-        )
+        with contextlib.redirect_stdout(io.StringIO()):  # the entropy/percentile calibrators print progress
+            quantize_static(
+                str(prepared), str(out_path), _Reader(calibration),
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=config.op_types,
+                per_channel=config.per_channel,
+                activation_type=_TYPES[config.activation_type],
+                weight_type=_TYPES[config.weight_type],
+                calibrate_method=_METHODS[config.calibration],
+                nodes_to_exclude=excluded_nodes(prepared, config.exclude),
+                extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT,
+                               "ActivationSymmetric": config.activation_type == "int8"},
+                calibration_cache_path=cache,
+            )
     return out_path
