@@ -8,7 +8,7 @@ import pytest
 
 from edgedistill import targets
 from edgedistill.errors import ProfileError
-from edgedistill.quantize.configs import DynamicInt8Config, Fp32Config
+from edgedistill.quantize.configs import Fp32Config
 from edgedistill.targets import (
     TARGETS_DIR,
     TargetProfile,

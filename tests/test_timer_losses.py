@@ -274,7 +274,7 @@ def test_validate_combines_metrics():
     assert not v.passed and "below" in v.verdict
 
 
-def test_measure_interleaved_pairs_samples_and_paired_ratio_cancels_load():
+def test_measure_interleaved_blocks_and_paired_ratio_cancels_load():
     import time
 
     from edgedistill.bench.timer import measure_interleaved, paired_ratio
@@ -289,12 +289,15 @@ def test_measure_interleaved_pairs_samples_and_paired_ratio_cancels_load():
         calls.append(("fast", x))
         time.sleep(0.001)
 
-    stats = measure_interleaved({"slow": (slow, [0, 1]), "fast": (fast, [0, 1])}, warmup=1, min_runs=30, min_time_s=0.0)
-    assert stats["slow"].runs == stats["fast"].runs == 30
-    timed = calls[2:]  # after one warm-up call each
-    assert [c[0] for c in timed[:4]] == ["slow", "fast", "slow", "fast"]  # call by call, in turn
-    assert {c[1] for c in timed} == {0, 1}  # inputs rotate
-    assert 1.5 < paired_ratio(stats["slow"].samples_ms, stats["fast"].samples_ms) < 2.5
-    # a load burst that hits one iteration of both candidates does not move the paired ratio
+    stats = measure_interleaved({"slow": (slow, [0, 1]), "fast": (fast, [0, 1])}, warmup=1, min_blocks=4,
+                                min_time_s=0.0, block_s=0.01, settle=1)
+    assert len(stats["slow"].block_p50_ms) == len(stats["fast"].block_p50_ms) == 4
+    names = [c[0] for c in calls[2:]]  # after one warm-up call each
+    switches = sum(1 for a, b in zip(names, names[1:]) if a != b)
+    assert names[0] == "slow" and switches == 7  # 4 blocks each, in turn: slow, fast, slow, fast, ...
+    assert {c[1] for c in calls} == {0, 1}  # inputs rotate
+    assert stats["slow"].runs >= 4 * 3  # at least 3 timed calls per block
+    assert 1.5 < paired_ratio(stats["slow"].block_p50_ms, stats["fast"].block_p50_ms) < 2.5
+    # a load burst that hits one block pair of both candidates does not move the paired ratio
     a, b = [2.0] * 9 + [20.0], [1.0] * 9 + [10.0]
     assert paired_ratio(a, b) == 2.0

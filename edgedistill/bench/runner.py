@@ -161,7 +161,7 @@ def run_bench(artifact_dirs: list[Path], teacher_spec: str | None, data_path: st
         for i in timed:
             lat = _shape_latency(stats[str(i)], batch, seq, threads)
             results[i].latency.append(lat)
-            results[i].ratio_to_teacher[lat.key] = paired_ratio(stats[str(i)].samples_ms, stats["0"].samples_ms)
+            results[i].ratio_to_teacher[lat.key] = paired_ratio(stats[str(i)].block_p50_ms, stats["0"].block_p50_ms)
 
     if settings.memory:
         probe_batch = settings.batches[0]
@@ -186,7 +186,7 @@ def run_bench(artifact_dirs: list[Path], teacher_spec: str | None, data_path: st
         teacher={"name": teacher.name, "sha256": teacher.sha256, "task": task},
         data={"source": source, "num_texts": len(texts), "labelled": labels is not None},
         settings={"threads": threads, "batches": settings.batches, "sequence": seq, "min_time_s_per_shape": settings.min_time_s,
-                  "timing": "interleaved call by call; ratio_to_teacher = median of paired per-iteration ratios",
+                  "timing": "interleaved ~0.2 s blocks, 2 untimed calls each; ratio_to_teacher = median of paired block-median ratios",
                   "warmup_runs": 5, "rotating_inputs": 8,
                   "memory_probe": f"fresh process, batch {settings.batches[0]}, 20 runs" if settings.memory else None},
         results=results,

@@ -19,10 +19,12 @@ class LatencyStats:
     stdev_ms: float
     runs: int
     samples_ms: list[float] = field(default_factory=list, repr=False)
+    block_p50_ms: list[float] = field(default_factory=list, repr=False)  # interleaved timing: each block's median
 
     def as_dict(self) -> dict[str, float]:
         """Return the statistics (not the samples), rounded to 0.1 µs."""
-        return {k: round(v, 4) if isinstance(v, float) else v for k, v in vars(self).items() if k != "samples_ms"}
+        return {k: round(v, 4) if isinstance(v, float) else v for k, v in vars(self).items()
+                if k not in ("samples_ms", "block_p50_ms")}
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:
@@ -63,33 +65,55 @@ def measure(fn: Callable[[Any], Any], inputs: Sequence[Any], warmup: int = 5, mi
 
 
 def measure_interleaved(candidates: dict[str, tuple[Callable[[Any], Any], Sequence[Any]]], warmup: int = 5,
-                        min_runs: int = 20, max_runs: int = 2000, min_time_s: float = 3.0) -> dict[str, LatencyStats]:
-    """Time several candidates call by call: each iteration calls every candidate once, in turn, on rotating inputs.
+                        min_blocks: int = 5, min_time_s: float = 3.0, block_s: float = 0.2,
+                        settle: int = 2) -> dict[str, LatencyStats]:
+    """Time several candidates in interleaved blocks of about `block_s` seconds each, every candidate in turn.
 
-    Samples of one iteration are taken milliseconds apart, so a noisy neighbour's bursts hit all candidates alike;
-    `paired_ratio` of two candidates' samples is then robust to the machine's load. Stops after at least
-    `min_runs` iterations and `min_time_s` seconds in all.
+    Each block starts with `settle` untimed calls, which absorb the switch between runtimes (the previous one's
+    worker threads still spinning, this one's pool waking up), then times calls on rotating inputs. Blocks of
+    different candidates run a fraction of a second apart, so a noisy neighbour's bursts hit all candidates alike and
+    `paired_ratio` of two candidates' block medians holds on a loaded machine. Measured here at 2 threads: switching
+    runtimes on every call slowed each side by its neighbour's idle threads (torch 23.5 -> 90 ms beside spinning
+    onnxruntime pools; the artifact/teacher ratio 0.16 in isolation read 0.23), hence blocks and settle calls.
+    Stops after at least `min_blocks` blocks per candidate and `min_time_s` seconds in all.
     """
-    for fn, inputs in candidates.values():
+    per_call_s = {}
+    for name, (fn, inputs) in candidates.items():
         if not inputs:
             raise ValueError("measure_interleaved() needs at least one input per candidate")
+        times = []
         for i in range(warmup):
+            t0 = time.perf_counter()
             fn(inputs[i % len(inputs)])
+            times.append(time.perf_counter() - t0)
+        per_call_s[name] = max(statistics.median(times), 1e-6)
+    block_n = {name: max(3, min(200, int(block_s / t))) for name, t in per_call_s.items()}
     samples: dict[str, list[float]] = {name: [] for name in candidates}
+    blocks: dict[str, list[float]] = {name: [] for name in candidates}
     start = time.perf_counter()
-    i = 0
-    while i < max_runs and (i < min_runs or time.perf_counter() - start < min_time_s):
+    k = 0
+    while k < min_blocks or time.perf_counter() - start < min_time_s:
         for name, (fn, inputs) in candidates.items():
-            x = inputs[i % len(inputs)]
-            t0 = time.perf_counter_ns()
-            fn(x)
-            samples[name].append((time.perf_counter_ns() - t0) / 1e6)
-        i += 1
-    return {name: summarize(v) for name, v in samples.items()}
+            for j in range(settle):
+                fn(inputs[(k + j) % len(inputs)])
+            block = []
+            for j in range(block_n[name]):
+                x = inputs[(k + j) % len(inputs)]
+                t0 = time.perf_counter_ns()
+                fn(x)
+                block.append((time.perf_counter_ns() - t0) / 1e6)
+            samples[name] += block
+            blocks[name].append(statistics.median(block))
+        k += 1
+    stats = {name: summarize(v) for name, v in samples.items()}
+    for name, stat in stats.items():
+        stat.block_p50_ms = blocks[name]
+    return stats
 
 
 def paired_ratio(samples: Sequence[float], reference: Sequence[float]) -> float:
-    """Return the median of samples[i] / reference[i]: the latency ratio of two interleaved candidates."""
+    """Return the median of samples[i] / reference[i]: the latency ratio of two interleaved candidates
+    (pass their `block_p50_ms`)."""
     if len(samples) != len(reference) or not samples:
         raise ValueError("paired_ratio() needs two equally long, non-empty sample lists")
     return statistics.median(a / b for a, b in zip(samples, reference))

@@ -99,7 +99,7 @@ def quantize_within_budget(model_path: Path, config: BaseModel, work_dir: Path, 
     if len(groups) < 2:
         return best()
     sensitivity = {}
-    for name, nodes in groups.items():
+    for name in groups:
         others = [n for g, ns in groups.items() if g != name for n in ns]
         cfg = base.model_copy(update={"exclude": [*base.exclude, _pattern(others)]})
         attempt(cfg, f"sensitivity probe: only {name} quantized", probe=True)

@@ -34,20 +34,18 @@ class OrtRuntime:
         """Return a callable running the model's first output, and the session settings to record."""
         import onnxruntime as ort
 
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3
-        session = ort.InferenceSession(str(model_path), opts, providers=[self.provider])
+        from edgedistill.runtimes.ort_cpu import cpu_session
+
+        session = cpu_session(model_path, threads, self.provider)
+        opts = session.get_session_options()
         if session.get_providers()[0] != self.provider:  # e.g. onnxruntime-gpu on a machine without a GPU
             raise RuntimeError(f"{self.provider} could not start (session fell back to {session.get_providers()[0]})")
         names = {i.name for i in session.get_inputs()}
         dims = session.get_inputs()[0].shape[:2]
-        settings = {"fixed_input_shape": [d if isinstance(d, int) else None for d in dims],"provider": self.provider, "intra_op_threads": threads, "inter_op_threads": 1,
+        settings = {"provider": self.provider, "intra_op_threads": threads, "inter_op_threads": 1,
                     "graph_optimization": "ORT_ENABLE_ALL", "cpu_mem_arena": opts.enable_cpu_mem_arena,
-                    "mem_pattern": opts.enable_mem_pattern, "onnxruntime": ort.__version__}
+                    "mem_pattern": opts.enable_mem_pattern, "intra_op_spinning": False, "onnxruntime": ort.__version__,
+                    "fixed_input_shape": [d if isinstance(d, int) else None for d in dims]}
 
         def run(feeds: dict[str, np.ndarray]) -> np.ndarray:
             return session.run(None, {k: v for k, v in feeds.items() if k in names})[0]
