@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Optional
@@ -12,11 +11,6 @@ from rich.console import Console
 from rich.table import Table
 
 from edgedistill.errors import BudgetError, EdgeDistillError
-
-# third-party import-time noise a user can do nothing about: torchao (imported by transformers when installed)
-# warns about CUDA-only kernels on CPU machines; torch warns about torchao's Enum registrations
-for _name in ("torchao", "torch.utils._pytree"):
-    logging.getLogger(_name).setLevel(logging.ERROR)
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Distill, quantize and verify a teacher model into a device artifact per target.")

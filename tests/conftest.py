@@ -65,6 +65,14 @@ def build_tiny_bert(path: Path, *, classification: bool = False, sentence_transf
     return path
 
 
+def tiny_workspace(root: Path, texts: int = 200) -> tuple[Path, Path]:
+    """Write a tiny sentence-transformers teacher and a transfer set of `texts` lines under `root`."""
+    teacher = build_tiny_bert(root / "teacher", sentence_transformers=True)
+    data = root / "data.txt"
+    data.write_text("\n".join(make_texts(texts)))
+    return teacher, data
+
+
 @pytest.fixture(scope="session")
 def tiny_encoder(tmp_path_factory) -> Path:
     """A tiny sentence-transformers teacher (mean pooling + normalize)."""

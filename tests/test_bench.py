@@ -21,17 +21,13 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):
     """A tiny compiled artifact and the paths of its teacher and data."""
-    import os
-
-    from conftest import build_tiny_bert, make_texts
+    from conftest import tiny_workspace
 
     root = tmp_path_factory.mktemp("bench")
-    os.environ["EDGEDISTILL_CACHE"] = str(root / "cache")
-    teacher = build_tiny_bert(root / "teacher", sentence_transformers=True)
-    data = root / "data.txt"
-    data.write_text("\n".join(make_texts(200)))
+    teacher, data = tiny_workspace(root)
     profile = write_profile(root / "p.yaml", name="tiny-cpu")
-    compile(str(teacher), str(data), [str(profile)], root / "out", CompileOptions(distill=DistillConfig(epochs=1)))
+    compile(str(teacher), str(data), [str(profile)], root / "out",
+            CompileOptions(distill=DistillConfig(epochs=1), cache_dir=root / "cache"))
     return {"dir": root / "out" / "tiny-cpu", "teacher": teacher, "data": data, "root": root}
 
 

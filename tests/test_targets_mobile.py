@@ -43,17 +43,12 @@ def test_builtin_profiles_cover_cpu_mobile_and_boards():
 
 @pytest.fixture(scope="module")
 def mobile_artifact(tmp_path_factory):
-    import os
-
-    from conftest import build_tiny_bert
+    from conftest import tiny_workspace
 
     root = tmp_path_factory.mktemp("mobile")
-    os.environ["EDGEDISTILL_CACHE"] = str(root / "cache")
-    teacher = build_tiny_bert(root / "teacher", sentence_transformers=True)
-    data = root / "data.txt"
-    data.write_text("\n".join(make_texts(240)))
+    teacher, data = tiny_workspace(root, texts=240)
     result = compile(str(teacher), str(data), [str(tiny_version("arm64-mobile", root))], root / "out",
-                     CompileOptions(distill=DistillConfig(epochs=1)))
+                     CompileOptions(distill=DistillConfig(epochs=1), cache_dir=root / "cache"))
     return result, teacher, data
 
 
@@ -115,14 +110,9 @@ def test_static_quantization_needs_calibration_data(tmp_path):
 
 
 def test_executorch_artifact_runs_and_matches_the_student(tmp_path):
-    import os
+    from conftest import tiny_workspace
 
-    from conftest import build_tiny_bert
-
-    os.environ["EDGEDISTILL_CACHE"] = str(tmp_path / "cache")
-    teacher = build_tiny_bert(tmp_path / "teacher", sentence_transformers=True)
-    data = tmp_path / "data.txt"
-    data.write_text("\n".join(make_texts(200)))
+    teacher, data = tiny_workspace(tmp_path)
     result = compile(str(teacher), str(data), [str(tiny_version("android-executorch", tmp_path))], tmp_path / "out",
                      CompileOptions(distill=DistillConfig(epochs=1)))
     [target] = result.targets
@@ -161,14 +151,9 @@ def test_profile_asking_for_a_recipe_its_runtime_cannot_run_is_rejected(tmp_path
 
 
 def test_multi_target_compile_writes_summary(tmp_path):
-    import os
+    from conftest import tiny_workspace, write_profile
 
-    from conftest import build_tiny_bert, write_profile
-
-    os.environ["EDGEDISTILL_CACHE"] = str(tmp_path / "cache")
-    teacher = build_tiny_bert(tmp_path / "teacher", sentence_transformers=True)
-    data = tmp_path / "data.txt"
-    data.write_text("\n".join(make_texts(200)))
+    teacher, data = tiny_workspace(tmp_path)
     targets = [str(write_profile(tmp_path / "a.yaml", name="cpu-a")), str(tiny_version("arm64-mobile", tmp_path)),
                str(write_profile(tmp_path / "strict.yaml", name="strict", min_cosine=0.99999))]
     result = compile(str(teacher), str(data), targets, tmp_path / "out", CompileOptions(distill=DistillConfig(epochs=1)))
