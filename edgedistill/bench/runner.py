@@ -83,8 +83,8 @@ def _held_out(manifests: dict[Path, Manifest], data_path: str | None, teacher: T
 
 
 def _shape_latency(stats: LatencyStats, batch: int, seq: int, threads: int) -> ShapeLatency:
-    return ShapeLatency(batch=batch, sequence=seq, threads=threads, p50_ms=stats.p50_ms, p90_ms=stats.p90_ms,
-                        p99_ms=stats.p99_ms, mean_ms=stats.mean_ms, stdev_ms=stats.stdev_ms, runs=stats.runs,
+    summary = {k: v for k, v in vars(stats).items() if k not in ("samples_ms", "block_p50_ms")}
+    return ShapeLatency(batch=batch, sequence=seq, threads=threads, **summary,
                         throughput_items_s=batch * 1000.0 / stats.mean_ms, samples_ms=[round(x, 4) for x in stats.samples_ms])
 
 

@@ -11,12 +11,10 @@ from edgedistill.runtimes import iter_batches, num_batches
 
 @torch.inference_mode()
 def predict(module: nn.Module, tokenizer, texts: list[str], input_names: list[str], max_length: int,
-            batch_size: int = 64, description: str | None = None, out: np.ndarray | None = None) -> np.ndarray:
-    """Return the module's float32 outputs for `texts`, one row per text, in the order given.
-
-    `out`, if given (e.g. a memory-mapped array), receives the rows instead of a new array.
-    """
+            batch_size: int = 64, description: str | None = None) -> np.ndarray:
+    """Return the module's float32 outputs for `texts`, one row per text, in the order given."""
     module.eval()
+    out = None
     batches = iter_batches(tokenizer, texts, input_names, max_length, batch_size)
     if description:
         batches = track(batches, num_batches(len(texts), batch_size), description)
