@@ -18,6 +18,7 @@ from rich.table import Table
 
 from edgedistill.distill.loop import DistillConfig
 from edgedistill.pipeline import CompileOptions, compile
+from edgedistill.report import latency_cell
 from edgedistill.targets import builtin_profiles, cpu_flags
 
 
@@ -54,7 +55,7 @@ def main() -> int:
         by_name[r.profile.name] = v["cosine_mean"]
         table.add_row(r.profile.name, f"{m.target['runtime']} / {m.model['format']}",
                       f"{m.sizes['model_mb']:.1f} ({m.sizes['size_ratio']:.0%})",
-                      f"{m.latency['artifact']['p50_ms']:.2f} ({m.latency['speedup_vs_teacher']:.1f}x)",
+                      latency_cell(m.latency),
                       f"{v['cosine_mean']:.4f}", f"{v['torch_student_cosine_mean']:.4f}",
                       str(len(m.quantization["trials"])), "pass" if r.published else "FAIL")
     console = Console(width=170)

@@ -87,9 +87,11 @@ def compile_cmd(
         floor = m.metrics["budget"]["min_cosine" if metric == "cosine_mean" else "min_top1_agreement"]
         rows["fidelity vs teacher"].append(f"{metric} {m.metrics['values'][metric]:.4f} (budget ≥ {floor:g}, "
                                            f"{m.data['num_validation']} held-out texts)")
-        rows["latency p50 vs teacher"].append(f"{lat['artifact']['p50_ms']:.2f} vs {lat['teacher_torch_fp32']['p50_ms']:.2f} ms "
-                                             f"({lat['speedup_vs_teacher']:.1f}x faster; batch {lat['batch']} × seq {lat['sequence']}, "
-                                             f"{lat['threads_measured']} thread{'s' if lat['threads_measured'] > 1 else ''})")
+        rows["latency p50 vs teacher"].append(
+            f"not measured: {lat['not_measured']}" if "not_measured" in lat else
+            f"{lat['artifact']['p50_ms']:.2f} vs {lat['teacher_torch_fp32']['p50_ms']:.2f} ms "
+            f"({lat['speedup_vs_teacher']:.1f}x faster; batch {lat['batch']} × seq {lat['sequence']}, "
+            f"{lat['threads_measured']} thread{'s' if lat['threads_measured'] > 1 else ''})")
         rows["size vs teacher"].append(f"{m.sizes['model_mb']:.2f} vs {m.sizes['teacher_weights_mb']:.2f} MB ({m.sizes['size_ratio']:.0%})")
         rows["artifact"].append(str(r.path))
         rows["warnings"].append(" ".join(warnings_for(m)) or "none")

@@ -182,7 +182,8 @@ def build_target(d: Distilled, profile: TargetProfile, stage_dir: Path, out_dir:
     built = build_model(profile, ctx, stage_dir)
     val_artifact = predict_with(built.run, teacher.tokenizer, d.val_texts, d.input_names, d.max_length, built.fixed_shape)
     validation = validate(val_artifact, d.val_teacher, d.val_student, teacher.task, profile.accuracy_budget, d.val_labels)
-    latency = measure_latency(teacher, built.run, profile, d.val_texts, d.input_names)
+    latency = (unmeasured_latency(profile, built.not_measured) if built.not_measured
+               else measure_latency(teacher, built.run, profile, d.val_texts, d.input_names))
     save_tokenizer(teacher.tokenizer, d.max_length, stage_dir / "tokenizer")
     files = {**built.files, **{f.name: f for f in sorted((stage_dir / "tokenizer").iterdir()) if f.is_file()}}
     manifest = build_manifest(d, profile, built, validation, latency, opts)
@@ -229,26 +230,37 @@ def derive_student(teacher: Teacher, num_layers: int) -> tuple[EncoderWithHead, 
     return EncoderWithHead(model, teacher.task, teacher.module.pooling if teacher.task == "feature-extraction" else None), kept
 
 
+def unmeasured_latency(profile: TargetProfile, reason: str) -> dict:
+    """Return the latency section of a target whose device is not here: the shape it would run, and why no number."""
+    return {"batch": profile.input_shape.batch, "sequence": profile.input_shape.sequence,
+            "threads_profile": profile.threads, "threads_measured": 0, "not_measured": reason,
+            "note": f"not measured: {reason}. Run `edgedistill bench` on a machine with the device."}
+
+
 def measure_latency(teacher: Teacher, run, profile: TargetProfile, texts: list[str], input_names: list[str]) -> dict:
     """Return latency statistics of the artifact and the teacher (torch fp32), interleaved call by call on the same
     inputs at the profile's shape and threads, and their paired ratio."""
     shape, threads = profile.input_shape, profile.effective_threads
     batches = [feeds for _, feeds in iter_batches(teacher.tokenizer, texts[: 8 * shape.batch], input_names,
                                                   shape.sequence, shape.batch, fixed=True)]
-    torch_batches = [{k: torch.from_numpy(v) for k, v in b.items()} for b in batches]
+    # a GPU artifact is compared with the teacher on the same GPU when torch has one (`.cpu()` waits for the kernels)
+    device = "cuda" if profile.gpu and torch.cuda.is_available() else "cpu"
+    module = teacher.module.to(device)
+    torch_batches = [{k: torch.from_numpy(v).to(device) for k, v in b.items()} for b in batches]
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         with torch.inference_mode():
-            stats = measure_interleaved({"artifact": (run, batches), "teacher": (lambda x: teacher.module(**x), torch_batches)},
+            stats = measure_interleaved({"artifact": (run, batches), "teacher": (lambda x: module(**x).cpu(), torch_batches)},
                                         min_time_s=2.0)
     finally:
         torch.set_num_threads(previous)
+        teacher.module.to("cpu")
     artifact, teacher_stats = stats["artifact"], stats["teacher"]
     note = (f"5 warm-up runs each, then ≥2 s of interleaved ~0.2 s blocks (artifact, teacher, artifact, ...; 2 untimed "
             f"calls open each block) on {len(batches)} rotating batches of real held-out text padded to {shape.sequence} "
             "tokens; speed-up = median over block pairs of teacher / artifact block medians.")
-    return {"batch": shape.batch, "sequence": shape.sequence, "threads_profile": profile.threads,
+    return {"batch": shape.batch, "sequence": shape.sequence, "threads_profile": profile.threads, "teacher_device": device,
             "threads_measured": threads, "artifact": artifact.as_dict(), "teacher_torch_fp32": teacher_stats.as_dict(),
             "speedup_vs_teacher": 1.0 / paired_ratio(artifact.block_p50_ms, teacher_stats.block_p50_ms), "note": note}
 

@@ -32,10 +32,41 @@ def warnings_for(m: Manifest) -> list[str]:
         out.append("Distillation never beat the initial student (step 0): this artifact is the layer-pruned teacher "
                    "without training. Check --lr, --epochs and the transfer set.")
     lat = m.latency
-    if lat["threads_measured"] < lat["threads_profile"]:
+    if "not_measured" in lat:
+        out.append(f"Latency not measured: {lat['not_measured']}. "
+                   + (f"Fidelity was computed with {m.model['validated_with']}." if "validated_with" in m.model else ""))
+    elif lat["threads_measured"] < lat["threads_profile"] and not m.target["execution_provider"].startswith(("CUDA", "Tensorrt")):
         out.append(f"Latency was measured with {_plural(lat['threads_measured'], 'thread')} (this machine's cores), "
                    f"not the profile's {lat['threads_profile']}.")
     return out
+
+
+def latency_cell(lat: dict) -> str:
+    """Return the artifact's p50 and speed-up (or why it was not measured) in one short cell."""
+    if "not_measured" in lat:
+        return f"not measured: {lat['not_measured'].split(':')[0]}"
+    return (f"{lat['artifact']['p50_ms']:.2f} ({lat['speedup_vs_teacher']:.1f}×, "
+            f"{_plural(lat['threads_measured'], 'thread')})")
+
+
+def _latency_row(lat: dict) -> str:
+    if "not_measured" in lat:
+        return f"| latency, batch {lat['batch']} × seq {lat['sequence']} | — | not measured: {lat['not_measured']} | — |"
+    return (f"| latency p50, batch {lat['batch']} × seq {lat['sequence']}, {_plural(lat['threads_measured'], 'thread')} (ms) | "
+            f"{lat['teacher_torch_fp32']['p50_ms']:.2f} | {lat['artifact']['p50_ms']:.2f} | "
+            f"{lat['speedup_vs_teacher']:.2f}× faster |")
+
+
+def _coverage_lines(m: Manifest) -> list[str]:
+    cov, structure = m.model.get("coverage"), m.model.get("structure")
+    lines = []
+    if structure:
+        lines.append(f"- structure: onnx checker {structure['onnx_checker']}; initializers by type "
+                     f"{structure['initializer_types']}; contrib operators {structure['contrib_ops'] or 'none'}")
+    if cov:
+        lines.append(f"- operator coverage: every operator has a {cov['provider']} kernel "
+                     f"({sum(cov['ops'].values())} nodes, {len(cov['ops'])} operator types; table from {cov['source']})")
+    return lines
 
 
 def render_report(m: Manifest, published: bool) -> str:
@@ -58,9 +89,7 @@ def render_report(m: Manifest, published: bool) -> str:
         "",
         "| | teacher (torch fp32) | artifact | ratio |",
         "|---|---|---|---|",
-        f"| latency p50, batch {lat['batch']} × seq {lat['sequence']}, {_plural(lat['threads_measured'], 'thread')} (ms) | "
-        f"{lat['teacher_torch_fp32']['p50_ms']:.2f} | {lat['artifact']['p50_ms']:.2f} | "
-        f"{lat['speedup_vs_teacher']:.2f}× faster |",
+        _latency_row(lat),
         f"| size (MB) | {sizes['teacher_weights_mb']:.2f} | {sizes['model_mb']:.2f} | {sizes['size_ratio']:.1%} |",
         "",
         "## Fidelity on the held-out split",
@@ -85,7 +114,8 @@ def render_report(m: Manifest, published: bool) -> str:
         + (f" (after {len(m.quantization['trials'])} trials; the profile asked for "
            f"{_recipe(m.quantization['profile'])})" if len(m.quantization["trials"]) > 1 else ""),
         f"- runtime: {m.target['runtime']} / {m.target['execution_provider']}, profile threads {m.target['threads']}"
-        f" (measured with {lat['threads_measured']} on this machine)",
+        + (f" (measured with {lat['threads_measured']} on this machine)" if "not_measured" not in lat else ""),
+        *_coverage_lines(m),
         f"- budget: {', '.join(f'{k} {v}' for k, v in m.metrics['budget'].items())}",
         "",
         "## Distillation",
@@ -121,10 +151,10 @@ def render_summary(results) -> str:
         budget = m.metrics["budget"]["min_cosine" if metric == "cosine_mean" else "min_top1_agreement"]
         lat = m.latency
         lines.append(f"| {m.target['name']} | {m.target['runtime']} / {m.target['execution_provider']} | {m.model['file']} | "
-                     f"{m.sizes['model_mb']:.2f} ({m.sizes['size_ratio']:.0%}) | {lat['artifact']['p50_ms']:.2f} "
-                     f"({lat['speedup_vs_teacher']:.1f}×, {_plural(lat['threads_measured'], 'thread')}) | "
+                     f"{m.sizes['model_mb']:.2f} ({m.sizes['size_ratio']:.0%}) | {latency_cell(lat)} | "
                      f"{metric} {m.metrics['values'][metric]:.4f} | ≥ {budget:g} | {'pass' if r.published else '**FAIL**'} |")
     lines += ["", "Latency is measured on this machine"
-              " (an arm64 target's numbers come from this host's CPU, not the device)."
+              " (an arm64 target's numbers come from this host's CPU, not the device; a GPU target's only where a"
+              " CUDA device is present)."
               " Each target's report.md has the details.", ""]
     return "\n".join(lines)

@@ -12,6 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from edgedistill.errors import ProfileError
 from edgedistill.quantize.configs import RUNTIME_RECIPES, QuantizationConfig
 
+ORT_PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider")
+GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 TARGETS_DIR = Path(os.environ.get("EDGEDISTILL_TARGETS", Path(__file__).resolve().parents[1] / "targets"))
 
 
@@ -38,8 +40,9 @@ class TargetProfile(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="used as the artifact's directory name")
     description: str = ""
     runtime: Literal["onnxruntime", "executorch"] = "onnxruntime"
-    execution_provider: Literal["CPUExecutionProvider", "XNNPACK"] = Field(
-        "CPUExecutionProvider", description="onnxruntime: CPUExecutionProvider; executorch: XNNPACK (its delegate)")
+    execution_provider: Literal["CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider", "XNNPACK"] = Field(
+        "CPUExecutionProvider", description="onnxruntime: CPUExecutionProvider, CUDAExecutionProvider or "
+        "TensorrtExecutionProvider (the graph is checked against the provider's operators); executorch: XNNPACK")
     device_execution_providers: list[Literal["XNNPACK", "NNAPI", "CoreML", "CPU"]] = Field(
         default_factory=list, description="providers the device's onnxruntime build would use (recorded, for mobile)")
     arch: Literal["x86_64", "arm64"] = Field("x86_64", description="the device's CPU architecture")
@@ -62,14 +65,32 @@ class TargetProfile(BaseModel):
         if self.quantization.recipe not in recipes:
             raise ValueError(f"runtime {self.runtime} cannot run quantization recipe '{self.quantization.recipe}' "
                              f"(it runs: {', '.join(recipes)})")
-        wants = {"onnxruntime": ("CPUExecutionProvider", ("onnx", "ort")), "executorch": ("XNNPACK", ("pte",))}
-        provider, formats = wants[self.runtime]
-        if self.execution_provider != provider or self.model_format not in formats:
-            raise ValueError(f"runtime {self.runtime} needs execution_provider {provider} and model_format "
+        wants = {"onnxruntime": (ORT_PROVIDERS, ("onnx", "ort")), "executorch": (("XNNPACK",), ("pte",))}
+        providers, formats = wants[self.runtime]
+        if self.execution_provider not in providers or self.model_format not in formats:
+            raise ValueError(f"runtime {self.runtime} needs execution_provider {' or '.join(providers)} and model_format "
                              f"{' or '.join(formats)}")
         if self.runtime == "executorch" and not self.fixed_shape:
             raise ValueError("runtime executorch exports fixed input shapes: set fixed_shape: true")
+        if self.model_format == "ort" and self.execution_provider != "CPUExecutionProvider":
+            raise ValueError("model_format ort is for ONNX Runtime Mobile: use execution_provider CPUExecutionProvider "
+                             "(and list the device's providers in device_execution_providers)")
+        if self.execution_provider == "TensorrtExecutionProvider":
+            q = self.quantization
+            if self.optimization != "none":
+                raise ValueError("TensorrtExecutionProvider cannot run onnxruntime's fused contrib operators "
+                                 "(TensorRT fuses the plain graph itself): set optimization: none")
+            if q.recipe == "static-qdq-int8" and q.activation_type != "int8":
+                raise ValueError("TensorRT's int8 QDQ needs symmetric int8 activations: set quantization.activation_type: int8")
+        if self.execution_provider in GPU_PROVIDERS and self.quantization.recipe == "dynamic-int8":
+            raise ValueError(f"{self.execution_provider} has no dynamic int8 kernels (DynamicQuantizeLinear, "
+                             "DynamicQuantizeMatMul, MatMulIntegerToFloat run on the CPU): use recipe fp16 or static-qdq-int8")
         return self
+
+    @property
+    def gpu(self) -> bool:
+        """Whether the target runs on an NVIDIA GPU provider."""
+        return self.execution_provider in GPU_PROVIDERS
 
     @property
     def effective_threads(self) -> int:

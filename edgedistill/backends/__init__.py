@@ -37,6 +37,7 @@ class Built:
     fixed_shape: tuple[int, int] | None
     model_file: str
     record: dict = field(default_factory=dict)
+    not_measured: str | None = None  # why latency cannot be measured here (the target's device is absent)
 
 
 _BACKENDS: dict[str, Callable] = {}

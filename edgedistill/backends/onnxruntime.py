@@ -8,22 +8,41 @@ import numpy as np
 import onnx
 
 from edgedistill.backends import BuildContext, Built, register_backend
+from edgedistill.coverage import require_coverage
 from edgedistill.errors import ExportError
 from edgedistill.export import export_onnx
 from edgedistill.optimize import optimize_graph
 from edgedistill.ort_format import convert_to_ort, fix_input_shapes
 from edgedistill.quantize.search import quantize_within_budget
 from edgedistill.runtimes import iter_batches
-from edgedistill.runtimes.ort_cpu import cpu_session
+from edgedistill.runtimes.ort_cpu import cpu_session, gpu_runner, provider_available
 
 MODEL_FILE = "model.onnx"
 
 
-def _runner(path: Path, threads: int):
-    session = cpu_session(path, threads)
+def _runner(path: Path, threads: int, provider: str = "CPUExecutionProvider"):
+    """Return (run, fixed (batch, sequence) or None) for the model on `provider`; GPU providers use IO binding."""
+    if provider != "CPUExecutionProvider":
+        run, session = gpu_runner(path, provider)
+    else:
+        session = cpu_session(path, threads)
+        run = lambda feeds: session.run(None, feeds)[0]  # noqa: E731
     dims = session.get_inputs()[0].shape[:2]
     fixed = (dims[0], dims[1]) if all(isinstance(d, int) for d in dims) else None
-    return (lambda feeds: session.run(None, feeds)[0]), fixed
+    return run, fixed
+
+
+def _structure(model_path: Path) -> dict:
+    """Return the structural facts a GPU artifact is checked by when it cannot run here: the onnx checker passes,
+    initializer element types, operators by domain."""
+    model = onnx.load(str(model_path))
+    onnx.checker.check_model(model, full_check=False)
+    dtypes: dict[str, int] = {}
+    for t in model.graph.initializer:
+        name = onnx.TensorProto.DataType.Name(t.data_type)
+        dtypes[name] = dtypes.get(name, 0) + 1
+    return {"onnx_checker": "passed", "initializer_types": dict(sorted(dtypes.items())),
+            "contrib_ops": sorted({n.op_type for n in model.graph.node if n.domain == "com.microsoft"})}
 
 
 def _io(model_path: Path) -> dict:
@@ -36,6 +55,8 @@ def _io(model_path: Path) -> dict:
 @register_backend("onnxruntime")
 def build_onnxruntime(profile, ctx: BuildContext, stage_dir: Path) -> Built:
     threads = profile.effective_threads
+    provider = profile.execution_provider
+    here = provider if provider_available(provider) else "CPUExecutionProvider"
     onnx_model = export_onnx(ctx.student, ctx.family, ctx.input_names, profile.opset, stage_dir / "student.onnx")
     graph = onnx_model.path
     if profile.fixed_shape:
@@ -45,7 +66,7 @@ def build_onnxruntime(profile, ctx: BuildContext, stage_dir: Path) -> Built:
     calibration = [feeds for _, feeds in iter_batches(ctx.tokenizer, ctx.calibration_texts, ctx.input_names,
                                                       shape.sequence, shape.batch, fixed=True)]
     model_path, chosen, trials = quantize_within_budget(
-        optimized.path, profile.quantization, stage_dir, calibration, lambda p: ctx.fidelity(*_runner(p, threads)),
+        optimized.path, profile.quantization, stage_dir, calibration, lambda p: ctx.fidelity(*_runner(p, threads, here)),
         ctx.floor)
     files = {MODEL_FILE: model_path}
     record = {
@@ -56,7 +77,14 @@ def build_onnxruntime(profile, ctx: BuildContext, stage_dir: Path) -> Built:
                          "trials": [asdict(t) for t in trials]},
         "model": {"file": MODEL_FILE, "format": "onnx", **_io(model_path)},
     }
-    run, fixed = _runner(model_path, threads)
+    not_measured = None
+    if profile.gpu:
+        record["model"]["structure"] = _structure(model_path)
+        record["model"]["coverage"] = require_coverage(model_path, provider).as_dict()
+        if here != provider:
+            not_measured = f"no CUDA device: {provider} is not in this onnxruntime build"
+            record["model"]["validated_with"] = "CPUExecutionProvider (the same graph on onnxruntime's CPU kernels)"
+    run, fixed = _runner(model_path, threads, here)
     device_file = MODEL_FILE
     if profile.model_format == "ort":
         ort_model = convert_to_ort(model_path, stage_dir / "ort")
@@ -69,7 +97,7 @@ def build_onnxruntime(profile, ctx: BuildContext, stage_dir: Path) -> Built:
                                device_execution_providers=profile.device_execution_providers)
         run, _ = _runner(ort_model.model, threads)  # validate and time what the device runs
         device_file = ort_model.model.name
-    return Built(files, run, fixed, device_file, record)
+    return Built(files, run, fixed, device_file, record, not_measured)
 
 
 def _max_diff(a, b, ctx: BuildContext, fixed) -> float:
