@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 OUT ?= build
 
-.PHONY: install system-data demo test test-fast bench compile-ci bench-ci clean
+.PHONY: install system-data demo test test-fast bench bench-targets bench-search bench-inc bench-scale compile-ci bench-ci clean
 
 # torch is pinned in the same pip command as everything else (constraints.txt explains why).
 $(STAMP): pyproject.toml constraints.txt
@@ -36,6 +36,27 @@ test-fast: install
 bench: install
 	$(BIN)/python benchmarks/minilm_cpu.py --artifact $(OUT)/x86-64-avx512
 
+# Every built-in target from one distillation; the accuracy search rescuing a budget plain quantization misses.
+bench-targets: install
+	$(BIN)/python benchmarks/targets.py --min-cosine 0.85
+
+bench-search: install
+	$(BIN)/python benchmarks/search_case.py
+
+# Our accuracy search vs Intel Neural Compressor's ONNX tuner. onnx-neural-compressor pins numpy<2, so it gets its
+# own venv; 1.0 imports prettytable and scipy without declaring them.
+.venv-inc/.installed-stamp:
+	test -x .venv-inc/bin/python || $(PY) -m venv .venv-inc
+	.venv-inc/bin/pip install -q "onnx-neural-compressor==1.0" "onnxruntime==1.22.*" "numpy<2" prettytable "scipy<1.15"
+	touch $@
+
+bench-inc: install .venv-inc/.installed-stamp
+	$(BIN)/python benchmarks/inc_compare.py
+
+# Labelling throughput with 1 vs 2 processes; distillation memory with a 10x larger transfer set.
+bench-scale: install
+	$(BIN)/python benchmarks/scale.py
+
 # The CI benchmark: a short real compile of MiniLM, then the suite gated against the committed baseline.
 compile-ci: install
 	$(BIN)/edgedistill compile minilm --target benchmarks/ci-target.yaml --max-texts 3000 --epochs 1 --max-length 64 --out build/ci
@@ -48,4 +69,4 @@ bench-ci-baseline: compile-ci
 	$(BIN)/edgedistill bench --suite benchmarks/ci.yaml --json benchmarks/ci-baseline.json --no-baseline
 
 clean:
-	rm -rf $(VENV) $(OUT) .pytest_cache
+	rm -rf $(VENV) .venv-inc $(OUT) .pytest_cache
