@@ -1,12 +1,21 @@
-"""Teacher-output cache: one memory-mapped .npy per (teacher, data, max length, head), computed once."""
+"""On-disk caches, content-addressed: the teacher's outputs per text (sharded), and finished stages by input hash.
+
+Teacher outputs live in a store per (teacher, max length, head). Each shard file holds the outputs of up to
+SHARD_TEXTS texts with the sha1 of each text beside it, so a changed transfer set re-labels only texts the store has
+not seen, a killed labelling run keeps every finished shard, and N processes label disjoint shards side by side.
+Training reads one memory-mapped array assembled from the shards, so memory does not grow with the transfer set.
+Every file is written under a temporary name and renamed: a killed run never leaves a partial entry.
+"""
 from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+
+SHARD_TEXTS = int(os.environ.get("EDGEDISTILL_SHARD_TEXTS", "2048"))  # texts per shard file (and per labelling task)
 
 
 def default_cache_dir() -> Path:
@@ -21,21 +30,103 @@ def cache_key(*parts: object) -> str:
     return hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).hexdigest()[:40]
 
 
-def cached_outputs(cache_dir: Path, key: str, compute: Callable[[], np.ndarray]) -> tuple[np.ndarray, bool]:
-    """Return (outputs, hit): the memory-mapped array stored under `key`, computing and storing it on a miss.
+def text_digests(texts: Sequence[str]) -> np.ndarray:
+    """Return the sha1 of each text as a fixed-width bytes array (loadable without pickle)."""
+    return np.array([hashlib.sha1(t.encode("utf-8")).digest() for t in texts], dtype="S20")
 
-    The file is written under a temporary name and renamed, so a killed run never leaves a partial entry.
-    """
-    path = cache_dir / "teacher-outputs" / f"{key}.npy"
-    if path.is_file():
-        try:
-            return np.load(path, mmap_mode="r"), True
-        except (ValueError, OSError):
-            path.unlink(missing_ok=True)  # unreadable entry: recompute
-    path.parent.mkdir(parents=True, exist_ok=True)
-    outputs = np.ascontiguousarray(compute(), dtype=np.float32)
+
+def save_npy(path: Path, array: np.ndarray) -> None:
+    """Write `array` to `path` atomically (temporary name, fsync, rename)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with tmp.open("wb") as f:
-        np.save(f, outputs)
+        np.save(f, array)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
-    return np.load(path, mmap_mode="r"), False
+
+
+class LabelStore:
+    """Teacher outputs keyed by text content, in shard files under `root`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def _shards(self) -> list[Path]:
+        return sorted(self.root.glob("shard-*.keys.npy"))
+
+    def index(self) -> dict[bytes, tuple[Path, int]]:
+        """Return digest -> (shard outputs file, row) over every complete shard."""
+        found: dict[bytes, tuple[Path, int]] = {}
+        for keys_path in self._shards():
+            values = keys_path.with_name(keys_path.name.replace(".keys.npy", ".npy"))
+            if not values.is_file():
+                continue  # outputs are written first, keys last: a keys file means a complete shard
+            try:
+                keys = np.load(keys_path, allow_pickle=False)
+            except (ValueError, OSError):
+                keys_path.unlink(missing_ok=True)  # unreadable: its texts are labelled again
+                continue
+            for row, k in enumerate(keys.tolist()):
+                found.setdefault(k, (values, row))
+        return found
+
+    def missing(self, digests: np.ndarray) -> list[int]:
+        """Return the indices of the first occurrence of each digest the store lacks."""
+        have = self.index()
+        seen: set[bytes] = set()
+        out = []
+        for i, d in enumerate(digests.tolist()):
+            if d not in have and d not in seen:
+                seen.add(d)
+                out.append(i)
+        return out
+
+    def add(self, digests: np.ndarray, outputs: np.ndarray) -> None:
+        """Store one shard: outputs first, then the keys that make it visible."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        name = hashlib.sha256(digests.tobytes()).hexdigest()[:24]
+        save_npy(self.root / f"shard-{name}.npy", np.ascontiguousarray(outputs, dtype=np.float32))
+        save_npy(self.root / f"shard-{name}.keys.npy", digests)
+
+    def assemble(self, digests: np.ndarray, path: Path) -> None:
+        """Write the outputs of `digests`, in order, to one .npy at `path`, shard by shard through memory maps."""
+        index = self.index()
+        dim = np.load(index[digests[0]][0], mmap_mode="r").shape[1]
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(digests), dim))
+        rows_by_shard: dict[Path, list[tuple[int, int]]] = {}
+        for i, d in enumerate(digests.tolist()):
+            shard, row = index[d]
+            rows_by_shard.setdefault(shard, []).append((i, row))
+        for shard, pairs in rows_by_shard.items():
+            values = np.load(shard, mmap_mode="r")
+            dst, src = np.array(pairs).T
+            out[dst] = values[src]
+        out.flush()
+        del out
+        os.replace(tmp, path)
+
+
+def label_sharded(store: LabelStore, texts: Sequence[str], assembled: Path,
+                  compute: Callable[[list[str]], np.ndarray], rank: int = 0, world: int = 1,
+                  barrier: Callable[[], None] = lambda: None, on_progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """Return the teacher outputs of `texts` as a read-only memory map, labelling only texts the store lacks.
+
+    With `world` processes, the missing texts are cut into shards of SHARD_TEXTS and process `rank` labels shards
+    rank, rank + world, ...; `barrier` waits for all of them; process 0 then assembles the array the rest map.
+    """
+    if not assembled.is_file():
+        digests = text_digests(texts)
+        todo = store.missing(digests)
+        barrier()  # every process splits the same list: none may add a shard before all have read the store
+        chunks = [todo[i : i + SHARD_TEXTS] for i in range(0, len(todo), SHARD_TEXTS)]
+        for chunk in chunks[rank::world]:
+            store.add(digests[chunk], compute([texts[i] for i in chunk]))
+            if on_progress is not None:
+                on_progress(len(chunk) * world)
+        barrier()
+        if rank == 0:
+            assembled.parent.mkdir(parents=True, exist_ok=True)
+            store.assemble(digests, assembled)
+        barrier()
+    return np.load(assembled, mmap_mode="r")

@@ -56,24 +56,37 @@ def compile_cmd(
     seed: int = typer.Option(0, "--seed"),
     text_column: str = typer.Option("text", "--text-column", help="JSONL field / CSV column holding the text"),
     label_column: str = typer.Option("label", "--label-column", help="JSONL field / CSV column holding the label"),
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Teacher-output cache (default: ~/.cache/edgedistill)"),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Teacher-output and student cache (default: ~/.cache/edgedistill)"),
+    checkpoint_every: int = typer.Option(200, "--checkpoint-every", min=1, help="Checkpoint the distillation every N steps"),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the interrupted compile whose --out was RESUME (other options are ignored)"),
 ) -> None:
-    """Compile TEACHER into a distilled, quantized, validated artifact for each --target."""
+    """Compile TEACHER into a distilled, quantized, validated artifact for each --target.
+
+    Scales with `accelerate launch --num_processes N -m edgedistill.cli compile ...` (labelling and training are
+    shared; the main process writes the artifacts)."""
+    from edgedistill import distributed
     from edgedistill.distill.loop import DistillConfig
-    from edgedistill.pipeline import CompileOptions, compile
+    from edgedistill.pipeline import CompileOptions, compile, load_run
     from edgedistill.report import warnings_for
 
     if task not in (None, "feature-extraction", "text-classification"):
         fail(EdgeDistillError(f"unknown task '{task}'", hint="use feature-extraction or text-classification"))
     opts = CompileOptions(task=task, student_layers=student_layers, max_length=max_length, val_fraction=val_fraction,
                           max_texts=max_texts, text_column=text_column, label_column=label_column, cache_dir=cache_dir,
+                          checkpoint_every=checkpoint_every,
                           distill=DistillConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed))
     try:
+        if resume is not None:
+            teacher, data, target, opts = load_run(resume)
+            out_dir = resume
         results = compile(teacher, data, target or [], out_dir, opts).targets
     except EdgeDistillError as e:
         fail(e)
-    except OSError as e:  # disk full, permissions changed mid-run: the artifact was not published
-        fail(EdgeDistillError(f"cannot write {e.filename or out_dir}: {e.strerror}", hint="free space or fix permissions, then re-run"))
+    except OSError as e:  # disk full, read-only, permissions changed mid-run: the artifact was not published
+        fail(EdgeDistillError(f"cannot write {e.filename or out_dir}: {e.strerror}",
+                              hint="free space or fix permissions, then re-run (with --resume OUT to keep the training done)"))
+    if not distributed.is_main():
+        return  # the main process reports
     table = Table(title="edgedistill compile")
     table.add_column("", no_wrap=True)
     for r in results:
@@ -152,15 +165,43 @@ def targets_schema() -> None:
 
 
 @app.command("verify")
-def verify_cmd(artifact_dir: Path = typer.Argument(..., help="An OUT/<target> directory")) -> None:
-    """Check that every file of an artifact matches the sha256 in its manifest."""
-    from edgedistill.artifact import verify_files
+def verify_cmd(
+    artifact_dir: Path = typer.Argument(..., help="An OUT/<target> directory"),
+    hashes_only: bool = typer.Option(False, "--hashes-only", help="Only check the files' sha256, do not re-run validation"),
+) -> None:
+    """Check an artifact: every file matches its sha256 in the manifest, and re-running its validation set in its
+    runtime repeats the recorded fidelity and keeps the budget. Exit 0 if so, 1 if not, 2 if it is no artifact."""
+    from edgedistill.artifact import read_manifest, verify_files
+    from edgedistill.errors import ArtifactError
 
     try:
-        manifest = verify_files(artifact_dir)
+        read_manifest(artifact_dir)
     except EdgeDistillError as e:
         fail(e)
+    try:
+        manifest = verify_files(artifact_dir)
+    except ArtifactError as e:
+        err.print(f"[bold red]FAILED:[/] {e.message}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
     out.print(f"[green]ok[/]: {len(manifest.files)} files match {artifact_dir}/manifest.json")
+    if hashes_only:
+        return
+    from edgedistill.reverify import revalidate
+
+    try:
+        r = revalidate(artifact_dir, manifest)
+    except EdgeDistillError as e:
+        fail(e)
+    table = Table(title=f"validation re-run: {manifest.data['num_validation']} held-out texts")
+    for col in ("metric", "recorded at compile", "now"):
+        table.add_column(col)
+    for k, v in r.measured.items():
+        table.add_row(k, f"{r.recorded.get(k, float('nan')):.4f}", f"{v:.4f}")
+    out.print(table)
+    if not r.passed:
+        err.print(f"[bold red]FAILED:[/] {r.verdict}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+    out.print(f"[green]ok[/]: {r.verdict}")
 
 
 @app.command("bench")

@@ -1,7 +1,10 @@
 """compile(): teacher -> student -> distill -> export -> optimize -> quantize -> validate -> artifact, per target."""
 from __future__ import annotations
 
+import contextlib
 import copy
+import json
+import os
 import platform
 import shutil
 import tempfile
@@ -15,12 +18,15 @@ from edgedistill import __version__
 from edgedistill.artifact import Manifest, write_artifact
 from edgedistill.backends import BuildContext, Built, build_model
 from edgedistill.bench.timer import measure_interleaved, paired_ratio
-from edgedistill.cache import cache_key, cached_outputs, default_cache_dir
+from edgedistill import distributed
+from edgedistill.cache import LabelStore, cache_key, default_cache_dir, label_sharded, text_digests
 from edgedistill.data import TransferSet, load_transfer_set, split_indices
-from edgedistill.distill.loop import DistillConfig, DistillResult, distill
+from edgedistill.distill.loop import Checkpointing, DistillConfig, DistillResult, distill
 from edgedistill.errors import DataError, EdgeDistillError, ProfileError
 from edgedistill.families.text_encoder import EncoderWithHead, Task
+from edgedistill.progress import new_progress
 from edgedistill.report import render_report, render_summary
+from edgedistill.reverify import write_validation_set
 from edgedistill.runtimes import iter_batches, predict_with, torch_cpu
 from edgedistill.targets import TargetProfile, resolve_target
 from edgedistill.teachers import Teacher, load_teacher
@@ -43,7 +49,21 @@ class CompileOptions:
     text_column: str = "text"
     label_column: str = "label"
     cache_dir: Path | None = None
+    checkpoint_every: int = 200
+    resume: bool = False
     distill: DistillConfig = field(default_factory=DistillConfig)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["cache_dir"] = None if self.cache_dir is None else str(self.cache_dir)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> CompileOptions:
+        d = dict(d)
+        d["distill"] = DistillConfig(**d["distill"])
+        d["cache_dir"] = None if d.get("cache_dir") is None else Path(d["cache_dir"])
+        return cls(**d)
 
 
 @dataclass
@@ -90,20 +110,94 @@ class Distilled:
 
 def compile(teacher_spec: str | None, data_path: str | None, target_specs: list[str], out_dir: Path,
             opts: CompileOptions) -> CompileResult:
-    """Compile the teacher into one artifact per target under out_dir/<target>/."""
+    """Compile the teacher into one artifact per target under out_dir/<target>/.
+
+    Under `accelerate launch` every process runs this: they share labelling and training, and the main process
+    alone builds and writes the artifacts (the others return no targets). `opts.resume` continues the distillation
+    of a killed run from its last checkpoint in out_dir.
+    """
     profiles = resolve_targets(target_specs)  # fail fast: bad profiles, unwritable output, before any work
     check_writable(out_dir, "--out")
     check_writable(opts.cache_dir or default_cache_dir(), "--cache-dir")
-    teacher = load_teacher(teacher_spec, opts.task)
-    num_layers = student_depth(teacher, opts.student_layers)
-    max_length = check_max_length(teacher, opts.max_length or teacher.max_length)
-    data = load_transfer_set(data_path, opts.text_column, opts.label_column, teacher.label_names, opts.max_texts)
-    distilled = distill_student(teacher, data, num_layers, max_length, opts)
-    with tempfile.TemporaryDirectory(prefix=".edgedistill-work-", dir=out_dir) as work:
-        results = [build_target(distilled, profile, Path(work) / profile.name, out_dir, opts) for profile in profiles]
-    if len(results) > 1:
-        (out_dir / SUMMARY).write_text(render_summary(results), encoding="utf-8")
-    return CompileResult(distilled.trained.student, results)
+    with run_lock(out_dir) if distributed.is_main() else contextlib.nullcontext():
+        teacher = load_teacher(teacher_spec, opts.task)
+        num_layers = student_depth(teacher, opts.student_layers)
+        max_length = check_max_length(teacher, opts.max_length or teacher.max_length)
+        data = load_transfer_set(data_path, opts.text_column, opts.label_column, teacher.label_names, opts.max_texts)
+        if distributed.is_main():
+            save_run(out_dir, teacher_spec, data_path, target_specs, opts)
+        try:
+            distilled = distill_student(teacher, data, num_layers, max_length, opts, run_dir=out_dir / RUN_DIR)
+        except EdgeDistillError:  # a user error, not a kill: no checkpoint worth resuming from is left behind
+            if distributed.is_main() and not (out_dir / RUN_DIR / "checkpoint").is_dir():
+                shutil.rmtree(out_dir / RUN_DIR, ignore_errors=True)
+            raise
+        if not distributed.is_main():
+            return CompileResult(distilled.trained.student, [])
+        with tempfile.TemporaryDirectory(prefix=".edgedistill-work-", dir=out_dir) as work:
+            results = [build_target(distilled, profile, Path(work) / profile.name, out_dir, opts) for profile in profiles]
+        if len(results) > 1:
+            (out_dir / SUMMARY).write_text(render_summary(results), encoding="utf-8")
+        shutil.rmtree(out_dir / RUN_DIR, ignore_errors=True)  # finished: nothing to resume (the student is cached)
+        return CompileResult(distilled.trained.student, results)
+
+
+RUN_DIR = ".edgedistill-run"
+LOCK = ".edgedistill.lock"
+
+
+@contextlib.contextmanager
+def run_lock(out_dir: Path):
+    """Hold an exclusive lock on out_dir for the whole compile; a second compile into it fails at once."""
+    import fcntl
+
+    path = out_dir / LOCK
+    f = path.open("a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise EdgeDistillError(f"another edgedistill compile is writing to {out_dir} ({holder})",
+                               hint="wait for it to finish, or pass a different --out") from None
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {platform.node()}")
+        f.flush()
+        yield
+    finally:
+        f.seek(0)
+        f.truncate()
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
+
+
+def save_run(out_dir: Path, teacher_spec, data_path, target_specs, opts: CompileOptions) -> None:
+    """Record the compile's arguments in out_dir, for `compile --resume OUT`."""
+    run_dir = out_dir / RUN_DIR
+    run_dir.mkdir(exist_ok=True)
+    record = {"teacher": teacher_spec, "data": data_path, "targets": list(target_specs),
+              "options": {**opts.to_json(), "resume": False}}
+    tmp = run_dir / f".run.json.{os.getpid()}"
+    tmp.write_text(json.dumps(record, indent=2), encoding="utf-8")
+    os.replace(tmp, run_dir / "run.json")
+
+
+def load_run(out_dir: Path) -> tuple[str | None, str | None, list[str], CompileOptions]:
+    """Return the arguments of the compile that wrote out_dir, set to resume from its checkpoint."""
+    path = out_dir / RUN_DIR / "run.json"
+    if not path.is_file():
+        raise EdgeDistillError(f"{out_dir} holds no interrupted compile ({path} is missing)",
+                               hint="pass the --out directory of a compile that was stopped")
+    try:
+        rec = json.loads(path.read_text(encoding="utf-8"))
+        opts = CompileOptions.from_json(rec["options"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise EdgeDistillError(f"{path} is unreadable ({e})", hint="start the compile again without --resume") from None
+    opts.resume = True
+    return rec["teacher"], rec["data"], rec["targets"], opts
 
 
 def resolve_targets(specs: list[str]) -> list[TargetProfile]:
@@ -149,20 +243,62 @@ def check_max_length(teacher: Teacher, max_length: int) -> int:
 
 
 def distill_student(teacher: Teacher, data: TransferSet, num_layers: int, max_length: int,
-                    opts: CompileOptions) -> Distilled:
-    """Label the transfer set with the teacher (cached), derive the student and distill it; done once for all targets."""
+                    opts: CompileOptions, run_dir: Path | None = None) -> Distilled:
+    """Label the transfer set with the teacher (cached), derive the student and distill it; done once for all targets.
+
+    The distilled student is cached by the hash of everything it depends on (teacher, data, depth, length, split,
+    training settings, process count): a compile that changes only its targets skips training. With `run_dir`,
+    training checkpoints there every `opts.checkpoint_every` steps.
+    """
+    cache_dir = opts.cache_dir or default_cache_dir()
     train_idx, val_idx = split_indices(len(data), opts.val_fraction, opts.distill.seed)
-    teacher_outputs = label_with_teacher(teacher, data, max_length, opts.cache_dir or default_cache_dir())
+    teacher_outputs = label_with_teacher(teacher, data, max_length, cache_dir)
     input_names = teacher.family.input_names(teacher.tokenizer)
     student, kept_layers = derive_student(teacher, num_layers)
     texts = lambda idx: [data.texts[i] for i in idx]  # noqa: E731
-    labels = np.asarray(data.labels)[train_idx] if data.labels is not None else None
-    trained = distill(student, teacher.tokenizer, input_names, max_length,
-                      (texts(train_idx), teacher_outputs[train_idx], labels),
-                      (texts(val_idx), teacher_outputs[val_idx]), opts.distill)
+    head = asdict(teacher.module.pooling) if teacher.task == "feature-extraction" else teacher.task
+    key = cache_key("student-v1", teacher.sha256, data.sha256, num_layers, max_length, head, opts.val_fraction,
+                    sorted(asdict(opts.distill).items()), distributed.world(), torch.__version__)
+    trained = load_stage(cache_dir / "students" / key, student)
+    if trained is None:
+        labels = np.asarray(data.labels)[train_idx] if data.labels is not None else None
+        checkpointing = None if run_dir is None else Checkpointing(run_dir / "checkpoint", key, opts.checkpoint_every,
+                                                                    opts.resume)
+        trained = distill(student, teacher.tokenizer, input_names, max_length,
+                          (texts(train_idx), teacher_outputs[train_idx], labels),
+                          (texts(val_idx), teacher_outputs[val_idx]), opts.distill, checkpointing)
+        if distributed.is_main():
+            save_stage(cache_dir / "students" / key, trained)
     val_student = torch_cpu.predict(trained.student, teacher.tokenizer, texts(val_idx), input_names, max_length)
     return Distilled(teacher, data, trained, kept_layers, input_names, max_length, train_idx, val_idx,
                      np.asarray(teacher_outputs[val_idx]), val_student)
+
+
+def save_stage(directory: Path, trained: DistillResult) -> None:
+    """Store a distilled student (weights in safetensors, the rest in JSON) under its input hash, atomically."""
+    from safetensors.torch import save_file
+
+    tmp = directory.with_name(f".{directory.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in trained.student.state_dict().items()}, str(tmp / "student.safetensors"))
+    (tmp / "result.json").write_text(json.dumps({"best_fidelity": trained.best_fidelity, "best_step": trained.best_step,
+                                                 "history": trained.history}), encoding="utf-8")
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(tmp, directory)
+
+
+def load_stage(directory: Path, student: EncoderWithHead) -> DistillResult | None:
+    """Return the cached distilled student (loaded into `student`), or None if the cache has none (or a bad one)."""
+    from safetensors.torch import load_file
+
+    try:
+        meta = json.loads((directory / "result.json").read_text(encoding="utf-8"))
+        student.load_state_dict(load_file(str(directory / "student.safetensors")))
+    except (OSError, ValueError, RuntimeError, KeyError):
+        return None
+    student.eval()
+    return DistillResult(student, meta["best_fidelity"], meta["best_step"], [tuple(h) for h in meta["history"]])
 
 
 def build_target(d: Distilled, profile: TargetProfile, stage_dir: Path, out_dir: Path, opts: CompileOptions) -> TargetResult:
@@ -185,7 +321,8 @@ def build_target(d: Distilled, profile: TargetProfile, stage_dir: Path, out_dir:
     latency = (unmeasured_latency(profile, built.not_measured) if built.not_measured
                else measure_latency(teacher, built.run, profile, d.val_texts, d.input_names))
     save_tokenizer(teacher.tokenizer, d.max_length, stage_dir / "tokenizer")
-    files = {**built.files, **{f.name: f for f in sorted((stage_dir / "tokenizer").iterdir()) if f.is_file()}}
+    files = {**built.files, **{f.name: f for f in sorted((stage_dir / "tokenizer").iterdir()) if f.is_file()},
+             **write_validation_set(stage_dir, d.val_texts, d.val_teacher, d.val_labels)}
     manifest = build_manifest(d, profile, built, validation, latency, opts)
     report = render_report(manifest, published=validation.passed)
     published, rejected = out_dir / profile.name, out_dir / f"{profile.name}.rejected.md"
@@ -213,12 +350,22 @@ def save_tokenizer(tokenizer, max_length: int, out_dir: Path) -> None:
 
 
 def label_with_teacher(teacher: Teacher, data: TransferSet, max_length: int, cache_dir: Path) -> np.ndarray:
-    """Return the teacher's outputs for every text: from the cache, or computed once and cached (memory-mapped)."""
+    """Return the teacher's outputs for every text as a read-only memory map: texts the cache has seen (with this
+    teacher, max length and head) are not labelled again; the rest are labelled in shards, split across processes."""
     head = asdict(teacher.module.pooling) if teacher.task == "feature-extraction" else teacher.task
-    key = cache_key("v1", teacher.sha256, data.sha256, max_length, head)
+    store = LabelStore(cache_dir / "labels" / cache_key("v2", teacher.sha256, max_length, head))
     names = teacher.family.input_names(teacher.tokenizer)
-    outputs, _hit = cached_outputs(cache_dir, key, lambda: torch_cpu.predict(
-        teacher.module, teacher.tokenizer, data.texts, names, max_length, description="labelling with the teacher"))
+    assembled = store.root / f"assembled-{data.sha256[:24]}-{len(data)}.npy"
+    n_missing = 0 if assembled.is_file() else len(store.missing(text_digests(data.texts)))
+    with new_progress() as progress:
+        bar = progress.add_task("labelling with the teacher", total=n_missing or 1, status="") if n_missing else None
+
+        def compute(texts: list[str]) -> np.ndarray:
+            return torch_cpu.predict(teacher.module, teacher.tokenizer, texts, names, max_length)
+
+        outputs = label_sharded(store, data.texts, assembled, compute, distributed.rank(), distributed.world(),
+                                distributed.barrier,
+                                on_progress=None if bar is None else lambda n: progress.update(bar, advance=n))
     if not np.all(np.isfinite(outputs)):
         raise DataError("the teacher produced non-finite outputs on the transfer set", hint="check the teacher checkpoint")
     return outputs

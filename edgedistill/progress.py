@@ -13,7 +13,8 @@ console = Console(stderr=True)
 
 
 def enabled() -> bool:
-    return os.environ.get("EDGEDISTILL_QUIET", "") not in ("1", "true")
+    # under accelerate launch / torchrun only the first process draws bars
+    return os.environ.get("EDGEDISTILL_QUIET", "") not in ("1", "true") and os.environ.get("RANK", "0") == "0"
 
 
 def new_progress() -> Progress:

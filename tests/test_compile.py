@@ -67,7 +67,9 @@ def test_compile_embeddings_int8(tiny_encoder, text_file, profile_file, tmp_path
     assert cosines(got, expected).min() > 0.98
     assert manifest.metrics["values"]["cosine_mean"] >= 0.5 and manifest.metrics["passed"]
     assert manifest.latency["artifact"]["p50_ms"] > 0 and manifest.latency["teacher_torch_fp32"]["p50_ms"] > 0
-    assert not list((tmp_path / "out").glob(".*")), "no temporary files left next to the artifact"
+    # the (empty, unlocked) lock file stays: removing it while held would let two compiles lock different files
+    assert [p.name for p in (tmp_path / "out").glob(".*")] == [".edgedistill.lock"], "no temporary files left"
+    assert (tmp_path / "out" / ".edgedistill.lock").read_text() == ""
 
 
 def test_compile_fp32_matches_torch_student_exactly(tiny_plain_encoder, text_file, tmp_path):
@@ -104,7 +106,7 @@ def test_budget_miss_exits_2_keeps_report_and_publishes_nothing(tiny_encoder, te
     assert not (out / "strict").exists()
     report = (out / "strict.rejected.md").read_text()
     assert "NOT published" in report
-    assert sorted(p.name for p in out.iterdir()) == ["strict.rejected.md"]
+    assert sorted(p.name for p in out.iterdir() if p.name != ".edgedistill.lock") == ["strict.rejected.md"]
 
 
 def test_cli_compile_prints_summary_and_recompile_replaces(tiny_encoder, text_file, profile_file, tmp_path):
@@ -119,24 +121,40 @@ def test_cli_compile_prints_summary_and_recompile_replaces(tiny_encoder, text_fi
     assert second.exit_code == 0
     assert json.loads((out / "tiny-cpu" / "manifest.json").read_text())["seed"] == 1
     assert not (out / "tiny-cpu" / "stale.txt").exists(), "the new artifact replaces the old directory whole"
-    assert sorted(p.name for p in out.iterdir()) == ["tiny-cpu"]
+    assert sorted(p.name for p in out.iterdir() if p.name != ".edgedistill.lock") == ["tiny-cpu"]
     assert runner.invoke(app, ["verify", str(out / "tiny-cpu")]).exit_code == 0
 
 
-def test_teacher_outputs_are_cached_across_student_sizes(tiny_encoder, text_file, profile_file, tmp_path, monkeypatch):
-    from edgedistill.runtimes import torch_cpu
+def test_teacher_outputs_are_cached_per_text_and_students_per_input_hash(tiny_encoder, text_file, profile_file,
+                                                                         tmp_path, monkeypatch):
+    from edgedistill import pipeline
+    from edgedistill.cache import LabelStore
 
     cache = tmp_path / "cache"
     opts = CompileOptions(distill=FAST, cache_dir=cache, student_layers=1)
-    compile(str(tiny_encoder), str(text_file), [str(profile_file)], tmp_path / "a", opts)
-    [entry] = (cache / "teacher-outputs").glob("*.npy")
-    labelled = []
-    real_predict = torch_cpu.predict
-    monkeypatch.setattr(torch_cpu, "predict", lambda *a, **k: labelled.append(k.get("description")) or real_predict(*a, **k))
+    first = compile(str(tiny_encoder), str(text_file), [str(profile_file)], tmp_path / "a", opts)
+    shards = sorted((cache / "labels").glob("*/shard-*.npy"))
+    assert shards and [p.name for p in (cache / "students").iterdir()]
+    added = []
+    real_add = LabelStore.add
+    monkeypatch.setattr(LabelStore, "add", lambda self, d, o: added.append(len(d)) or real_add(self, d, o))
+    # another student size: the teacher labels nothing again
     opts.student_layers = 2
     compile(str(tiny_encoder), str(text_file), [str(profile_file)], tmp_path / "b", opts)
-    assert "labelling with the teacher" not in labelled
-    assert list((cache / "teacher-outputs").glob("*.npy")) == [entry]
+    assert added == [] and sorted((cache / "labels").glob("*/shard-*.npy")) == shards
+    # only the target changes: distillation is not run again, and the student is the same
+    monkeypatch.setattr(pipeline, "distill", lambda *a, **k: pytest.fail("distillation ran again"))
+    opts.student_layers = 1
+    other = write_profile(tmp_path / "other.yaml", name="tiny-other")
+    again = compile(str(tiny_encoder), str(text_file), [str(other)], tmp_path / "c", opts)
+    assert all(torch.equal(a, b) for a, b in zip(first.student.state_dict().values(), again.student.state_dict().values()))
+    # new texts in the data: only they are labelled
+    monkeypatch.undo()
+    monkeypatch.setattr(LabelStore, "add", lambda self, d, o: added.append(len(d)) or real_add(self, d, o))
+    more = tmp_path / "more.txt"
+    more.write_text(text_file.read_text() + "\n".join(f"a brand new sentence number {i}" for i in range(5)) + "\n")
+    compile(str(tiny_encoder), str(more), [str(profile_file)], tmp_path / "d", opts)
+    assert added == [5]
 
 
 def test_tampered_artifact_fails_verify(tiny_encoder, text_file, profile_file, tmp_path):
@@ -145,7 +163,30 @@ def test_tampered_artifact_fails_verify(tiny_encoder, text_file, profile_file, t
     with (out / "tiny-cpu" / "model.onnx").open("ab") as f:
         f.write(b"\0")
     res = runner.invoke(app, ["verify", str(out / "tiny-cpu")])
-    assert res.exit_code == 2 and "does not match its sha256" in res.stderr
+    assert res.exit_code == 1 and "does not match its sha256" in res.stderr
+
+
+def test_verify_reruns_the_validation_set(tiny_encoder, text_file, profile_file, tmp_path):
+    out = tmp_path / "out"
+    compile(str(tiny_encoder), str(text_file), [str(profile_file)], out, CompileOptions(distill=FAST))
+    art = out / "tiny-cpu"
+    manifest = json.loads((art / "manifest.json").read_text())
+    res = runner.invoke(app, ["verify", str(art)])
+    assert res.exit_code == 0, res.output
+    assert "validation re-run" in res.stdout and f"{manifest['metrics']['values']['cosine_mean']:.4f}" in res.stdout
+    # the validation set holds the held-out texts and the teacher's outputs for them
+    texts = [json.loads(line) for line in (art / "validation-texts.jsonl").read_text().splitlines()]
+    assert len(texts) == manifest["data"]["num_validation"] == len(np.load(art / "validation-teacher.npy"))
+    # an artifact whose model no longer reproduces its recorded fidelity fails (hashes made consistent again)
+    teacher = np.load(art / "validation-teacher.npy")
+    teacher[: len(teacher) // 2] *= -1
+    np.save(art / "validation-teacher.npy", teacher)
+    manifest["files"]["validation-teacher.npy"] = sha256_file(art / "validation-teacher.npy")
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    res = runner.invoke(app, ["verify", str(art)])
+    assert res.exit_code == 1 and "FAILED" in res.stderr and "below the budget" in res.stderr
+    assert runner.invoke(app, ["verify", str(art), "--hashes-only"]).exit_code == 0
+    assert runner.invoke(app, ["verify", str(tmp_path / "nope")]).exit_code == 2
 
 
 def _bad_inputs(tmp_path: Path, tiny_encoder: Path, text_file: Path, profile_file: Path):
@@ -196,7 +237,7 @@ def test_bad_input_one_line_exit_2_nothing_written(case, tiny_encoder, text_file
     assert res.exit_code == 2, res.output
     assert res.stderr.startswith("error:") and expected in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
-    assert not out.exists() or not any(out.iterdir())
+    assert not out.exists() or not any(p.name != ".edgedistill.lock" for p in out.iterdir())
 
 
 def test_targets_commands():
@@ -249,7 +290,7 @@ def test_verify_rejects_unlisted_files(tiny_encoder, text_file, profile_file, tm
     compile(str(tiny_encoder), str(text_file), [str(profile_file)], out, CompileOptions(distill=FAST))
     (out / "tiny-cpu" / "extra.onnx").write_bytes(b"not ours")
     res = runner.invoke(app, ["verify", str(out / "tiny-cpu")])
-    assert res.exit_code == 2 and "extra.onnx not listed in the manifest" in res.stderr
+    assert res.exit_code == 1 and "extra.onnx not listed in the manifest" in res.stderr
 
 
 def test_tokenizer_files_carry_the_validated_max_length(tiny_encoder, text_file, profile_file, tmp_path):

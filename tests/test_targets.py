@@ -20,7 +20,8 @@ from edgedistill.targets import (
 )
 from conftest import write_profile
 
-BUILTINS = ("android-executorch", "arm64-mobile", "raspberry-pi-4", "x86-64-avx2", "x86-64-avx512")
+BUILTINS = ("android-executorch", "arm64-mobile", "nvidia-gpu-fp16", "nvidia-tensorrt-int8", "raspberry-pi-4", "x86-64-avx2",
+            "x86-64-avx512")
 
 VALID = """name: my-device
 threads: 2
@@ -47,7 +48,9 @@ def test_builtin_profile_file_loads_and_name_matches_file(name):
     profile = load_profile_file(TARGETS_DIR / f"{name}.yaml")
     assert isinstance(profile, TargetProfile)
     assert profile.name == name
-    assert (profile.runtime, profile.execution_provider) in {("onnxruntime", "CPUExecutionProvider"), ("executorch", "XNNPACK")}
+    assert (profile.runtime, profile.execution_provider) in {("onnxruntime", "CPUExecutionProvider"), ("executorch", "XNNPACK"),
+                                                             ("onnxruntime", "CUDAExecutionProvider"),
+                                                             ("onnxruntime", "TensorrtExecutionProvider")}
     assert profile.threads >= 1
     assert ("avx2" in profile.cpu_flags) == (profile.arch == "x86_64")  # only x86 profiles are auto-selected here
     assert profile.quantization.recipe in ("dynamic-int8", "static-qdq-int8", "xnnpack-dynamic-int8")

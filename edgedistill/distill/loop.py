@@ -4,15 +4,18 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate import Accelerator, PartialState
+from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
 from torch.utils.data import DataLoader, Sampler
 from transformers import get_linear_schedule_with_warmup
 
+from edgedistill.distill.checkpoint import Position, load_checkpoint, restore_rng, save_checkpoint
 from edgedistill.distill.losses import classification_loss, embedding_loss, fidelity
+from edgedistill.errors import EdgeDistillError
 from edgedistill.families.text_encoder import EncoderWithHead
 from edgedistill.progress import enabled, new_progress
 from edgedistill.runtimes import iter_batches
@@ -104,12 +107,34 @@ def evaluate(student: EncoderWithHead, tokenizer, texts, targets, input_names, m
     return fidelity(torch.from_numpy(outs), torch.from_numpy(np.asarray(targets, dtype=np.float32)), task)
 
 
+@dataclass
+class Checkpointing:
+    """Where and how often distill() checkpoints, under which key (a hash of everything the result depends on),
+    and whether to continue from a checkpoint found there."""
+
+    directory: Path
+    key: str
+    every: int = 200
+    resume: bool = False
+
+
 def distill(student: EncoderWithHead, tokenizer, input_names: list[str], max_length: int,
             train: tuple[list[str], np.ndarray, np.ndarray | None], val: tuple[list[str], np.ndarray],
-            cfg: DistillConfig) -> DistillResult:
-    """Train `student` to match the teacher outputs in `train`; return the best state by fidelity on `val`."""
+            cfg: DistillConfig, checkpointing: Checkpointing | None = None) -> DistillResult:
+    """Train `student` to match the teacher outputs in `train`; return the best state by fidelity on `val`.
+
+    Under `accelerate launch` / `torchrun` with N processes, each batch of `cfg.batch_size` is split across them
+    (DDP), so the optimization is the same as one process's, N times wider.
+    """
     set_seed(cfg.seed)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    state = PartialState()
+    if cfg.batch_size % state.num_processes:
+        raise EdgeDistillError(f"--batch-size {cfg.batch_size} does not split evenly across {state.num_processes} processes",
+                               hint=f"pass a multiple of {state.num_processes}")
+    # find_unused_parameters: a feature-extraction student never uses the encoder's pooler (its head pools tokens)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                              dataloader_config=DataLoaderConfiguration(split_batches=True),
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     texts, targets, labels = train
     val_texts, val_targets = val
     task = student.task
@@ -123,24 +148,65 @@ def distill(student: EncoderWithHead, tokenizer, input_names: list[str], max_len
     no_decay = [p for p in trainable if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    total_steps = max(1, cfg.epochs * len(loader))
+    steps_per_epoch = len(loader)
+    total_steps = max(1, cfg.epochs * steps_per_epoch)
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_fraction * total_steps), total_steps)
     model, optimizer, loader, scheduler = accelerator.prepare(student, optimizer, loader, scheduler)
+    unwrapped = accelerator.unwrap_model(model)
 
     def eval_now() -> float:
-        return evaluate(accelerator.unwrap_model(model), tokenizer, val_texts, val_targets, input_names, max_length, task)
+        return evaluate(unwrapped, tokenizer, val_texts, val_targets, input_names, max_length, task)
 
-    best = eval_now()
-    result = DistillResult(student=copy.deepcopy(accelerator.unwrap_model(model)), best_fidelity=best, best_step=0,
-                           history=[(0, best, float("nan"))])
-    eval_every = cfg.eval_every or len(loader)
-    step, running = 0, []
+    ckpt = None
+    if checkpointing is not None and checkpointing.resume:
+        ckpt = load_checkpoint(checkpointing.directory, checkpointing.key, state.process_index, state.num_processes)
+    eval_every = cfg.eval_every or steps_per_epoch
+    if ckpt is None:
+        best = eval_now()
+        result = DistillResult(student=copy.deepcopy(unwrapped), best_fidelity=best, best_step=0,
+                               history=[(0, best, float("nan"))])
+        step, start_epoch, skip, running = 0, 0, 0, []
+    else:  # continue where the killed run stopped: same weights, optimizer moments, schedule, RNG and next batch
+        unwrapped.load_state_dict(ckpt.student)
+        optimizer.load_state_dict(ckpt.optimizer)
+        scheduler.load_state_dict(ckpt.scheduler)
+        result = DistillResult(student=copy.deepcopy(unwrapped), best_fidelity=ckpt.extra["best_fidelity"],
+                               best_step=ckpt.extra["best_step"], history=[tuple(h) for h in ckpt.extra["history"]])
+        result.student.load_state_dict(ckpt.best)
+        step, start_epoch, skip = ckpt.position.step, ckpt.position.epoch, ckpt.position.batch_in_epoch
+        if skip >= steps_per_epoch:
+            start_epoch, skip = start_epoch + 1, 0
+        running = list(ckpt.extra["running"])
+    # Starting to iterate a DataLoader draws one number from torch's global RNG (its worker seed), before the first
+    # batch. A checkpoint taken mid-epoch was saved after that draw: its RNG state is restored once the resumed epoch
+    # has drawn its own, i.e. after the first batch is fetched; one taken at an epoch boundary, before iterating.
+    pending_rng = None if ckpt is None else ckpt.rng
+
+    def checkpoint(epoch: int, batch_in_epoch: int) -> None:
+        save_checkpoint(checkpointing.directory, key=checkpointing.key, position=Position(step, epoch, batch_in_epoch),
+                        model=unwrapped, best_state=result.student.state_dict(), optimizer=optimizer,
+                        scheduler=scheduler, extra={"best_fidelity": result.best_fidelity, "best_step": result.best_step,
+                                                    "history": result.history, "running": running[-eval_every:]},
+                        rank=state.process_index, world=state.num_processes, barrier=accelerator.wait_for_everyone)
+
     with new_progress() as progress:
-        bar = progress.add_task("distilling", total=total_steps, status=f"val {best:.4f}")
-        for epoch in range(cfg.epochs):
-            sampler.set_epoch(epoch)
+        bar = progress.add_task("distilling", total=total_steps, completed=step,
+                                status=f"best val {result.best_fidelity:.4f}")
+        for epoch in range(start_epoch, cfg.epochs):
             model.train()
-            for batch in loader:
+            done_in_epoch = skip if epoch == start_epoch else 0
+            batches = accelerator.skip_first_batches(loader, done_in_epoch) if done_in_epoch else loader
+            # Accelerate's loaders re-set their sampler's epoch to their own iteration count when iterated: a resumed
+            # run starts that count at 0, so set both to the real epoch
+            batches.set_epoch(epoch)
+            sampler.set_epoch(epoch)
+            if pending_rng is not None and done_in_epoch == 0:
+                restore_rng(pending_rng)
+                pending_rng = None
+            for batch in batches:
+                if pending_rng is not None:
+                    restore_rng(pending_rng)
+                    pending_rng = None
                 teacher_out = batch.pop("teacher")
                 batch_labels = batch.pop("labels", None)
                 out = model(**batch)
@@ -154,17 +220,20 @@ def distill(student: EncoderWithHead, tokenizer, input_names: list[str], max_len
                 scheduler.step()
                 optimizer.zero_grad()
                 step += 1
+                done_in_epoch += 1
                 running.append(loss.item())
                 progress.update(bar, advance=1, status=f"loss {np.mean(running[-50:]):.4f}  best val {result.best_fidelity:.4f}")
                 if step % eval_every == 0 or step == total_steps:
                     score = eval_now()
                     result.history.append((step, score, float(np.mean(running[-eval_every:]))))
                     if score > result.best_fidelity:
-                        result.student = copy.deepcopy(accelerator.unwrap_model(model))
+                        result.student = copy.deepcopy(unwrapped)
                         result.best_fidelity, result.best_step = score, step
                     if enabled():
                         progress.console.print(f"step {step}/{total_steps}: train loss {result.history[-1][2]:.4f}, "
                                                f"validation fidelity {score:.4f} (best {result.best_fidelity:.4f})")
                     model.train()
+                if checkpointing is not None and step % checkpointing.every == 0 and step < total_steps:
+                    checkpoint(epoch, done_in_epoch)
     result.student.eval()
     return result

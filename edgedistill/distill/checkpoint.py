@@ -1,0 +1,123 @@
+"""Training checkpoints without pickle: tensors in safetensors, everything else in JSON, one directory swapped in
+atomically. A checkpoint holds the student, the best student so far, the optimizer and scheduler states, every
+process's RNG state and the data position (epoch, batches done in it), so a resumed run continues bit for bit."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from edgedistill.errors import EdgeDistillError
+
+STATE = "state.json"
+
+
+@dataclass
+class Position:
+    step: int
+    epoch: int
+    batch_in_epoch: int
+
+
+def _optimizer_tensors(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, meta = {}, {"param_groups": state_dict["param_groups"], "state": {}}
+    for pid, st in state_dict["state"].items():
+        meta["state"][str(pid)] = []
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{pid}.{k}"] = v.detach().cpu().contiguous()
+                meta["state"][str(pid)].append(k)
+            else:
+                raise TypeError(f"optimizer state {k} is not a tensor")
+    return tensors, meta
+
+
+def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state = {int(pid): {k: tensors[f"{pid}.{k}"] for k in keys} for pid, keys in meta["state"].items()}
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    out = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+def save_checkpoint(directory: Path, *, key: str, position: Position, model, best_state: dict[str, torch.Tensor],
+                    optimizer, scheduler, extra: dict, rank: int = 0, world: int = 1, barrier=lambda: None) -> None:
+    """Write the checkpoint to `directory` (replacing an older one whole). Every process writes its RNG state; the
+    main process writes the rest and swaps the directory in."""
+    tmp = directory.with_name(directory.name + ".tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    save_file(_rng_state(), str(tmp / f"rng-{rank}.safetensors"))
+    barrier()
+    if rank != 0:
+        barrier()
+        return
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / "student.safetensors"))
+    save_file({k: v.contiguous() for k, v in best_state.items()}, str(tmp / "best.safetensors"))
+    opt_tensors, opt_meta = _optimizer_tensors(optimizer.state_dict())
+    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    meta = {"key": key, "world": world, "position": position.__dict__, "optimizer": opt_meta,
+            "scheduler": scheduler.state_dict(), **extra}
+    (tmp / STATE).write_text(json.dumps(meta), encoding="utf-8")
+    for f in tmp.iterdir():
+        with f.open("rb") as fh:
+            os.fsync(fh.fileno())
+    old = directory.with_name(directory.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if directory.exists():
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    shutil.rmtree(old, ignore_errors=True)
+    barrier()
+
+
+@dataclass
+class Checkpoint:
+    position: Position
+    student: dict[str, torch.Tensor]
+    best: dict[str, torch.Tensor]
+    optimizer: dict
+    scheduler: dict
+    rng: dict[str, torch.Tensor]
+    extra: dict
+
+
+def load_checkpoint(directory: Path, key: str, rank: int = 0, world: int = 1) -> Checkpoint | None:
+    """Return the checkpoint in `directory`, None if there is none; raise if it belongs to other inputs."""
+    state_file = directory / STATE
+    if not state_file.is_file():
+        return None
+    try:
+        meta = json.loads(state_file.read_text(encoding="utf-8"))
+        student = load_file(str(directory / "student.safetensors"))
+        best = load_file(str(directory / "best.safetensors"))
+        opt = _optimizer_state(load_file(str(directory / "optimizer.safetensors")), meta["optimizer"])
+        rng = load_file(str(directory / f"rng-{rank}.safetensors"))
+    except (OSError, ValueError, KeyError) as e:
+        raise EdgeDistillError(f"the checkpoint in {directory} is unreadable ({e})",
+                               hint="delete it to start the distillation over") from None
+    if meta["key"] != key:
+        raise EdgeDistillError(f"the checkpoint in {directory} is from a run with other inputs or settings",
+                               hint="resume with the original command, or delete the checkpoint to start over")
+    if meta["world"] != world:
+        raise EdgeDistillError(f"the checkpoint was written by {meta['world']} processes, this run has {world}",
+                               hint=f"resume with --num_processes {meta['world']}")
+    extra = {k: v for k, v in meta.items() if k not in ("key", "world", "position", "optimizer", "scheduler")}
+    return Checkpoint(Position(**meta["position"]), student, best, opt, meta["scheduler"], rng, extra)
+
+
+def restore_rng(rng: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])

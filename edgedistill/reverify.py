@@ -1,0 +1,77 @@
+"""Re-run an artifact's validation: its model, in its runtime, on the held-out texts and teacher outputs the
+artifact carries (validation-*.* files), compared with the manifest's recorded metrics and budget."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgedistill.artifact import Manifest
+from edgedistill.errors import ArtifactError
+from edgedistill.validate import check_budget, fidelity_metrics, primary_metric
+
+VAL_TEXTS, VAL_TEACHER, VAL_LABELS = "validation-texts.jsonl", "validation-teacher.npy", "validation-labels.npy"
+TOLERANCE = 1e-3  # the same model on the same kernels repeats to ~1e-7; other CPUs' int8 kernels differ slightly
+
+
+@dataclass
+class Revalidation:
+    recorded: dict[str, float]
+    measured: dict[str, float]
+    metric: str
+    passed: bool  # budget held now, and the primary metric repeats the recorded one within TOLERANCE
+    verdict: str
+
+
+def write_validation_set(directory: Path, texts: list[str], teacher: np.ndarray, labels: np.ndarray | None) -> dict[str, Path]:
+    """Write the held-out split an artifact carries for `verify` (not needed on the device), and return its files."""
+    files = {VAL_TEXTS: directory / VAL_TEXTS, VAL_TEACHER: directory / VAL_TEACHER}
+    files[VAL_TEXTS].write_text("".join(json.dumps(t, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
+    np.save(files[VAL_TEACHER], np.ascontiguousarray(teacher, dtype=np.float32))
+    if labels is not None:
+        files[VAL_LABELS] = directory / VAL_LABELS
+        np.save(files[VAL_LABELS], np.asarray(labels, dtype=np.int64))
+    return files
+
+
+def _runner(artifact_dir: Path, m: Manifest):
+    path = artifact_dir / m.model["file"]
+    if m.model["format"] == "pte":
+        from edgedistill.backends.executorch import load_pte
+
+        return load_pte(path)
+    from edgedistill.runtimes.ort_cpu import cpu_session  # GPU artifacts too: compile validated them on these kernels
+
+    session = cpu_session(path, 1)
+    return lambda feeds: session.run(None, feeds)[0]
+
+
+def revalidate(artifact_dir: Path, m: Manifest) -> Revalidation:
+    """Run the artifact on its validation set; raise ArtifactError if it carries none."""
+    from transformers import AutoTokenizer
+
+    from edgedistill.runtimes import predict_with
+    from edgedistill.targets import AccuracyBudget
+
+    if VAL_TEXTS not in m.files or VAL_TEACHER not in m.files:
+        raise ArtifactError(f"{artifact_dir} carries no validation set", hint="artifacts compiled by edgedistill >= 0.2 do; re-run compile")
+    texts = [json.loads(line) for line in (artifact_dir / VAL_TEXTS).read_text(encoding="utf-8").splitlines()]
+    teacher = np.load(artifact_dir / VAL_TEACHER, allow_pickle=False)
+    labels = np.load(artifact_dir / VAL_LABELS, allow_pickle=False) if VAL_LABELS in m.files else None
+    tokenizer = AutoTokenizer.from_pretrained(artifact_dir)
+    inputs = m.model["inputs"]
+    dims = inputs[0]["shape"][:2]
+    fixed = (dims[0], dims[1]) if all(isinstance(d, int) for d in dims) else None
+    out = predict_with(_runner(artifact_dir, m), tokenizer, texts, [i["name"] for i in inputs], m.data["max_length"], fixed)
+    task = m.teacher["task"]
+    measured = fidelity_metrics(out, teacher, task, labels)
+    budget = AccuracyBudget(**m.metrics["budget"])
+    metric, _ = primary_metric(task, budget)
+    recorded = {k: v for k, v in m.metrics["values"].items() if k in measured}
+    within_budget, verdict = check_budget(measured, task, budget)
+    drift = abs(measured[metric] - recorded[metric])
+    if drift > TOLERANCE:
+        verdict += f"; but {metric} differs from the recorded {recorded[metric]:.4f} by {drift:.4f}"
+    return Revalidation(recorded, measured, metric, within_budget and drift <= TOLERANCE, verdict)
