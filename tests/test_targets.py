@@ -52,7 +52,8 @@ def test_builtin_profile_file_loads_and_name_matches_file(name):
                                                              ("onnxruntime", "CUDAExecutionProvider"),
                                                              ("onnxruntime", "TensorrtExecutionProvider")}
     assert profile.threads >= 1
-    assert ("avx2" in profile.cpu_flags) == (profile.arch == "x86_64")  # only x86 profiles are auto-selected here
+    # only x86 CPU profiles are auto-selected here (GPU profiles never are: they name no CPU flags)
+    assert ("avx2" in profile.cpu_flags) == (profile.arch == "x86_64" and not profile.gpu)
     assert profile.quantization.recipe in ("dynamic-int8", "static-qdq-int8", "xnnpack-dynamic-int8")
     assert profile.quantization.per_channel is True
     assert profile.input_shape.batch == 1 and profile.input_shape.sequence == 128
