@@ -56,10 +56,11 @@ def main() -> int:
                                     args.out, opts)
         v = searched.manifest.metrics["values"]
         table = Table(title=f"{name}: plain recipe {plain_cos:.4f}, fp32 student {fp32:.4f}, budget set to {budget}")
-        for col in ("trial", "fidelity (search texts)", "meets budget", "size MB"):
+        for col in ("trial", "fidelity (search texts)", "meets budget", "size MB", "ms here"):
             table.add_column(col)
         for t in searched.manifest.quantization["trials"]:
-            table.add_row(t["description"], f"{t['fidelity']:.4f}", "yes" if t["passed"] else "no", f"{t['size_mb']:.1f}")
+            ms = "—" if t.get("latency_ms") is None else f"{t['latency_ms']:.2f}"
+            table.add_row(t["description"], f"{t['fidelity']:.4f}", "yes" if t["passed"] else "no", f"{t['size_mb']:.1f}", ms)
         console.print(table)
         verdict = "met" if searched.published and plain_cos < budget else "MISSED"
         console.print(f"{verdict}: {name} with the search: cosine {v['cosine_mean']:.4f} on "

@@ -14,14 +14,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgedistill import __version__
+from edgedistill import __version__, distributed
 from edgedistill.artifact import Manifest, write_artifact
 from edgedistill.backends import BuildContext, Built, build_model
 from edgedistill.bench.timer import measure_interleaved, paired_ratio
-from edgedistill import distributed
-from edgedistill.cache import LabelStore, cache_key, default_cache_dir, label_sharded, text_digests
+from edgedistill.cache import (
+    LabelStore,
+    cache_key,
+    default_cache_dir,
+    label_sharded,
+    text_digests,
+)
 from edgedistill.data import TransferSet, load_transfer_set, split_indices
-from edgedistill.distill.loop import Checkpointing, DistillConfig, DistillResult, distill
+from edgedistill.distill.loop import (
+    Checkpointing,
+    DistillConfig,
+    DistillResult,
+    distill,
+)
 from edgedistill.errors import DataError, EdgeDistillError, ProfileError
 from edgedistill.families.text_encoder import EncoderWithHead, Task
 from edgedistill.progress import new_progress
@@ -265,13 +275,27 @@ def distill_student(teacher: Teacher, data: TransferSet, num_layers: int, max_le
         checkpointing = None if run_dir is None else Checkpointing(run_dir / "checkpoint", key, opts.checkpoint_every,
                                                                     opts.resume)
         trained = distill(student, teacher.tokenizer, input_names, max_length,
-                          (texts(train_idx), teacher_outputs[train_idx], labels),
+                          (texts(train_idx), Rows(teacher_outputs, train_idx), labels),
                           (texts(val_idx), teacher_outputs[val_idx]), opts.distill, checkpointing)
         if distributed.is_main():
             save_stage(cache_dir / "students" / key, trained)
     val_student = torch_cpu.predict(trained.student, teacher.tokenizer, texts(val_idx), input_names, max_length)
     return Distilled(teacher, data, trained, kept_layers, input_names, max_length, train_idx, val_idx,
                      np.asarray(teacher_outputs[val_idx]), val_student)
+
+
+class Rows:
+    """Rows `index` of a (memory-mapped) array, read batch by batch: training never copies the whole split."""
+
+    def __init__(self, array: np.ndarray, index: np.ndarray) -> None:
+        self.array, self.index = array, np.asarray(index)
+        self.shape = (len(self.index), *array.shape[1:])
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, idx) -> np.ndarray:
+        return np.asarray(self.array[self.index[idx]])
 
 
 def save_stage(directory: Path, trained: DistillResult) -> None:
@@ -366,7 +390,7 @@ def label_with_teacher(teacher: Teacher, data: TransferSet, max_length: int, cac
         outputs = label_sharded(store, data.texts, assembled, compute, distributed.rank(), distributed.world(),
                                 distributed.barrier,
                                 on_progress=None if bar is None else lambda n: progress.update(bar, advance=n))
-    if not np.all(np.isfinite(outputs)):
+    if not all(np.isfinite(outputs[i : i + 65536]).all() for i in range(0, len(outputs), 65536)):  # in bounded chunks
         raise DataError("the teacher produced non-finite outputs on the transfer set", hint="check the teacher checkpoint")
     return outputs
 

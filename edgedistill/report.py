@@ -133,9 +133,10 @@ def render_report(m: Manifest, published: bool) -> str:
                   f"The first recipe missed the budget on {min(300, m.data['num_validation'])} held-out texts; "
                   "these were tried, in order (when even the unquantized graph misses the budget, searching "
                   "quantization settings cannot help, so the search stops there):", "",
-                  "| trial | fidelity | meets budget | size MB |", "|---|---|---|---|"]
-        lines += [f"| {t['description']} | {t['fidelity']:.4f} | {'yes' if t['passed'] else 'no'} | {t['size_mb']:.2f} |"
-                  for t in trials]
+                  f"| trial | fidelity | meets budget | size MB | ms, batch {lat['batch']} × seq {lat['sequence']} |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {t['description']} | {t['fidelity']:.4f} | {'yes' if t['passed'] else 'no'} | {t['size_mb']:.2f} | "
+                  f"{'—' if t.get('latency_ms') is None else format(t['latency_ms'], '.2f')} |" for t in trials]
     lines += ["", f"Latency: {lat['note']}", ""]
     return "\n".join(lines)
 

@@ -83,3 +83,25 @@ def test_search_stops_when_even_the_unquantized_graph_misses(tmp_path):
     config = StaticQdqInt8Config(calibration_texts=8, search=True)
     _, _, trials = quantize_within_budget(model, config, tmp_path, calibration, lambda p: 0.5, floor=0.99)
     assert [t.description for t in trials] == ["as the profile says", "reference: the unquantized graph"]
+
+
+def test_entropy_calibration_clips_what_minmax_keeps(tmp_path):
+    """onnxruntime's quantize_static builds its entropy calibrator with as many histogram bins as quantized bins,
+    which makes entropy equal minmax; ours calibrates with 2048 bins, so an outlier-dominated tensor gets clipped."""
+    from onnxruntime.quantization.calibrate import load_tensors_data
+
+    from edgedistill.quantize import quantize
+
+    model = planted_model(tmp_path / "planted.onnx")
+    rng = np.random.default_rng(1)
+    calibration = [{"x": rng.normal(size=(1, 64)).astype(np.float32)} for _ in range(16)]
+    ranges = {}
+    for method in ("minmax", "entropy"):
+        quantize(model, StaticQdqInt8Config(op_types=["MatMul"], calibration=method), tmp_path / f"{method}.onnx",
+                 calibration)
+        [cache] = tmp_path.glob(f".calibration-planted-{method}-*.json")
+        ranges[method] = load_tensors_data(cache).data
+    lo_mm, hi_mm = (float(np.asarray(v).ravel()[0]) for v in ranges["minmax"]["xs"].range_value)
+    lo_en, hi_en = (float(np.asarray(v).ravel()[0]) for v in ranges["entropy"]["xs"].range_value)
+    assert hi_mm - lo_mm > 1000  # the 1e4 outlier
+    assert hi_en - lo_en < (hi_mm - lo_mm) / 4, (lo_en, hi_en, lo_mm, hi_mm)

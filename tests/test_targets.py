@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import write_profile
 
 from edgedistill import targets
 from edgedistill.errors import ProfileError
@@ -18,7 +19,6 @@ from edgedistill.targets import (
     profile_json_schema,
     resolve_target,
 )
-from conftest import write_profile
 
 BUILTINS = ("android-executorch", "arm64-mobile", "nvidia-gpu-fp16", "nvidia-tensorrt-int8", "raspberry-pi-4", "x86-64-avx2",
             "x86-64-avx512")

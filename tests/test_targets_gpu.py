@@ -70,6 +70,7 @@ def test_gpu_latency_is_not_measured_without_a_device(gpu_artifacts):
         lat = t.manifest.latency
         assert lat["not_measured"].startswith("no CUDA device") and "artifact" not in lat
         assert "CPUExecutionProvider" in t.manifest.model["validated_with"]
+        assert all(trial["latency_ms"] is None for trial in t.manifest.quantization["trials"])  # CPU is no stand-in
         report = (t.path / "report.md").read_text()
         assert "not measured: no CUDA device" in report
     summary = (root / "out" / "summary.md").read_text()

@@ -83,6 +83,10 @@ def test_mobile_artifact_is_static_qdq_ort_with_fixed_shapes(mobile_artifact):
     np.testing.assert_allclose(outs[0], outs[1], atol=1e-3)
     assert m.export["ort_format_max_abs_diff_vs_onnx"] <= 1e-3
     assert m.quantization["chosen"]["recipe"] == "static-qdq-int8" and m.quantization["trials"]
+    # every candidate trial records its recipe, fidelity, size and latency here
+    for t in m.quantization["trials"]:
+        assert t["config"] is not None and t["fidelity"] > 0 and t["size_mb"] > 0
+        assert t["latency_ms"] > 0 or t["description"].startswith("sensitivity probe")
 
 
 TensorProtoInt8 = onnx.TensorProto.INT8

@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 import torch
-
 from conftest import build_tiny_bert, make_texts, make_vocab, tiny_config
+
 from edgedistill.errors import CheckpointError
 from edgedistill.families import family_for
 from edgedistill.families.text_encoder import (

@@ -43,6 +43,21 @@ class Built:
 _BACKENDS: dict[str, Callable] = {}
 
 
+def trial_latency(run: Runner, feeds: dict[str, np.ndarray], runs: int = 10) -> float:
+    """Return the median ms of `runs` calls after 2 warm-up calls: a quick figure to compare quantization trials
+    (the artifact itself is timed properly, against the teacher, after validation)."""
+    import time
+
+    for _ in range(2):
+        run(feeds)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        run(feeds)
+        times.append((time.perf_counter() - start) * 1e3)
+    return float(np.median(times))
+
+
 def register_backend(runtime: str):
     def wrap(fn):
         _BACKENDS[runtime] = fn

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgedistill.backends import BuildContext, Built, register_backend
+from edgedistill.backends import BuildContext, Built, register_backend, trial_latency
 from edgedistill.errors import ExportError
 from edgedistill.quantize.configs import Fp32Config, XnnpackDynamicInt8Config
 from edgedistill.runtimes import iter_batches
@@ -70,7 +70,8 @@ def build_executorch(profile, ctx: BuildContext, stage_dir: Path) -> Built:
     fixed = (shape.batch, shape.sequence)
     fidelity = ctx.fidelity(run, fixed)
     trial = {"description": "as the profile says", "config": cfg.model_dump(mode="json"), "fidelity": fidelity,
-             "passed": fidelity >= ctx.floor, "size_mb": path.stat().st_size / 1e6}
+             "passed": fidelity >= ctx.floor, "size_mb": path.stat().st_size / 1e6,
+             "latency_ms": trial_latency(run, batches[0])}
     record = {
         "export": {"exporter": "torch.export -> ExecuTorch, XNNPACK delegate", "executorch": et_version.__version__,
                    "max_abs_diff_vs_torch": diff},

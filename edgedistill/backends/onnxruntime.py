@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from edgedistill.backends import BuildContext, Built, register_backend
+from edgedistill.backends import BuildContext, Built, register_backend, trial_latency
 from edgedistill.coverage import require_coverage
 from edgedistill.errors import ExportError
 from edgedistill.export import export_onnx
@@ -65,9 +65,10 @@ def build_onnxruntime(profile, ctx: BuildContext, stage_dir: Path) -> Built:
     shape = profile.input_shape
     calibration = [feeds for _, feeds in iter_batches(ctx.tokenizer, ctx.calibration_texts, ctx.input_names,
                                                       shape.sequence, shape.batch, fixed=True)]
+    timed = here == provider  # a GPU target's trials are not timed on the CPU that stands in for its provider
     model_path, chosen, trials = quantize_within_budget(
         optimized.path, profile.quantization, stage_dir, calibration, lambda p: ctx.fidelity(*_runner(p, threads, here)),
-        ctx.floor)
+        ctx.floor, lambda p: trial_latency(_runner(p, threads, here)[0], calibration[0]) if timed else None)
     files = {MODEL_FILE: model_path}
     record = {
         "export": {"exporter": "torch.onnx.export (TorchScript, dynamo=False)", "opset": onnx_model.opset,

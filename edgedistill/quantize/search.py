@@ -25,6 +25,7 @@ class Trial:
     fidelity: float
     passed: bool
     size_mb: float
+    latency_ms: float | None = None  # median of a few runs at the profile's shape here (None: not runnable here)
 
 
 def node_groups(model_path: Path, op_types: Sequence[str] | None) -> dict[str, list[str]]:
@@ -42,8 +43,10 @@ def _pattern(names: list[str]) -> str:
 
 
 def quantize_within_budget(model_path: Path, config: BaseModel, work_dir: Path, calibration: Sequence[Feeds],
-                           evaluate: Callable[[Path], float], floor: float) -> tuple[Path, BaseModel, list[Trial]]:
-    """Return (model, config, trials): the first trial that meets `floor`, else the most faithful one."""
+                           evaluate: Callable[[Path], float], floor: float,
+                           latency: Callable[[Path], float | None] = lambda p: None) -> tuple[Path, BaseModel, list[Trial]]:
+    """Return (model, config, trials): the first trial that meets `floor`, else the most faithful one. `latency`
+    times a candidate (sensitivity probes are not timed: they are measurements, not candidates)."""
     trials: list[Trial] = []
     candidates: list[tuple[float, Path, BaseModel]] = []  # real candidates, not the one-group sensitivity probes
 
@@ -59,7 +62,7 @@ def quantize_within_budget(model_path: Path, config: BaseModel, work_dir: Path, 
                                 float("nan"), False, 0.0))
             return False
         trials.append(Trial(description, cfg.model_dump(mode="json"), score, score >= floor and not probe,
-                            out.stat().st_size / 1e6))
+                            out.stat().st_size / 1e6, None if probe else latency(out)))
         if not probe:
             candidates.append((score, out, cfg))
         return score >= floor and not probe
@@ -79,7 +82,8 @@ def quantize_within_budget(model_path: Path, config: BaseModel, work_dir: Path, 
     if not getattr(config, "search", False):
         return best()
     reference = evaluate(model_path)  # no quantization at all: the most any search can reach
-    trials.append(Trial("reference: the unquantized graph", {}, reference, False, model_path.stat().st_size / 1e6))
+    trials.append(Trial("reference: the unquantized graph", {}, reference, False, model_path.stat().st_size / 1e6,
+                        latency(model_path)))
     if reference < floor:
         return best()  # the fp32 student itself misses the budget: quantization is not what to search
     fields = type(config).model_fields
