@@ -58,7 +58,8 @@ def compile_cmd(
     label_column: str = typer.Option("label", "--label-column", help="JSONL field / CSV column holding the label"),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Teacher-output and student cache (default: ~/.cache/edgedistill)"),
     checkpoint_every: int = typer.Option(200, "--checkpoint-every", min=1, help="Checkpoint the distillation every N steps"),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the interrupted compile whose --out was RESUME (other options are ignored)"),
+    resume: Optional[Path] = typer.Option(None, "--resume", metavar="OUT",
+                                          help="Continue the interrupted compile that wrote to OUT, with its original arguments (other options are ignored)"),
 ) -> None:
     """Compile TEACHER into a distilled, quantized, validated artifact for each --target.
 

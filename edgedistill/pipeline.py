@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgedistill import __version__, distributed
+from edgedistill import __version__, distributed, progress
 from edgedistill.artifact import Manifest, write_artifact
 from edgedistill.backends import BuildContext, Built, build_model
 from edgedistill.bench.timer import measure_interleaved, paired_ratio
@@ -135,6 +135,9 @@ def compile(teacher_spec: str | None, data_path: str | None, target_specs: list[
         max_length = check_max_length(teacher, opts.max_length or teacher.max_length)
         data = load_transfer_set(data_path, opts.text_column, opts.label_column, teacher.label_names, opts.max_texts)
         if distributed.is_main():
+            if not opts.resume and (out_dir / RUN_DIR / "checkpoint").is_dir():
+                progress.console.print(f"note: {out_dir} holds a checkpoint of an interrupted compile; starting over "
+                                       f"(`edgedistill compile --resume {out_dir}` would have continued it)")
             save_run(out_dir, teacher_spec, data_path, target_specs, opts)
         try:
             distilled = distill_student(teacher, data, num_layers, max_length, opts, run_dir=out_dir / RUN_DIR)
