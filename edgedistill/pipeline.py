@@ -191,8 +191,13 @@ def save_run(out_dir: Path, teacher_spec, data_path, target_specs, opts: Compile
     """Record the compile's arguments in out_dir, for `compile --resume OUT`."""
     run_dir = out_dir / RUN_DIR
     run_dir.mkdir(exist_ok=True)
-    record = {"teacher": teacher_spec, "data": data_path, "targets": list(target_specs),
-              "options": {**opts.to_json(), "resume": False}}
+    def absolute(spec):  # a path typed relative to where the compile started must still resolve on --resume
+        return str(Path(spec).resolve()) if spec is not None and Path(spec).exists() else spec
+
+    options = {**opts.to_json(), "resume": False}
+    options["cache_dir"] = absolute(options["cache_dir"])
+    record = {"teacher": absolute(teacher_spec), "data": absolute(data_path),
+              "targets": [absolute(t) for t in target_specs], "options": options}
     tmp = run_dir / f".run.json.{os.getpid()}"
     tmp.write_text(json.dumps(record, indent=2), encoding="utf-8")
     os.replace(tmp, run_dir / "run.json")
@@ -311,8 +316,14 @@ def save_stage(directory: Path, trained: DistillResult) -> None:
     save_file({k: v.contiguous() for k, v in trained.student.state_dict().items()}, str(tmp / "student.safetensors"))
     (tmp / "result.json").write_text(json.dumps({"best_fidelity": trained.best_fidelity, "best_step": trained.best_step,
                                                  "history": trained.history}), encoding="utf-8")
+    for f in tmp.iterdir():
+        with f.open("rb") as fh:
+            os.fsync(fh.fileno())
     shutil.rmtree(directory, ignore_errors=True)
-    os.replace(tmp, directory)
+    try:
+        os.replace(tmp, directory)
+    except OSError:  # another compile stored the same student first: theirs is as good as ours
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_stage(directory: Path, student: EncoderWithHead) -> DistillResult | None:
@@ -322,7 +333,7 @@ def load_stage(directory: Path, student: EncoderWithHead) -> DistillResult | Non
     try:
         meta = json.loads((directory / "result.json").read_text(encoding="utf-8"))
         student.load_state_dict(load_file(str(directory / "student.safetensors")))
-    except (OSError, ValueError, RuntimeError, KeyError):
+    except Exception:  # noqa: BLE001  missing, truncated or foreign entry (safetensors raises its own type): retrain
         return None
     student.eval()
     return DistillResult(student, meta["best_fidelity"], meta["best_step"], [tuple(h) for h in meta["history"]])

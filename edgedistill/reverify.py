@@ -13,7 +13,9 @@ from edgedistill.errors import ArtifactError
 from edgedistill.validate import check_budget, fidelity_metrics, primary_metric
 
 VAL_TEXTS, VAL_TEACHER, VAL_LABELS = "validation-texts.jsonl", "validation-teacher.npy", "validation-labels.npy"
-TOLERANCE = 1e-3  # the same model on the same kernels repeats to ~1e-7; other CPUs' int8 kernels differ slightly
+# The same model on the same kernels repeats to ~1e-7. Another machine's kernels (an x86 CPU without VNNI, a GPU
+# artifact that compile validated on the GPU) differ slightly: allow 0.002 of mean cosine, or two texts' top-1 flips.
+COSINE_TOLERANCE = 2e-3
 
 
 @dataclass
@@ -72,6 +74,7 @@ def revalidate(artifact_dir: Path, m: Manifest) -> Revalidation:
     recorded = {k: v for k, v in m.metrics["values"].items() if k in measured}
     within_budget, verdict = check_budget(measured, task, budget)
     drift = abs(measured[metric] - recorded[metric])
-    if drift > TOLERANCE:
-        verdict += f"; but {metric} differs from the recorded {recorded[metric]:.4f} by {drift:.4f}"
-    return Revalidation(recorded, measured, metric, within_budget and drift <= TOLERANCE, verdict)
+    tolerance = COSINE_TOLERANCE if metric == "cosine_mean" else 2.0 / len(texts) + 1e-9
+    if drift > tolerance:
+        verdict += f"; but {metric} differs from the recorded {recorded[metric]:.4f} by {drift:.4f} (tolerance {tolerance:.4f})"
+    return Revalidation(recorded, measured, metric, within_budget and drift <= tolerance, verdict)

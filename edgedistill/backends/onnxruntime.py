@@ -15,7 +15,7 @@ from edgedistill.optimize import optimize_graph
 from edgedistill.ort_format import convert_to_ort, fix_input_shapes
 from edgedistill.quantize.search import quantize_within_budget
 from edgedistill.runtimes import iter_batches
-from edgedistill.runtimes.ort_cpu import cpu_session, gpu_runner, provider_available
+from edgedistill.runtimes.ort_cpu import cpu_session, gpu_runner, provider_unusable
 
 MODEL_FILE = "model.onnx"
 
@@ -56,12 +56,15 @@ def _io(model_path: Path) -> dict:
 def build_onnxruntime(profile, ctx: BuildContext, stage_dir: Path) -> Built:
     threads = profile.effective_threads
     provider = profile.execution_provider
-    here = provider if provider_available(provider) else "CPUExecutionProvider"
+    unusable = None
     onnx_model = export_onnx(ctx.student, ctx.family, ctx.input_names, profile.opset, stage_dir / "student.onnx")
     graph = onnx_model.path
     if profile.fixed_shape:
         graph = fix_input_shapes(graph, profile.input_shape.batch, profile.input_shape.sequence, stage_dir / "fixed.onnx")
     optimized = optimize_graph(graph, ctx.family, ctx.student.model.config, profile.optimization, stage_dir / "optimized.onnx")
+    if provider != "CPUExecutionProvider":
+        unusable = provider_unusable(optimized.path, provider)
+    here = "CPUExecutionProvider" if unusable else provider
     shape = profile.input_shape
     calibration = [feeds for _, feeds in iter_batches(ctx.tokenizer, ctx.calibration_texts, ctx.input_names,
                                                       shape.sequence, shape.batch, fixed=True)]
@@ -82,8 +85,8 @@ def build_onnxruntime(profile, ctx: BuildContext, stage_dir: Path) -> Built:
     if profile.gpu:
         record["model"]["structure"] = _structure(model_path)
         record["model"]["coverage"] = require_coverage(model_path, provider).as_dict()
-        if here != provider:
-            not_measured = f"no CUDA device: {provider} is not in this onnxruntime build"
+        if unusable:
+            not_measured = unusable
             record["model"]["validated_with"] = "CPUExecutionProvider (the same graph on onnxruntime's CPU kernels)"
     run, fixed = _runner(model_path, threads, here)
     device_file = MODEL_FILE

@@ -96,23 +96,33 @@ class Checkpoint:
 def load_checkpoint(directory: Path, key: str, rank: int = 0, world: int = 1) -> Checkpoint | None:
     """Return the checkpoint in `directory`, None if there is none; raise if it belongs to other inputs."""
     state_file = directory / STATE
+    old = directory.with_name(directory.name + ".old")
+    if not state_file.is_file() and (old / STATE).is_file():  # killed between the two renames of save_checkpoint
+        shutil.rmtree(directory, ignore_errors=True)
+        os.replace(old, directory)
     if not state_file.is_file():
         return None
+    def unreadable(e: Exception) -> EdgeDistillError:
+        return EdgeDistillError(f"the checkpoint in {directory} is unreadable ({str(e).splitlines()[0][:160]})",
+                                hint="delete it to start the distillation over")
+
     try:
         meta = json.loads(state_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise unreadable(e) from None
+    if meta.get("world") != world:  # checked before the key, which covers the process count too
+        raise EdgeDistillError(f"the checkpoint was written by {meta.get('world')} processes, this run has {world}",
+                               hint=f"resume with --num_processes {meta.get('world')}")
+    if meta.get("key") != key:
+        raise EdgeDistillError(f"the checkpoint in {directory} is from a run with other inputs or settings",
+                               hint="resume with the original command, or delete the checkpoint to start over")
+    try:
         student = load_file(str(directory / "student.safetensors"))
         best = load_file(str(directory / "best.safetensors"))
         opt = _optimizer_state(load_file(str(directory / "optimizer.safetensors")), meta["optimizer"])
         rng = load_file(str(directory / f"rng-{rank}.safetensors"))
-    except (OSError, ValueError, KeyError) as e:
-        raise EdgeDistillError(f"the checkpoint in {directory} is unreadable ({e})",
-                               hint="delete it to start the distillation over") from None
-    if meta["key"] != key:
-        raise EdgeDistillError(f"the checkpoint in {directory} is from a run with other inputs or settings",
-                               hint="resume with the original command, or delete the checkpoint to start over")
-    if meta["world"] != world:
-        raise EdgeDistillError(f"the checkpoint was written by {meta['world']} processes, this run has {world}",
-                               hint=f"resume with --num_processes {meta['world']}")
+    except Exception as e:  # noqa: BLE001  truncated or foreign files (safetensors raises its own error type)
+        raise unreadable(e) from None
     extra = {k: v for k, v in meta.items() if k not in ("key", "world", "position", "optimizer", "scheduler")}
     return Checkpoint(Position(**meta["position"]), student, best, opt, meta["scheduler"], rng, extra)
 

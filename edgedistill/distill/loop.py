@@ -61,10 +61,11 @@ class LengthGroupedBatches(Sampler[list[int]]):
     then cut into batches whose order is shuffled again.
     """
 
-    def __init__(self, lengths: list[int], batch_size: int, seed: int) -> None:
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, short_batch_last: bool = False) -> None:
         self.lengths = np.asarray(lengths)
         self.batch_size = batch_size
         self.seed = seed
+        self.short_batch_last = short_batch_last
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -80,8 +81,10 @@ class LengthGroupedBatches(Sampler[list[int]]):
         chunks = [order[i : i + window] for i in range(0, len(order), window)]
         order = np.concatenate([c[np.argsort(-self.lengths[c], kind="stable")] for c in chunks])
         batches = [order[i : i + self.batch_size].tolist() for i in range(0, len(order), self.batch_size)]
-        for b in rng.permutation(len(batches)):
-            yield batches[b]
+        shuffled = [batches[b] for b in rng.permutation(len(batches))]
+        if self.short_batch_last:  # Accelerate's split_batches drops a short batch unless it comes last
+            shuffled.sort(key=lambda b: len(b) < self.batch_size)
+        yield from shuffled
 
 
 def _collate(tokenizer, texts, targets, labels, input_names, max_length):
@@ -101,9 +104,10 @@ def _collate(tokenizer, texts, targets, labels, input_names, max_length):
 def evaluate(student: EncoderWithHead, tokenizer, texts, targets, input_names, max_length, task, batch_size=128) -> float:
     """Return the student's fidelity to the teacher outputs on a held-out set."""
     student.eval()
+    device = next(student.parameters()).device  # on a GPU when Accelerate put the student there
     outs = np.empty_like(np.asarray(targets), dtype=np.float32)
     for idx, inputs in iter_batches(tokenizer, texts, input_names, max_length, batch_size):
-        outs[idx] = student(**{k: torch.from_numpy(v) for k, v in inputs.items()}).float().numpy()
+        outs[idx] = student(**{k: torch.from_numpy(v).to(device) for k, v in inputs.items()}).float().cpu().numpy()
     return fidelity(torch.from_numpy(outs), torch.from_numpy(np.asarray(targets, dtype=np.float32)), task)
 
 
@@ -138,7 +142,8 @@ def distill(student: EncoderWithHead, tokenizer, input_names: list[str], max_len
     texts, targets, labels = train
     val_texts, val_targets = val
     task = student.task
-    sampler = LengthGroupedBatches([len(t) for t in texts], cfg.batch_size, cfg.seed)
+    sampler = LengthGroupedBatches([len(t) for t in texts], cfg.batch_size, cfg.seed,
+                                   short_batch_last=state.num_processes > 1)
     loader = DataLoader(range(len(texts)), batch_sampler=sampler,
                         collate_fn=_collate(tokenizer, texts, targets, labels, input_names, max_length))
     if cfg.freeze_embeddings:
@@ -235,5 +240,5 @@ def distill(student: EncoderWithHead, tokenizer, input_names: list[str], max_len
                     model.train()
                 if checkpointing is not None and step % checkpointing.every == 0 and step < total_steps:
                     checkpoint(epoch, done_in_epoch)
-    result.student.eval()
+    result.student.to("cpu").eval()  # export and validation run on the CPU
     return result

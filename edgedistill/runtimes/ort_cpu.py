@@ -29,11 +29,30 @@ def provider_available(provider: str) -> bool:
     return provider in ort.get_available_providers()
 
 
+def provider_unusable(model_path: Path, provider: str) -> str | None:
+    """Return why `provider` cannot run the model here (None if it can). onnxruntime-gpu lists its GPU providers
+    even without a device, cuDNN or TensorRT, so a session is tried."""
+    if not provider_available(provider):
+        return f"no CUDA device: {provider} is not in this onnxruntime build"
+    try:
+        gpu_runner(model_path, provider)
+    except Exception as e:  # noqa: BLE001  any failure to start means: not runnable here
+        return f"{provider} could not start here ({str(e).splitlines()[0][:200]})"
+    return None
+
+
 def gpu_runner(model_path: Path, provider: str):
     """Return (run, session) for a GPU provider. Inputs are copied to the device once per distinct array (the
     benchmark's rotating batches) and bound with IO binding, the output is bound on the device and copied back, so a
     timed call is the device's compute plus one small device-to-host copy."""
-    providers = [provider, "CUDAExecutionProvider"] if provider == "TensorrtExecutionProvider" else [provider]
+    providers: list = [provider]
+    if provider == "TensorrtExecutionProvider":
+        # int8 must be switched on for TensorRT to build QDQ engines (TensorRT 8 refuses them otherwise); engines
+        # are cached beside the model, so repeated sessions (search trials, validation shapes) do not rebuild them
+        cache = Path(model_path).parent / ".trt-engines"
+        cache.mkdir(exist_ok=True)
+        providers = [("TensorrtExecutionProvider", {"trt_int8_enable": True, "trt_engine_cache_enable": True,
+                                                    "trt_engine_cache_path": str(cache)}), "CUDAExecutionProvider"]
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     session = ort.InferenceSession(str(model_path), opts, providers=providers)

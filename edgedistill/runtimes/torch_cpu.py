@@ -19,7 +19,8 @@ def predict(module: nn.Module, tokenizer, texts: list[str], input_names: list[st
     if description:
         batches = track(batches, num_batches(len(texts), batch_size), description)
     for idx, inputs in batches:
-        y = module(**{k: torch.from_numpy(v) for k, v in inputs.items()}).float().numpy()
+        device = next(module.parameters()).device
+        y = module(**{k: torch.from_numpy(v).to(device) for k, v in inputs.items()}).float().cpu().numpy()
         if out is None:
             out = np.empty((len(texts), y.shape[-1]), dtype=np.float32)
         out[idx] = y
