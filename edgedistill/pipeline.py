@@ -275,8 +275,9 @@ def distill_student(teacher: Teacher, data: TransferSet, num_layers: int, max_le
     student, kept_layers = derive_student(teacher, num_layers)
     texts = lambda idx: [data.texts[i] for i in idx]  # noqa: E731
     head = asdict(teacher.module.pooling) if teacher.task == "feature-extraction" else teacher.task
-    key = cache_key("student-v1", teacher.sha256, data.sha256, num_layers, max_length, head, opts.val_fraction,
-                    sorted(asdict(opts.distill).items()), distributed.world(), torch.__version__)
+    key = cache_key("student-v1", teacher.sha256, tokenizer_fingerprint(teacher.tokenizer), data.sha256, num_layers,
+                    max_length, head, opts.val_fraction, sorted(asdict(opts.distill).items()), distributed.world(),
+                    torch.__version__, __version__)
     trained = load_stage(cache_dir / "students" / key, student)
     if trained is None:
         labels = np.asarray(data.labels)[train_idx] if data.labels is not None else None
@@ -387,11 +388,25 @@ def save_tokenizer(tokenizer, max_length: int, out_dir: Path) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Return a hash of the tokenizer's behaviour (the teacher's sha256 covers config and weights, not the tokenizer)."""
+    import hashlib
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # truncation/padding are per-call state that transformers sets on the backend: not identity
+        spec = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
+        text = json.dumps(spec, sort_keys=True)
+    else:
+        text = json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
 def label_with_teacher(teacher: Teacher, data: TransferSet, max_length: int, cache_dir: Path) -> np.ndarray:
     """Return the teacher's outputs for every text as a read-only memory map: texts the cache has seen (with this
     teacher, max length and head) are not labelled again; the rest are labelled in shards, split across processes."""
     head = asdict(teacher.module.pooling) if teacher.task == "feature-extraction" else teacher.task
-    store = LabelStore(cache_dir / "labels" / cache_key("v2", teacher.sha256, max_length, head))
+    store = LabelStore(cache_dir / "labels" / cache_key("v2", teacher.sha256, tokenizer_fingerprint(teacher.tokenizer),
+                                                       max_length, head))
     names = teacher.family.input_names(teacher.tokenizer)
     assembled = store.root / f"assembled-{data.sha256[:24]}-{len(data)}.npy"
     n_missing = 0 if assembled.is_file() else len(store.missing(text_digests(data.texts)))

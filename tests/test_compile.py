@@ -304,3 +304,16 @@ def test_tokenizer_files_carry_the_validated_max_length(tiny_encoder, text_file,
     enc = tok.encode_batch(["dog " * 100, "cat"])
     assert len(enc[0].ids) == 24 and len(enc[1].ids) == 24  # truncation and padding configured
     assert AutoTokenizer.from_pretrained(artifact).model_max_length == 24
+
+
+def test_tokenizer_is_part_of_the_cache_identity(tiny_encoder):
+    from transformers import AutoTokenizer
+
+    from edgedistill.pipeline import tokenizer_fingerprint
+
+    tok = AutoTokenizer.from_pretrained(tiny_encoder)
+    before = tokenizer_fingerprint(tok)
+    tok(["a red boat"], padding="max_length", truncation=True, max_length=8)  # per-call state is not identity
+    assert tokenizer_fingerprint(tok) == before
+    tok.add_tokens(["zebra"])  # a different vocabulary labels differently
+    assert tokenizer_fingerprint(tok) != before
