@@ -234,6 +234,7 @@ def distill(student: EncoderWithHead, tokenizer, input_names: list[str], max_len
                     if score > result.best_fidelity:
                         result.student = copy.deepcopy(unwrapped)
                         result.best_fidelity, result.best_step = score, step
+                    progress.update(bar, status=f"loss {np.mean(running[-50:]):.4f}  best val {result.best_fidelity:.4f}")
                     if enabled():
                         progress.console.print(f"step {step}/{total_steps}: train loss {result.history[-1][2]:.4f}, "
                                                f"validation fidelity {score:.4f} (best {result.best_fidelity:.4f})")
