@@ -45,6 +45,20 @@ def save_npy(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
+class Rows:
+    """Rows `index` of a (memory-mapped) array, read batch by batch: training never copies the whole split."""
+
+    def __init__(self, array: np.ndarray, index: np.ndarray) -> None:
+        self.array, self.index = array, np.asarray(index)
+        self.shape = (len(self.index), *array.shape[1:])
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, idx) -> np.ndarray:
+        return np.asarray(self.array[self.index[idx]])
+
+
 class LabelStore:
     """Teacher outputs keyed by text content, in shard files under `root`."""
 
@@ -109,16 +123,20 @@ class LabelStore:
 
 def label_sharded(store: LabelStore, texts: Sequence[str], assembled: Path,
                   compute: Callable[[list[str]], np.ndarray], rank: int = 0, world: int = 1,
-                  barrier: Callable[[], None] = lambda: None, on_progress: Callable[[int], None] | None = None) -> np.ndarray:
+                  barrier: Callable[[], None] = lambda: None, on_todo: Callable[[int], None] | None = None,
+                  on_progress: Callable[[int], None] | None = None) -> np.ndarray:
     """Return the teacher outputs of `texts` as a read-only memory map, labelling only texts the store lacks.
 
     With `world` processes, the missing texts are cut into shards of SHARD_TEXTS and process `rank` labels shards
     rank, rank + world, ...; `barrier` waits for all of them; process 0 then assembles the array the rest map.
+    `on_todo` hears how many texts need labelling, `on_progress` how many more are done.
     """
     if not assembled.is_file():
         digests = text_digests(texts)
         todo = store.missing(digests)
         barrier()  # every process splits the same list: none may add a shard before all have read the store
+        if on_todo is not None:
+            on_todo(len(todo))
         chunks = [todo[i : i + SHARD_TEXTS] for i in range(0, len(todo), SHARD_TEXTS)]
         for chunk in chunks[rank::world]:
             store.add(digests[chunk], compute([texts[i] for i in chunk]))

@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import os
 import platform
 import shutil
 import tempfile
@@ -14,16 +13,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgedistill import __version__, distributed, progress
+from edgedistill import __version__, distributed, progress, runs
 from edgedistill.artifact import Manifest, write_artifact
 from edgedistill.backends import BuildContext, Built, build_model
 from edgedistill.bench.timer import measure_interleaved, paired_ratio
 from edgedistill.cache import (
     LabelStore,
+    Rows,
     cache_key,
     default_cache_dir,
     label_sharded,
-    text_digests,
 )
 from edgedistill.data import TransferSet, load_transfer_set, split_indices
 from edgedistill.distill.loop import (
@@ -32,11 +31,13 @@ from edgedistill.distill.loop import (
     DistillResult,
     distill,
 )
+from edgedistill.distill.stage import load_stage, save_stage
 from edgedistill.errors import DataError, EdgeDistillError, ProfileError
 from edgedistill.families.text_encoder import EncoderWithHead, Task
 from edgedistill.progress import new_progress
 from edgedistill.report import render_report, render_summary
 from edgedistill.reverify import write_validation_set
+from edgedistill.runs import RUN_DIR
 from edgedistill.runtimes import iter_batches, predict_with, torch_cpu
 from edgedistill.targets import TargetProfile, resolve_target
 from edgedistill.teachers import Teacher, load_teacher
@@ -129,7 +130,7 @@ def compile(teacher_spec: str | None, data_path: str | None, target_specs: list[
     profiles = resolve_targets(target_specs)  # fail fast: bad profiles, unwritable output, before any work
     check_writable(out_dir, "--out")
     check_writable(opts.cache_dir or default_cache_dir(), "--cache-dir")
-    with run_lock(out_dir) if distributed.is_main() else contextlib.nullcontext():
+    with runs.run_lock(out_dir) if distributed.is_main() else contextlib.nullcontext():
         teacher = load_teacher(teacher_spec, opts.task)
         num_layers = student_depth(teacher, opts.student_layers)
         max_length = check_max_length(teacher, opts.max_length or teacher.max_length)
@@ -138,7 +139,7 @@ def compile(teacher_spec: str | None, data_path: str | None, target_specs: list[
             if not opts.resume and (out_dir / RUN_DIR / "checkpoint").is_dir():
                 progress.console.print(f"note: {out_dir} holds a checkpoint of an interrupted compile; starting over "
                                        f"(`edgedistill compile --resume {out_dir}` would have continued it)")
-            save_run(out_dir, teacher_spec, data_path, target_specs, opts)
+            runs.save_run(out_dir, teacher_spec, data_path, target_specs, opts.to_json())
         try:
             distilled = distill_student(teacher, data, num_layers, max_length, opts, run_dir=out_dir / RUN_DIR)
         except EdgeDistillError:  # a user error, not a kill: no checkpoint worth resuming from is left behind
@@ -155,67 +156,11 @@ def compile(teacher_spec: str | None, data_path: str | None, target_specs: list[
         return CompileResult(distilled.trained.student, results)
 
 
-RUN_DIR = ".edgedistill-run"
-LOCK = ".edgedistill.lock"
-
-
-@contextlib.contextmanager
-def run_lock(out_dir: Path):
-    """Hold an exclusive lock on out_dir for the whole compile; a second compile into it fails at once."""
-    import fcntl
-
-    path = out_dir / LOCK
-    f = path.open("a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
-        raise EdgeDistillError(f"another edgedistill compile is writing to {out_dir} ({holder})",
-                               hint="wait for it to finish, or pass a different --out") from None
-    try:
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {platform.node()}")
-        f.flush()
-        yield
-    finally:
-        f.seek(0)
-        f.truncate()
-        fcntl.flock(f, fcntl.LOCK_UN)
-        f.close()
-
-
-def save_run(out_dir: Path, teacher_spec, data_path, target_specs, opts: CompileOptions) -> None:
-    """Record the compile's arguments in out_dir, for `compile --resume OUT`."""
-    run_dir = out_dir / RUN_DIR
-    run_dir.mkdir(exist_ok=True)
-    def absolute(spec):  # a path typed relative to where the compile started must still resolve on --resume
-        return str(Path(spec).resolve()) if spec is not None and Path(spec).exists() else spec
-
-    options = {**opts.to_json(), "resume": False}
-    options["cache_dir"] = absolute(options["cache_dir"])
-    record = {"teacher": absolute(teacher_spec), "data": absolute(data_path),
-              "targets": [absolute(t) for t in target_specs], "options": options}
-    tmp = run_dir / f".run.json.{os.getpid()}"
-    tmp.write_text(json.dumps(record, indent=2), encoding="utf-8")
-    os.replace(tmp, run_dir / "run.json")
-
-
 def load_run(out_dir: Path) -> tuple[str | None, str | None, list[str], CompileOptions]:
     """Return the arguments of the compile that wrote out_dir, set to resume from its checkpoint."""
-    path = out_dir / RUN_DIR / "run.json"
-    if not path.is_file():
-        raise EdgeDistillError(f"{out_dir} holds no interrupted compile ({path} is missing)",
-                               hint="pass the --out directory of a compile that was stopped")
-    try:
-        rec = json.loads(path.read_text(encoding="utf-8"))
-        opts = CompileOptions.from_json(rec["options"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise EdgeDistillError(f"{path} is unreadable ({e})", hint="start the compile again without --resume") from None
+    teacher, data, targets, opts = runs.load_run(out_dir, CompileOptions.from_json)
     opts.resume = True
-    return rec["teacher"], rec["data"], rec["targets"], opts
+    return teacher, data, targets, opts
 
 
 def resolve_targets(specs: list[str]) -> list[TargetProfile]:
@@ -293,53 +238,6 @@ def distill_student(teacher: Teacher, data: TransferSet, num_layers: int, max_le
                      np.asarray(teacher_outputs[val_idx]), val_student)
 
 
-class Rows:
-    """Rows `index` of a (memory-mapped) array, read batch by batch: training never copies the whole split."""
-
-    def __init__(self, array: np.ndarray, index: np.ndarray) -> None:
-        self.array, self.index = array, np.asarray(index)
-        self.shape = (len(self.index), *array.shape[1:])
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def __getitem__(self, idx) -> np.ndarray:
-        return np.asarray(self.array[self.index[idx]])
-
-
-def save_stage(directory: Path, trained: DistillResult) -> None:
-    """Store a distilled student (weights in safetensors, the rest in JSON) under its input hash, atomically."""
-    from safetensors.torch import save_file
-
-    tmp = directory.with_name(f".{directory.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in trained.student.state_dict().items()}, str(tmp / "student.safetensors"))
-    (tmp / "result.json").write_text(json.dumps({"best_fidelity": trained.best_fidelity, "best_step": trained.best_step,
-                                                 "history": trained.history}), encoding="utf-8")
-    for f in tmp.iterdir():
-        with f.open("rb") as fh:
-            os.fsync(fh.fileno())
-    shutil.rmtree(directory, ignore_errors=True)
-    try:
-        os.replace(tmp, directory)
-    except OSError:  # another compile stored the same student first: theirs is as good as ours
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def load_stage(directory: Path, student: EncoderWithHead) -> DistillResult | None:
-    """Return the cached distilled student (loaded into `student`), or None if the cache has none (or a bad one)."""
-    from safetensors.torch import load_file
-
-    try:
-        meta = json.loads((directory / "result.json").read_text(encoding="utf-8"))
-        student.load_state_dict(load_file(str(directory / "student.safetensors")))
-    except Exception:  # noqa: BLE001  missing, truncated or foreign entry (safetensors raises its own type): retrain
-        return None
-    student.eval()
-    return DistillResult(student, meta["best_fidelity"], meta["best_step"], [tuple(h) for h in meta["history"]])
-
-
 def build_target(d: Distilled, profile: TargetProfile, stage_dir: Path, out_dir: Path, opts: CompileOptions) -> TargetResult:
     """Build the profile's model (its runtime's backend), validate and time what ships; publish if it keeps the budget."""
     teacher = d.teacher
@@ -409,16 +307,18 @@ def label_with_teacher(teacher: Teacher, data: TransferSet, max_length: int, cac
                                                        max_length, head))
     names = teacher.family.input_names(teacher.tokenizer)
     assembled = store.root / f"assembled-{data.sha256[:24]}-{len(data)}.npy"
-    n_missing = 0 if assembled.is_file() else len(store.missing(text_digests(data.texts)))
     with new_progress() as progress:
-        bar = progress.add_task("labelling with the teacher", total=n_missing or 1, status="") if n_missing else None
+        bars = []
 
         def compute(texts: list[str]) -> np.ndarray:
             return torch_cpu.predict(teacher.module, teacher.tokenizer, texts, names, max_length)
 
+        def on_todo(n: int) -> None:
+            if n:
+                bars.append(progress.add_task("labelling with the teacher", total=n, status=""))
+
         outputs = label_sharded(store, data.texts, assembled, compute, distributed.rank(), distributed.world(),
-                                distributed.barrier,
-                                on_progress=None if bar is None else lambda n: progress.update(bar, advance=n))
+                                distributed.barrier, on_todo, lambda n: bars and progress.update(bars[0], advance=n))
     if not all(np.isfinite(outputs[i : i + 65536]).all() for i in range(0, len(outputs), 65536)):  # in bounded chunks
         raise DataError("the teacher produced non-finite outputs on the transfer set", hint="check the teacher checkpoint")
     return outputs

@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 
 from edgedistill.cli import app
 from edgedistill.distill.loop import DistillConfig
-from edgedistill.pipeline import RUN_DIR, CompileOptions, compile, run_lock
+from edgedistill.pipeline import RUN_DIR, CompileOptions, compile
+from edgedistill.runs import run_lock
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]

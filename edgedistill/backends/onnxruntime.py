@@ -69,9 +69,18 @@ def build_onnxruntime(profile, ctx: BuildContext, stage_dir: Path) -> Built:
     calibration = [feeds for _, feeds in iter_batches(ctx.tokenizer, ctx.calibration_texts, ctx.input_names,
                                                       shape.sequence, shape.batch, fixed=True)]
     timed = here == provider  # a GPU target's trials are not timed on the CPU that stands in for its provider
+    session: dict[Path, tuple] = {}
+
+    def trial_runner(p: Path):  # one session per trial, shared by its fidelity and its timing
+        if p not in session:
+            session.clear()
+            session[p] = _runner(p, threads, here)
+        return session[p]
+
     model_path, chosen, trials = quantize_within_budget(
-        optimized.path, profile.quantization, stage_dir, calibration, lambda p: ctx.fidelity(*_runner(p, threads, here)),
-        ctx.floor, lambda p: trial_latency(_runner(p, threads, here)[0], calibration[0]) if timed else None)
+        optimized.path, profile.quantization, stage_dir, calibration, lambda p: ctx.fidelity(*trial_runner(p)),
+        ctx.floor, lambda p: trial_latency(trial_runner(p)[0], calibration[0]) if timed else None)
+    session.clear()
     files = {MODEL_FILE: model_path}
     record = {
         "export": {"exporter": "torch.onnx.export (TorchScript, dynamo=False)", "opset": onnx_model.opset,
