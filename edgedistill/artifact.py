@@ -23,6 +23,7 @@ class Manifest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     schema_version: int = SCHEMA_VERSION
+    family: str = "text-encoder"  # the model family that built it: text-encoder, causal-lm
     edgedistill_version: str
     target: dict[str, Any]
     teacher: dict[str, Any]

@@ -1,7 +1,10 @@
-"""On-disk caches, content-addressed: the teacher's outputs per text (sharded), and finished stages by input hash.
+"""On-disk caches, content-addressed: the teacher's outputs per example (sharded), and finished stages by input hash.
 
-Teacher outputs live in a store per (teacher, max length, head). Each shard file holds the outputs of up to
-SHARD_TEXTS texts with the sha1 of each text beside it, so a changed transfer set re-labels only texts the store has
+Teacher outputs live in a store per (teacher, max length, head). An example is whatever the family labels (a text
+for encoders, a window of token ids for language models) and its output one fixed-shape row of any numpy dtype
+without objects (a structured dtype holds a language model's top-k log-probabilities, indices and tail mass), so
+everything loads without pickle. Each shard file holds the outputs of up to SHARD_TEXTS examples with the sha1 of
+each example beside it, so a changed transfer set re-labels only texts the store has
 not seen, a killed labelling run keeps every finished shard, and N processes label disjoint shards side by side.
 Training reads one memory-mapped array assembled from the shards, so memory does not grow with the transfer set.
 Every file is written under a temporary name and renamed: a killed run never leaves a partial entry.
@@ -33,6 +36,13 @@ def cache_key(*parts: object) -> str:
 def text_digests(texts: Sequence[str]) -> np.ndarray:
     """Return the sha1 of each text as a fixed-width bytes array (loadable without pickle)."""
     return np.array([hashlib.sha1(t.encode("utf-8")).digest() for t in texts], dtype="S20")
+
+
+def array_digests(rows: np.ndarray) -> np.ndarray:
+    """Return the sha1 of each row's bytes (dtype included), e.g. windows of token ids, as a fixed-width array."""
+    rows = np.ascontiguousarray(rows)
+    tag = rows.dtype.str.encode()
+    return np.array([hashlib.sha1(tag + r.tobytes()).digest() for r in rows], dtype="S20")
 
 
 def save_npy(path: Path, array: np.ndarray) -> None:
@@ -99,15 +109,18 @@ class LabelStore:
         """Store one shard: outputs first, then the keys that make it visible."""
         self.root.mkdir(parents=True, exist_ok=True)
         name = hashlib.sha256(digests.tobytes()).hexdigest()[:24]
-        save_npy(self.root / f"shard-{name}.npy", np.ascontiguousarray(outputs, dtype=np.float32))
+        outputs = np.asarray(outputs)
+        if outputs.dtype.kind == "f" and outputs.dtype.names is None:
+            outputs = outputs.astype(np.float32)
+        save_npy(self.root / f"shard-{name}.npy", np.ascontiguousarray(outputs))
         save_npy(self.root / f"shard-{name}.keys.npy", digests)
 
     def assemble(self, digests: np.ndarray, path: Path) -> None:
         """Write the outputs of `digests`, in order, to one .npy at `path`, shard by shard through memory maps."""
         index = self.index()
-        dim = np.load(index[digests[0]][0], mmap_mode="r").shape[1]
+        first = np.load(index[digests[0]][0], mmap_mode="r")
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(digests), dim))
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=first.dtype, shape=(len(digests), *first.shape[1:]))
         rows_by_shard: dict[Path, list[tuple[int, int]]] = {}
         for i, d in enumerate(digests.tolist()):
             shard, row = index[d]
@@ -121,18 +134,19 @@ class LabelStore:
         os.replace(tmp, path)
 
 
-def label_sharded(store: LabelStore, texts: Sequence[str], assembled: Path,
-                  compute: Callable[[list[str]], np.ndarray], rank: int = 0, world: int = 1,
+def label_sharded(store: LabelStore, texts: Sequence, assembled: Path,
+                  compute: Callable[[list], np.ndarray], rank: int = 0, world: int = 1,
                   barrier: Callable[[], None] = lambda: None, on_todo: Callable[[int], None] | None = None,
-                  on_progress: Callable[[int], None] | None = None) -> np.ndarray:
-    """Return the teacher outputs of `texts` as a read-only memory map, labelling only texts the store lacks.
+                  on_progress: Callable[[int], None] | None = None, digests: np.ndarray | None = None) -> np.ndarray:
+    """Return the teacher outputs of `texts` (any examples; `digests` identify them, the texts' sha1 by default)
+    as a read-only memory map, labelling only examples the store lacks.
 
     With `world` processes, the missing texts are cut into shards of SHARD_TEXTS and process `rank` labels shards
     rank, rank + world, ...; `barrier` waits for all of them; process 0 then assembles the array the rest map.
     `on_todo` hears how many texts need labelling, `on_progress` how many more are done.
     """
     if not assembled.is_file():
-        digests = text_digests(texts)
+        digests = text_digests(texts) if digests is None else digests
         todo = store.missing(digests)
         barrier()  # every process splits the same list: none may add a shard before all have read the store
         if on_todo is not None:

@@ -80,7 +80,8 @@ def compile_cmd(
         if resume is not None:
             teacher, data, target, opts = load_run(resume)
             out_dir = resume
-        results = compile(teacher, data, target or [], out_dir, opts).targets
+        compiled = compile(teacher, data, target or [], out_dir, opts)
+        results, family = compiled.targets, compiled.family
     except EdgeDistillError as e:
         fail(e)
     except OSError as e:  # disk full, read-only, permissions changed mid-run: the artifact was not published
@@ -92,23 +93,16 @@ def compile_cmd(
     table.add_column("", no_wrap=True)
     for r in results:
         table.add_column(r.profile.name, overflow="fold")
-    rows = {"status": [], "fidelity vs teacher": [], "latency p50 vs teacher": [], "size vs teacher": [], "artifact": [],
+    rows = {"status": [], "fidelity vs teacher": [], "latency vs teacher": [], "size vs teacher": [], "artifact": [],
             "warnings": []}
     for r in results:
-        m, lat = r.manifest, r.manifest.latency
-        metric = "cosine_mean" if m.teacher["task"] == "feature-extraction" else "top1_agreement"
+        cells = family.summary_cells(r.manifest)
         rows["status"].append("[green]pass[/]" if r.published else "[red]FAIL[/]")
-        floor = m.metrics["budget"]["min_cosine" if metric == "cosine_mean" else "min_top1_agreement"]
-        rows["fidelity vs teacher"].append(f"{metric} {m.metrics['values'][metric]:.4f} (budget ≥ {floor:g}, "
-                                           f"{m.data['num_validation']} held-out texts)")
-        rows["latency p50 vs teacher"].append(
-            f"not measured: {lat['not_measured']}" if "not_measured" in lat else
-            f"{lat['artifact']['p50_ms']:.2f} vs {lat['teacher_torch_fp32']['p50_ms']:.2f} ms "
-            f"({lat['speedup_vs_teacher']:.1f}x faster; batch {lat['batch']} × seq {lat['sequence']}, "
-            f"{lat['threads_measured']} thread{'s' if lat['threads_measured'] > 1 else ''})")
-        rows["size vs teacher"].append(f"{m.sizes['model_mb']:.2f} vs {m.sizes['teacher_weights_mb']:.2f} MB ({m.sizes['size_ratio']:.0%})")
+        rows["fidelity vs teacher"].append(cells["fidelity"])
+        rows["latency vs teacher"].append(cells["latency"])
+        rows["size vs teacher"].append(cells["size"])
         rows["artifact"].append(str(r.path))
-        rows["warnings"].append(" ".join(warnings_for(m)) or "none")
+        rows["warnings"].append(" ".join(warnings_for(r.manifest)) or "none")
     for name, cells in rows.items():
         table.add_row(name, *cells)
     out.print(table)

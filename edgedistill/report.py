@@ -141,19 +141,32 @@ def render_report(m: Manifest, published: bool) -> str:
     return "\n".join(lines)
 
 
-def render_summary(results) -> str:
+def encoder_summary_cells(m: Manifest) -> dict[str, str]:
+    """Return an encoder artifact's summary cells: fidelity (with its budget and held-out count), latency, size."""
+    metric = "cosine_mean" if m.teacher["task"] == "feature-extraction" else "top1_agreement"
+    floor = m.metrics["budget"]["min_cosine" if metric == "cosine_mean" else "min_top1_agreement"]
+    lat = m.latency
+    latency = (f"not measured: {lat['not_measured']}" if "not_measured" in lat else
+               f"{lat['artifact']['p50_ms']:.2f} vs {lat['teacher_torch_fp32']['p50_ms']:.2f} ms "
+               f"({lat['speedup_vs_teacher']:.1f}x faster; batch {lat['batch']} × seq {lat['sequence']}, "
+               f"{lat['threads_measured']} thread{'s' if lat['threads_measured'] > 1 else ''})")
+    return {"fidelity": f"{metric} {m.metrics['values'][metric]:.4f} (budget ≥ {floor:g}, "
+                        f"{m.data['num_validation']} held-out texts)",
+            "latency": latency, "latency_short": latency_cell(lat),
+            "size": f"{m.sizes['model_mb']:.2f} vs {m.sizes['teacher_weights_mb']:.2f} MB ({m.sizes['size_ratio']:.0%})"}
+
+
+def render_summary(results, family) -> str:
     """Return OUT/summary.md: one row per target of a multi-target compile."""
     lines = ["# edgedistill compile summary", "",
-             "| target | runtime | file | size MB (vs teacher) | latency p50 ms here (speed-up) | fidelity vs teacher | budget | verdict |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| target | runtime | file | size MB (vs teacher) | latency here (speed-up) | fidelity vs teacher | verdict |",
+             "|---|---|---|---|---|---|---|"]
     for r in results:
         m = r.manifest
-        metric = "cosine_mean" if m.teacher["task"] == "feature-extraction" else "top1_agreement"
-        budget = m.metrics["budget"]["min_cosine" if metric == "cosine_mean" else "min_top1_agreement"]
-        lat = m.latency
+        cells = family.summary_cells(m)
         lines.append(f"| {m.target['name']} | {m.target['runtime']} / {m.target['execution_provider']} | {m.model['file']} | "
-                     f"{m.sizes['model_mb']:.2f} ({m.sizes['size_ratio']:.0%}) | {latency_cell(lat)} | "
-                     f"{metric} {m.metrics['values'][metric]:.4f} | ≥ {budget:g} | {'pass' if r.published else '**FAIL**'} |")
+                     f"{m.sizes['model_mb']:.2f} ({m.sizes['size_ratio']:.0%}) | {cells['latency_short']} | "
+                     f"{cells['fidelity']} | {'pass' if r.published else '**FAIL**'} |")
     lines += ["", "Latency is measured on this machine"
               " (an arm64 target's numbers come from this host's CPU, not the device; a GPU target's only where a"
               " CUDA device is present)."

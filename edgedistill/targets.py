@@ -10,7 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edgedistill.errors import ProfileError
-from edgedistill.quantize.configs import RUNTIME_RECIPES, QuantizationConfig
+from edgedistill.quantize.configs import RUNTIME_RECIPES, LMQuantizationConfig, QuantizationConfig, WeightOnlyConfig
 
 ORT_PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider")
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
@@ -31,6 +31,25 @@ class AccuracyBudget(BaseModel):
     model_config = ConfigDict(extra="forbid")
     min_cosine: float = Field(0.90, ge=-1.0, le=1.0, description="embeddings: mean cosine to the teacher")
     min_top1_agreement: float = Field(0.90, ge=0.0, le=1.0, description="classification: top-1 agreement")
+
+
+class LMBudget(BaseModel):
+    """The least fidelity a language-model artifact must keep against the teacher on the held-out windows."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_perplexity_ratio: float = Field(1.3, ge=1.0, description="artifact perplexity / teacher perplexity, at most")
+    min_top1_agreement: float = Field(0.5, ge=0.0, le=1.0, description="next-token top-1 agreement with the teacher")
+
+
+class CausalLMTarget(BaseModel):
+    """How a target builds causal-LM artifacts (the `causal_lm:` section; without it the target builds none)."""
+
+    model_config = ConfigDict(extra="forbid")
+    unsupported: str | None = Field(None, description="why this target builds no LM artifact yet (then nothing else)")
+    quantization: LMQuantizationConfig = Field(default_factory=WeightOnlyConfig)
+    budget: LMBudget = Field(default_factory=LMBudget)
+    prompt_tokens: int = Field(128, ge=1, le=8192, description="prompt length the prefill latency is measured at")
+    new_tokens: int = Field(64, ge=1, le=4096, description="tokens a decode is timed over")
 
 
 class TargetProfile(BaseModel):
@@ -58,6 +77,7 @@ class TargetProfile(BaseModel):
     quantization: QuantizationConfig
     input_shape: InputShape = Field(default_factory=InputShape)
     accuracy_budget: AccuracyBudget = Field(default_factory=AccuracyBudget)
+    causal_lm: CausalLMTarget | None = Field(None, description="language models: recipe, budget, timed lengths")
 
     @model_validator(mode="after")
     def _runtime_can_run_it(self) -> TargetProfile:

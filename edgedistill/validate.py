@@ -87,3 +87,65 @@ def retrieval_agreement(outputs: np.ndarray, teacher_outputs: np.ndarray, k: int
         return float("nan")
     ours, theirs = neighbours(np.asarray(outputs, np.float64)), neighbours(np.asarray(teacher_outputs, np.float64))
     return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(ours, theirs)]))
+
+
+# --- causal LMs: logits over held-out windows against the teacher's cached top-k distributions.
+
+class LMMetricsAccumulator:
+    """Accumulates, window batch by window batch, a model's next-token fidelity to the teacher's cached labels:
+    perplexity on the data (and the teacher's, from its cached log-prob of each actual next token), top-1 agreement
+    with the teacher, and KL(teacher || model) over the teacher's top-k tokens plus the tail as one bin."""
+
+    def __init__(self) -> None:
+        self.nll = self.teacher_nll = self.kl = 0.0
+        self.agree = self.tokens = 0
+
+    def add(self, logits: np.ndarray, windows: np.ndarray, labels: np.ndarray) -> None:
+        """Add a batch: logits (B, L, V), token windows (B, L), label rows (B,) of the family's label dtype."""
+        z = np.asarray(logits, dtype=np.float64)[:, :-1]
+        z = z - z.max(-1, keepdims=True)
+        logq = z - np.log(np.exp(z).sum(-1, keepdims=True))
+        nxt = np.asarray(windows)[:, 1:]
+        self.nll -= float(np.take_along_axis(logq, nxt[..., None], -1).sum())
+        self.teacher_nll -= float(np.asarray(labels["target"], dtype=np.float64)[:, :-1].sum())
+        idx = np.asarray(labels["idx"], dtype=np.int64)[:, :-1]
+        self.agree += int((logq.argmax(-1) == idx[..., 0]).sum())
+        logp_k = np.asarray(labels["logp"], dtype=np.float64)[:, :-1]
+        tail = np.asarray(labels["tail"], dtype=np.float64)[:, :-1]
+        logq_k = np.take_along_axis(logq, idx, -1)
+        logq_tail = np.log(np.clip(1.0 - np.exp(logq_k).sum(-1), 1e-12, None))
+        p_k, p_tail = np.exp(logp_k), np.exp(tail)
+        self.kl += float((p_k * (logp_k - logq_k)).sum() + (p_tail * (tail - logq_tail)).sum())
+        self.tokens += nxt.size
+
+    def metrics(self) -> dict[str, float]:
+        ppl, teacher_ppl = float(np.exp(self.nll / self.tokens)), float(np.exp(self.teacher_nll / self.tokens))
+        return {"perplexity": ppl, "teacher_perplexity": teacher_ppl, "perplexity_ratio": ppl / teacher_ppl,
+                "top1_agreement": self.agree / self.tokens, "kl_teacher_topk_mean": self.kl / self.tokens,
+                "tokens": float(self.tokens)}
+
+
+def greedy_agreement(ours: list[list[int]], teacher: list[list[int]]) -> dict[str, float]:
+    """Return how far greedy continuations agree with the teacher's: the mean share of tokens equal position by
+    position, and the mean share before the first difference."""
+    same, prefix = [], []
+    for a, b in zip(ours, teacher):
+        n = max(len(b), 1)
+        same.append(sum(x == y for x, y in zip(a, b)) / n)
+        first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        prefix.append(first / n)
+    return {"greedy_token_agreement": float(np.mean(same)), "greedy_prefix_agreement": float(np.mean(prefix))}
+
+
+def check_lm_budget(metrics: dict[str, float], budget) -> tuple[bool, str]:
+    """Return (passed, one-line verdict) of a language model's metrics against its LMBudget."""
+    ratio, agree = metrics["perplexity_ratio"], metrics["top1_agreement"]
+    misses = []
+    if ratio > budget.max_perplexity_ratio:
+        misses.append(f"perplexity {ratio:.3f}x the teacher's is above the budget {budget.max_perplexity_ratio:g}x")
+    if agree < budget.min_top1_agreement:
+        misses.append(f"top-1 agreement {agree:.4f} is below the budget {budget.min_top1_agreement:g}")
+    if misses:
+        return False, "; ".join(misses)
+    return True, (f"perplexity {ratio:.3f}x the teacher's <= {budget.max_perplexity_ratio:g}x, top-1 agreement "
+                  f"{agree:.4f} >= {budget.min_top1_agreement:g}")

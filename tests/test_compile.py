@@ -127,8 +127,8 @@ def test_cli_compile_prints_summary_and_recompile_replaces(tiny_encoder, text_fi
 
 def test_teacher_outputs_are_cached_per_text_and_students_per_input_hash(tiny_encoder, text_file, profile_file,
                                                                          tmp_path, monkeypatch):
-    from edgedistill import pipeline
     from edgedistill.cache import LabelStore
+    from edgedistill.families import text_encoder_stages
 
     cache = tmp_path / "cache"
     opts = CompileOptions(distill=FAST, cache_dir=cache, student_layers=1)
@@ -143,7 +143,7 @@ def test_teacher_outputs_are_cached_per_text_and_students_per_input_hash(tiny_en
     compile(str(tiny_encoder), str(text_file), [str(profile_file)], tmp_path / "b", opts)
     assert added == [] and sorted((cache / "labels").glob("*/shard-*.npy")) == shards
     # only the target changes: distillation is not run again, and the student is the same
-    monkeypatch.setattr(pipeline, "distill", lambda *a, **k: pytest.fail("distillation ran again"))
+    monkeypatch.setattr(text_encoder_stages, "distill", lambda *a, **k: pytest.fail("distillation ran again"))
     opts.student_layers = 1
     other = write_profile(tmp_path / "other.yaml", name="tiny-other")
     again = compile(str(tiny_encoder), str(text_file), [str(other)], tmp_path / "c", opts)
@@ -309,7 +309,7 @@ def test_tokenizer_files_carry_the_validated_max_length(tiny_encoder, text_file,
 def test_tokenizer_is_part_of_the_cache_identity(tiny_encoder):
     from transformers import AutoTokenizer
 
-    from edgedistill.pipeline import tokenizer_fingerprint
+    from edgedistill.tokenizer_io import tokenizer_fingerprint
 
     tok = AutoTokenizer.from_pretrained(tiny_encoder)
     before = tokenizer_fingerprint(tok)

@@ -49,6 +49,20 @@ def _rng_state() -> dict[str, torch.Tensor]:
     return out
 
 
+def unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Return the state dict on the CPU with tensors that share memory copied apart: safetensors refuses shared
+    storage, and tied weights (a language model's embedding and LM head) share it. Loading writes the same values
+    into the tied parameter twice."""
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for k, v in state.items():
+        v = v.detach().cpu().contiguous()
+        ptr = (v.untyped_storage().data_ptr(), v.storage_offset())
+        out[k] = v.clone() if ptr in seen else v
+        seen.add(ptr)
+    return out
+
+
 def save_checkpoint(directory: Path, *, key: str, position: Position, model, best_state: dict[str, torch.Tensor],
                     optimizer, scheduler, extra: dict, rank: int = 0, world: int = 1, barrier=lambda: None) -> None:
     """Write the checkpoint to `directory` (replacing an older one whole). Every process writes its RNG state; the
@@ -63,8 +77,8 @@ def save_checkpoint(directory: Path, *, key: str, position: Position, model, bes
     if rank != 0:
         barrier()
         return
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / "student.safetensors"))
-    save_file({k: v.contiguous() for k, v in best_state.items()}, str(tmp / "best.safetensors"))
+    save_file(unshared(model.state_dict()), str(tmp / "student.safetensors"))
+    save_file(unshared(best_state), str(tmp / "best.safetensors"))
     opt_tensors, opt_meta = _optimizer_tensors(optimizer.state_dict())
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     meta = {"key": key, "world": world, "position": position.__dict__, "optimizer": opt_meta,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,11 +15,8 @@ from torch.utils.data import DataLoader, Sampler
 from transformers import get_linear_schedule_with_warmup
 
 from edgedistill.distill.checkpoint import Position, load_checkpoint, restore_rng, save_checkpoint
-from edgedistill.distill.losses import classification_loss, embedding_loss, fidelity
 from edgedistill.errors import EdgeDistillError
-from edgedistill.families.text_encoder import EncoderWithHead
 from edgedistill.progress import enabled, new_progress
-from edgedistill.runtimes import iter_batches
 
 
 @dataclass
@@ -27,6 +25,8 @@ class DistillConfig:
 
     Fields: epochs; batch_size; lr (AdamW peak); weight_decay; warmup_fraction of all steps; max_grad_norm for clipping;
     temperature and label_weight (classification only); eval_every steps (0 = once per epoch);
+    divergence (forward-kl, reverse-kl or jsd), lm_temperature, ce_weight (share of next-token cross-entropy on the
+    data) and jsd_beta (GKD's beta): causal LMs only;
     freeze_embeddings keeps the teacher's token-embedding table (measured on MiniLM: the AdamW step drops from 60 ms
     to 8 ms, as the 11.7M-parameter table is most of the model); seed.
     """
@@ -42,13 +42,17 @@ class DistillConfig:
     eval_every: int = 0
     freeze_embeddings: bool = True
     seed: int = 0
+    divergence: str = "forward-kl"
+    lm_temperature: float = 1.0
+    ce_weight: float = 0.0
+    jsd_beta: float = 0.5
 
 
 @dataclass
 class DistillResult:
-    """The best student (by validation fidelity) and the history of evaluations: (step, fidelity, train loss)."""
+    """The best student (by validation score) and the history of evaluations: (step, score, train loss)."""
 
-    student: EncoderWithHead
+    student: torch.nn.Module
     best_fidelity: float
     best_step: int
     history: list[tuple[int, float, float]] = field(default_factory=list)
@@ -87,28 +91,25 @@ class LengthGroupedBatches(Sampler[list[int]]):
         yield from shuffled
 
 
-def _collate(tokenizer, texts, targets, labels, input_names, max_length):
-    def collate(indices):
-        idx = np.asarray(indices)
-        enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        batch = {name: enc[name] if name in enc else torch.zeros_like(enc["input_ids"]) for name in input_names}
-        batch["teacher"] = torch.from_numpy(np.asarray(targets[idx], dtype=np.float32))
-        if labels is not None:
-            batch["labels"] = torch.as_tensor(np.asarray(labels)[idx], dtype=torch.long)
-        return batch
+@dataclass
+class Training:
+    """What the loop needs from a model family: how to batch its examples, the loss, and the validation score.
 
-    return collate
+    lengths: one size per training example (batches group similar sizes); collate: example indices -> batch of
+    tensors; loss(model, batch) -> scalar; evaluate(model) -> validation score; maximize: whether a higher score is
+    better; describe(score) -> text for the progress bar and the log (e.g. "cosine 0.9312", "perplexity 41.2").
+    """
 
+    lengths: list[int]
+    collate: Callable[[list[int]], dict[str, torch.Tensor]]
+    loss: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+    evaluate: Callable[[torch.nn.Module], float]
+    maximize: bool = True
+    describe: Callable[[float], str] = lambda score: f"{score:.4f}"
 
-@torch.no_grad()
-def evaluate(student: EncoderWithHead, tokenizer, texts, targets, input_names, max_length, task, batch_size=128) -> float:
-    """Return the student's fidelity to the teacher outputs on a held-out set."""
-    student.eval()
-    device = next(student.parameters()).device  # on a GPU when Accelerate put the student there
-    outs = np.empty_like(np.asarray(targets), dtype=np.float32)
-    for idx, inputs in iter_batches(tokenizer, texts, input_names, max_length, batch_size):
-        outs[idx] = student(**{k: torch.from_numpy(v).to(device) for k, v in inputs.items()}).float().cpu().numpy()
-    return fidelity(torch.from_numpy(outs), torch.from_numpy(np.asarray(targets, dtype=np.float32)), task)
+    def better(self, a: float, b: float) -> bool:
+        """Whether score `a` beats score `b`."""
+        return a > b if self.maximize else a < b
 
 
 @dataclass
@@ -122,13 +123,13 @@ class Checkpointing:
     resume: bool = False
 
 
-def distill(student: EncoderWithHead, tokenizer, input_names: list[str], max_length: int,
-            train: tuple[list[str], np.ndarray, np.ndarray | None], val: tuple[list[str], np.ndarray],
-            cfg: DistillConfig, checkpointing: Checkpointing | None = None) -> DistillResult:
-    """Train `student` to match the teacher outputs in `train`; return the best state by fidelity on `val`.
+def distill(student: torch.nn.Module, training: Training, cfg: DistillConfig,
+            checkpointing: Checkpointing | None = None) -> DistillResult:
+    """Train `student` by `training`'s loss; return the best state by its validation score.
 
-    Under `accelerate launch` / `torchrun` with N processes, each batch of `cfg.batch_size` is split across them
-    (DDP), so the optimization is the same as one process's, N times wider.
+    Parameters that do not require grad (a frozen embedding table) are not optimized. Under `accelerate launch` /
+    `torchrun` with N processes, each batch of `cfg.batch_size` is split across them (DDP), so the optimization is
+    the same as one process's, N times wider.
     """
     set_seed(cfg.seed)
     state = PartialState()
@@ -139,15 +140,8 @@ def distill(student: EncoderWithHead, tokenizer, input_names: list[str], max_len
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),
                               dataloader_config=DataLoaderConfiguration(split_batches=True),
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
-    texts, targets, labels = train
-    val_texts, val_targets = val
-    task = student.task
-    sampler = LengthGroupedBatches([len(t) for t in texts], cfg.batch_size, cfg.seed,
-                                   short_batch_last=state.num_processes > 1)
-    loader = DataLoader(range(len(texts)), batch_sampler=sampler,
-                        collate_fn=_collate(tokenizer, texts, targets, labels, input_names, max_length))
-    if cfg.freeze_embeddings:
-        student.model.get_input_embeddings().weight.requires_grad_(False)
+    sampler = LengthGroupedBatches(training.lengths, cfg.batch_size, cfg.seed, short_batch_last=state.num_processes > 1)
+    loader = DataLoader(range(len(training.lengths)), batch_sampler=sampler, collate_fn=training.collate)
     trainable = [p for p in student.parameters() if p.requires_grad]
     decay = [p for p in trainable if p.ndim >= 2]
     no_decay = [p for p in trainable if p.ndim < 2]
@@ -160,7 +154,11 @@ def distill(student: EncoderWithHead, tokenizer, input_names: list[str], max_len
     unwrapped = accelerator.unwrap_model(model)
 
     def eval_now() -> float:
-        return evaluate(unwrapped, tokenizer, val_texts, val_targets, input_names, max_length, task)
+        score = training.evaluate(unwrapped)
+        if not math.isfinite(score):
+            raise EdgeDistillError(f"the validation score became {score} (training diverged)",
+                                   hint="lower --lr, or check the transfer set")
+        return score
 
     ckpt = None
     if checkpointing is not None and checkpointing.resume:
@@ -196,7 +194,7 @@ def distill(student: EncoderWithHead, tokenizer, input_names: list[str], max_len
 
     with new_progress() as progress:
         bar = progress.add_task("distilling", total=total_steps, completed=step,
-                                status=f"best val {result.best_fidelity:.4f}")
+                                status=f"best val {training.describe(result.best_fidelity)}")
         for epoch in range(start_epoch, cfg.epochs):
             model.train()
             done_in_epoch = skip if epoch == start_epoch else 0
@@ -212,13 +210,7 @@ def distill(student: EncoderWithHead, tokenizer, input_names: list[str], max_len
                 if pending_rng is not None:
                     restore_rng(pending_rng)
                     pending_rng = None
-                teacher_out = batch.pop("teacher")
-                batch_labels = batch.pop("labels", None)
-                out = model(**batch)
-                if task == "text-classification":
-                    loss = classification_loss(out, teacher_out, batch_labels, cfg.temperature, cfg.label_weight)
-                else:
-                    loss = embedding_loss(out, teacher_out)
+                loss = training.loss(model, batch)
                 accelerator.backward(loss)
                 accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                 optimizer.step()
@@ -227,17 +219,19 @@ def distill(student: EncoderWithHead, tokenizer, input_names: list[str], max_len
                 step += 1
                 done_in_epoch += 1
                 running.append(loss.item())
-                progress.update(bar, advance=1, status=f"loss {np.mean(running[-50:]):.4f}  best val {result.best_fidelity:.4f}")
+                best_text = training.describe(result.best_fidelity)
+                progress.update(bar, advance=1, status=f"loss {np.mean(running[-50:]):.4f}  best val {best_text}")
                 if step % eval_every == 0 or step == total_steps:
                     score = eval_now()
                     result.history.append((step, score, float(np.mean(running[-eval_every:]))))
-                    if score > result.best_fidelity:
+                    if training.better(score, result.best_fidelity):
                         result.student = copy.deepcopy(unwrapped)
                         result.best_fidelity, result.best_step = score, step
-                    progress.update(bar, status=f"loss {np.mean(running[-50:]):.4f}  best val {result.best_fidelity:.4f}")
+                    best_text = training.describe(result.best_fidelity)
+                    progress.update(bar, status=f"loss {np.mean(running[-50:]):.4f}  best val {best_text}")
                     if enabled():
                         progress.console.print(f"step {step}/{total_steps}: train loss {result.history[-1][2]:.4f}, "
-                                               f"validation fidelity {score:.4f} (best {result.best_fidelity:.4f})")
+                                               f"validation {training.describe(score)} (best {best_text})")
                     model.train()
                 if checkpointing is not None and step % checkpointing.every == 0 and step < total_steps:
                     checkpoint(epoch, done_in_epoch)

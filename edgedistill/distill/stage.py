@@ -7,8 +7,10 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
+
 from edgedistill.distill.loop import DistillResult
-from edgedistill.families.text_encoder import EncoderWithHead
+from edgedistill.distill.checkpoint import unshared
 
 
 def save_stage(directory: Path, trained: DistillResult) -> None:
@@ -18,7 +20,7 @@ def save_stage(directory: Path, trained: DistillResult) -> None:
     tmp = directory.with_name(f".{directory.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in trained.student.state_dict().items()}, str(tmp / "student.safetensors"))
+    save_file(unshared(trained.student.state_dict()), str(tmp / "student.safetensors"))
     (tmp / "result.json").write_text(json.dumps({"best_fidelity": trained.best_fidelity, "best_step": trained.best_step,
                                                  "history": trained.history}), encoding="utf-8")
     for f in tmp.iterdir():
@@ -31,7 +33,7 @@ def save_stage(directory: Path, trained: DistillResult) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_stage(directory: Path, student: EncoderWithHead) -> DistillResult | None:
+def load_stage(directory: Path, student: torch.nn.Module) -> DistillResult | None:
     """Return the cached distilled student (loaded into `student`), or None if the cache has none (or a bad one)."""
     from safetensors.torch import load_file
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from edgedistill.errors import CheckpointError
+from edgedistill.families.causal_lm import CAUSAL_LM_TYPES
 from edgedistill.families.text_encoder import TEXT_ENCODER_TYPES, TextEncoderFamily
 
 
@@ -12,5 +13,6 @@ def family_for(config) -> TextEncoderFamily:
         return TextEncoderFamily(TEXT_ENCODER_TYPES[model_type])
     raise CheckpointError(
         f"unsupported architecture '{model_type}'",
-        hint=f"edgedistill compiles text encoders of types: {', '.join(sorted(TEXT_ENCODER_TYPES))}",
+        hint=f"edgedistill compiles text encoders of types {', '.join(sorted(TEXT_ENCODER_TYPES))} and causal LMs of "
+             f"types {', '.join(sorted(CAUSAL_LM_TYPES))}",
     )

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgedistill.families.base import Family
+
 Task = Literal["feature-extraction", "text-classification"]
 
 
@@ -55,6 +57,10 @@ class EncoderWithHead(nn.Module):
         self.task = task
         self.pooling = pooling or Pooling()
 
+    @property
+    def config(self):
+        return self.model.config
+
     def forward(self, input_ids, attention_mask, token_type_ids=None):
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:
@@ -80,11 +86,44 @@ def evenly_spaced_layers(num_teacher: int, num_student: int) -> list[int]:
     return [int(round(i)) for i in np.linspace(0, num_teacher - 1, num_student)]
 
 
-class TextEncoderFamily:
-    """Family interface for BERT-like encoders."""
+class TextEncoderFamily(Family):
+    """BERT-like encoders: sentence embeddings (pooled, optionally normalized) or classification logits.
+
+    Examples are texts; a teacher output is one embedding or logits row per text; the student keeps evenly spaced
+    teacher layers; fidelity is cosine (embeddings) or top-1 agreement (classification)."""
+
+    name = "text-encoder"
 
     def __init__(self, encoder_type: EncoderType) -> None:
         self.type = encoder_type
+
+    def check_options(self, teacher, opts) -> None:
+        from edgedistill.families import text_encoder_stages as stages
+
+        stages.student_depth(teacher, opts.student_layers)
+        stages.check_max_length(teacher, opts.max_length or teacher.max_length)
+
+    def distill_student(self, teacher, data, opts, run_dir):
+        from edgedistill.families import text_encoder_stages as stages
+
+        return stages.distill_student(teacher, data, stages.student_depth(teacher, opts.student_layers),
+                                      stages.check_max_length(teacher, opts.max_length or teacher.max_length),
+                                      opts, run_dir)
+
+    def build_target(self, distilled, profile, stage_dir, opts):
+        from edgedistill.families import text_encoder_stages as stages
+
+        return stages.build_target(distilled, profile, stage_dir, opts)
+
+    def render_report(self, manifest, published: bool) -> str:
+        from edgedistill.report import render_report
+
+        return render_report(manifest, published)
+
+    def summary_cells(self, manifest) -> dict[str, str]:
+        from edgedistill.report import encoder_summary_cells
+
+        return encoder_summary_cells(manifest)
 
     def num_layers(self, config) -> int:
         return int(getattr(config, self.type.layers_key))

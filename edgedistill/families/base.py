@@ -1,0 +1,60 @@
+"""The model-family interface. The pipeline runs compile's stages in order and asks the teacher's family for each
+one; it never asks which family it holds. A new family (text encoders, causal LMs, next vision) is one class here."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from edgedistill.artifact import Manifest
+    from edgedistill.data import TransferSet
+    from edgedistill.targets import TargetProfile
+    from edgedistill.teachers import Teacher
+
+
+@dataclass
+class TargetBuild:
+    """One target built and validated in a stage directory: the files to ship, their manifest, and the verdict."""
+
+    files: dict[str, Path]
+    manifest: Manifest
+    passed: bool
+
+
+class Family(ABC):
+    """What differs between model families, in the order compile() needs it.
+
+    check_target: refuse a profile this family cannot build for (one line, before any model work);
+    check_options: refuse options that do not fit the teacher (depth, length), before any model work;
+    distill_student: the transfer set's examples, the teacher's outputs on them (cached), the student and its
+        distillation: done once for all targets; returns the family's own record of it;
+    build_target: export, optimize, quantize, validate against the teacher and time, in `stage_dir`;
+    render_report / summary_cells: what a person reads about one artifact.
+    """
+
+    name: ClassVar[str]
+
+    def check_target(self, profile: TargetProfile) -> None:
+        """Raise ProfileError if this family cannot build an artifact for `profile` (default: every profile)."""
+
+    @abstractmethod
+    def check_options(self, teacher: Teacher, opts: Any) -> None:
+        """Raise EdgeDistillError if `opts` cannot apply to `teacher`."""
+
+    @abstractmethod
+    def distill_student(self, teacher: Teacher, data: TransferSet, opts: Any, run_dir: Path | None) -> Any:
+        """Return the distilled student with everything targets are built and validated from."""
+
+    @abstractmethod
+    def build_target(self, distilled: Any, profile: TargetProfile, stage_dir: Path, opts: Any) -> TargetBuild:
+        """Return the target's files, manifest and verdict, written under `stage_dir`."""
+
+    @abstractmethod
+    def render_report(self, manifest: Manifest, published: bool) -> str:
+        """Return report.md for an artifact (or the .rejected.md of a target that missed its budget)."""
+
+    @abstractmethod
+    def summary_cells(self, manifest: Manifest) -> dict[str, str]:
+        """Return the CLI summary table's cells for one target: fidelity, latency, size (plain text or rich markup)."""

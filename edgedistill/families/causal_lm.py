@@ -1,0 +1,248 @@
+"""Causal language models (Llama, Qwen2, GPT-2 and kin): token windows, top-k soft labels, layer selection.
+
+Examples are windows of `max_length` token ids packed from the transfer set; the teacher's output on a window is its
+next-token distribution at every position, kept as the top-k log-probabilities, their token ids, the log of the
+remaining (tail) mass and the log-probability of the actual next token (for the teacher's own perplexity). The
+student keeps the teacher's layers that matter most, chosen by measurement on calibration windows.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgedistill.errors import DataError, EdgeDistillError
+from edgedistill.families.base import Family
+
+LayerCriterion = Literal["perplexity", "block-influence", "even"]
+
+
+@dataclass(frozen=True)
+class DecoderType:
+    """Where a causal-LM architecture keeps its decoder layers, and the config key counting them."""
+
+    model_type: str
+    layers_path: str  # attribute path from the *ForCausalLM module to the ModuleList of decoder layers
+    layers_key: str
+
+
+CAUSAL_LM_TYPES = {
+    "llama": DecoderType("llama", "model.layers", "num_hidden_layers"),
+    "mistral": DecoderType("mistral", "model.layers", "num_hidden_layers"),
+    "qwen2": DecoderType("qwen2", "model.layers", "num_hidden_layers"),
+    "gpt2": DecoderType("gpt2", "transformer.h", "n_layer"),
+}
+
+
+def label_dtype(window: int, k: int, vocab_size: int) -> np.dtype:
+    """Return the label-store row of one window: top-k log-probs (fp16) and token ids per position, the tail's
+    log-mass and the actual next token's log-prob (fp32). Ids are uint16 when the vocabulary fits (49,152 for SmolLM2)."""
+    ids = np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
+    return np.dtype([("logp", np.float16, (window, k)), ("idx", ids, (window, k)), ("tail", np.float32, (window,)),
+                     ("target", np.float32, (window,))])
+
+
+def bytes_per_token(dtype: np.dtype) -> float:
+    """Return the label-cache bytes one token costs."""
+    window = dtype["tail"].shape[0]
+    return dtype.itemsize / window
+
+
+def pack_windows(token_lists: list[list[int]], window: int, separator: int | None) -> np.ndarray:
+    """Return the texts' tokens joined (separated by `separator`, e.g. EOS) and cut into full windows (int32 rows)."""
+    stream: list[int] = []
+    for ids in token_lists:
+        if not ids:
+            continue
+        stream.extend(ids)
+        if separator is not None:
+            stream.append(separator)
+    n = len(stream) // window
+    if n == 0:
+        raise DataError(f"the transfer set holds {len(stream)} tokens, less than one window of {window}",
+                        hint="pass more text with --data, or a smaller --max-length")
+    return np.asarray(stream[: n * window], dtype=np.int32).reshape(n, window)
+
+
+@torch.no_grad()
+def teacher_labels(model: nn.Module, windows: np.ndarray, k: int, dtype: np.dtype, batch_size: int = 8) -> np.ndarray:
+    """Return the label rows (see label_dtype) of the teacher on `windows`."""
+    out = np.zeros(len(windows), dtype=dtype)
+    device = next(model.parameters()).device
+    for start in range(0, len(windows), batch_size):
+        ids = torch.from_numpy(windows[start : start + batch_size].astype(np.int64)).to(device)
+        logp = torch.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), dim=-1)
+        top, idx = logp.topk(k, dim=-1)
+        tail = torch.log1p(-torch.exp(torch.logsumexp(top, dim=-1)).clamp(max=1 - 1e-7))
+        target = torch.zeros(ids.shape, dtype=torch.float32, device=device)
+        target[:, :-1] = logp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+        target[:, -1] = float("nan")  # the last position's next token lies outside the window
+        rows = out[start : start + len(ids)]
+        rows["logp"] = top.cpu().numpy().astype(np.float16)
+        rows["idx"] = idx.cpu().numpy().astype(dtype["idx"].base)
+        rows["tail"] = tail.cpu().numpy()
+        rows["target"] = target.cpu().numpy()
+        del logp
+    return out
+
+
+def decoder_layers(model: nn.Module, decoder: DecoderType) -> nn.ModuleList:
+    return model.get_submodule(decoder.layers_path)
+
+
+def _set_layers(model: nn.Module, decoder: DecoderType, layers: list[nn.Module]) -> None:
+    parent_path, _, attr = decoder.layers_path.rpartition(".")
+    setattr(model.get_submodule(parent_path), attr, nn.ModuleList(layers))
+
+
+@torch.no_grad()
+def window_perplexity(model: nn.Module, windows: torch.Tensor) -> float:
+    """Return exp(mean next-token cross-entropy) of `model` on `windows` (B, L)."""
+    losses = []
+    for row in windows.split(4):
+        logits = model(input_ids=row, use_cache=False).logits.float()
+        losses.append(F.cross_entropy(logits[:, :-1].flatten(0, 1), row[:, 1:].flatten(), reduction="sum").item())
+    return math.exp(sum(losses) / (windows.shape[0] * (windows.shape[1] - 1)))
+
+
+@torch.no_grad()
+def block_influence(model: nn.Module, decoder: DecoderType, windows: torch.Tensor) -> list[float]:
+    """Return each layer's block influence (ShortGPT): 1 - mean cosine between its input and output hidden states.
+    A layer that barely turns the hidden state is the cheapest to drop."""
+    layers = decoder_layers(model, decoder)
+    sums = [0.0] * len(layers)
+    counts = [0] * len(layers)
+
+    def hook(i):
+        def fn(module, args, kwargs, output):
+            x = args[0] if args else kwargs["hidden_states"]
+            y = output[0] if isinstance(output, tuple) else output
+            cos = F.cosine_similarity(x.float(), y.float(), dim=-1)
+            sums[i] += cos.sum().item()
+            counts[i] += cos.numel()
+        return fn
+
+    handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        for row in windows.split(4):
+            model(input_ids=row, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return [1.0 - s / max(c, 1) for s, c in zip(sums, counts)]
+
+
+def select_layers(model: nn.Module, decoder: DecoderType, num_layers: int, windows: torch.Tensor,
+                  criterion: LayerCriterion, progress=None) -> tuple[list[int], dict]:
+    """Return the teacher layers a `num_layers` student keeps, and the evidence for the choice.
+
+    perplexity: drop layers one at a time, each time the one whose removal raises the calibration perplexity
+    least (greedy; costs a forward pass per remaining layer per drop). block-influence: drop the layers with the
+    lowest block influence in one shot. even: evenly spaced, first and last kept. Measured on SmolLM2-135M, see
+    README "Which layers the student keeps".
+    """
+    layers = list(decoder_layers(model, decoder))
+    total = len(layers)
+    evidence: dict = {"criterion": criterion, "calibration_windows": int(windows.shape[0]),
+                      "calibration_tokens": int(windows.numel())}
+    if criterion == "even":
+        kept = [int(round(i)) for i in np.linspace(0, total - 1, num_layers)] if num_layers > 1 else [total - 1]
+    elif criterion == "block-influence":
+        scores = block_influence(model, decoder, windows)
+        evidence["block_influence"] = [round(s, 6) for s in scores]
+        kept = sorted(np.argsort(scores)[::-1][:num_layers].tolist())
+    else:
+        kept = list(range(total))
+        steps = []
+        try:
+            while len(kept) > num_layers:
+                trials = {}
+                for i in kept:
+                    _set_layers(model, decoder, [layers[j] for j in kept if j != i])
+                    trials[i] = window_perplexity(model, windows)
+                    if progress is not None:
+                        progress()
+                drop = min(trials, key=trials.get)
+                kept.remove(drop)
+                steps.append({"dropped": int(drop), "perplexity": round(trials[drop], 4)})
+        finally:
+            _set_layers(model, decoder, layers)
+        evidence["drops"] = steps
+    return [int(i) for i in kept], evidence
+
+
+def derive_student(teacher: nn.Module, decoder: DecoderType, kept: list[int]) -> nn.Module:
+    """Return a copy of the teacher with only the `kept` decoder layers, renumbered for the KV cache; embeddings
+    (tied to the LM head when the teacher ties them) and final norm are the teacher's."""
+    student = copy.deepcopy(teacher)
+    layers = decoder_layers(student, decoder)
+    new_layers = [layers[i] for i in kept]
+    for new_index, layer in enumerate(new_layers):
+        for module in layer.modules():  # attention modules index the KV cache by their layer number
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new_index
+    _set_layers(student, decoder, new_layers)
+    config = student.config
+    setattr(config, decoder.layers_key, len(kept))
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = [config.layer_types[i] for i in kept]
+    if getattr(config, "tie_word_embeddings", False):
+        student.tie_weights()
+    return student
+
+
+class CausalLMFamily(Family):
+    """Decoder-only language models distilled on the teacher's cached next-token distributions."""
+
+    name = "causal-lm"
+
+    def __init__(self, decoder: DecoderType) -> None:
+        self.decoder = decoder
+
+    def num_layers(self, config) -> int:
+        return int(getattr(config, self.decoder.layers_key))
+
+    def check_target(self, profile) -> None:
+        from edgedistill.families import causal_lm_stages as stages
+
+        stages.check_target(profile)
+
+    def check_options(self, teacher, opts) -> None:
+        from edgedistill.families import causal_lm_stages as stages
+
+        stages.check_options(self, teacher, opts)
+
+    def distill_student(self, teacher, data, opts, run_dir):
+        from edgedistill.families import causal_lm_stages as stages
+
+        return stages.distill_student(self, teacher, data, opts, run_dir)
+
+    def build_target(self, distilled, profile, stage_dir, opts):
+        from edgedistill.families import causal_lm_stages as stages
+
+        return stages.build_target(distilled, profile, stage_dir, opts)
+
+    def render_report(self, manifest, published: bool) -> str:
+        from edgedistill.families import causal_lm_stages as stages
+
+        return stages.render_report(manifest, published)
+
+    def summary_cells(self, manifest) -> dict[str, str]:
+        from edgedistill.families import causal_lm_stages as stages
+
+        return stages.summary_cells(manifest)
+
+
+def causal_family_for(config) -> CausalLMFamily:
+    """Return the causal-LM family for a transformers config, or raise naming the supported types."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in CAUSAL_LM_TYPES:
+        raise EdgeDistillError(f"unsupported causal-LM architecture '{model_type}'",
+                               hint=f"edgedistill compiles causal LMs of types: {', '.join(sorted(CAUSAL_LM_TYPES))}")
+    return CausalLMFamily(CAUSAL_LM_TYPES[model_type])

@@ -1,0 +1,431 @@
+"""The causal-LM family's stages: pack the transfer set into token windows, label them with the teacher's top-k
+next-token distributions (cached), keep the layers that matter, distill, export with a KV cache, quantize, validate
+against the teacher (perplexity, agreement, KL, greedy continuations) and time prefill and decoding."""
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgedistill import __version__, distributed
+from edgedistill.artifact import Manifest
+from edgedistill.bench.timer import measure_interleaved, paired_ratio
+from edgedistill.cache import LabelStore, Rows, array_digests, cache_key, default_cache_dir, label_sharded
+from edgedistill.data import TransferSet, split_indices
+from edgedistill.distill.loop import Checkpointing, DistillResult, Training, distill
+from edgedistill.distill.losses import lm_distillation_loss
+from edgedistill.distill.stage import load_stage, save_stage
+from edgedistill.errors import EdgeDistillError, ProfileError
+from edgedistill.export_lm import export_causal_lm, torch_greedy
+from edgedistill.families.base import TargetBuild
+from edgedistill.families.causal_lm import (
+    CausalLMFamily,
+    bytes_per_token,
+    derive_student,
+    label_dtype,
+    pack_windows,
+    select_layers,
+    teacher_labels,
+    window_perplexity,
+)
+from edgedistill.progress import console, enabled, new_progress
+from edgedistill.quantize import quantize
+from edgedistill.runtimes.ort_lm import OrtCausalLM
+from edgedistill.targets import TargetProfile, builtin_profiles
+from edgedistill.teachers import Teacher
+from edgedistill.teachers.hf import count_parameters
+from edgedistill.tokenizer_io import tokenizer_fingerprint
+from edgedistill.validate import LMMetricsAccumulator, check_lm_budget, greedy_agreement
+
+DEFAULT_WINDOW = 128  # tokens per training window: what 2 CPU cores can distill on; pass --max-length for more
+CALIBRATION_WINDOWS = 8  # windows the layer selection measures on
+EVAL_WINDOWS = 32  # held-out windows scored at each evaluation during training (the final validation uses all)
+MAX_VAL_WINDOWS = 256
+PROMPTS = 8  # held-out prompts whose greedy continuations are compared with the teacher's
+PROMPT_TOKENS, CONTINUATION_TOKENS = 16, 32
+MODEL_FILE = "model.onnx"
+
+
+@dataclass
+class LMDistilled:
+    """What every LM target is built from: the distilled student, the held-out windows and their teacher labels."""
+
+    teacher: Teacher
+    data: TransferSet
+    trained: DistillResult
+    windows: np.ndarray  # (N, window) int32, all windows
+    labels: np.ndarray  # (N,) label rows, memory-mapped
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    window: int
+    top_k: int
+    kept_layers: list[int]
+    selection: dict
+    prompts: list[list[int]] = field(default_factory=list)
+    teacher_continuations: list[list[int]] = field(default_factory=list)
+
+
+def check_target(profile: TargetProfile) -> None:
+    """Refuse, in one line, a profile that does not build language models."""
+    lm = profile.causal_lm
+    able = sorted(p.name for p in builtin_profiles().values() if p.causal_lm and not p.causal_lm.unsupported)
+    hint = f"targets that build causal LMs: {', '.join(able)}"
+    if lm is None:
+        raise ProfileError(f"target {profile.name} has no causal_lm section, so it does not say how to build a "
+                           "language model", hint=f"add a causal_lm: section (edgedistill targets schema), or use one of the {hint}")
+    if lm.unsupported:
+        raise ProfileError(f"target {profile.name} builds no causal-LM artifact yet: {lm.unsupported}", hint=hint)
+
+
+def student_layers(family: CausalLMFamily, teacher: Teacher, requested: int | None) -> int:
+    total = family.num_layers(teacher.config)
+    layers = max(1, (2 * total) // 3) if requested is None else requested
+    if not 1 <= layers <= total:
+        raise EdgeDistillError(f"--student-layers {layers} is out of range: the teacher has {total} layers",
+                               hint=f"pass a number from 1 to {total}")
+    return layers
+
+
+def window_length(teacher: Teacher, requested: int | None) -> int:
+    window = requested or min(DEFAULT_WINDOW, teacher.max_length)
+    if window > teacher.max_length:
+        raise EdgeDistillError(f"--max-length {window} exceeds the teacher's context of {teacher.max_length} tokens",
+                               hint=f"pass --max-length {teacher.max_length} or less")
+    if window < 8:
+        raise EdgeDistillError(f"--max-length {window} is too short for a language-model window", hint="pass 8 or more")
+    return window
+
+
+def check_options(family: CausalLMFamily, teacher: Teacher, opts) -> None:
+    student_layers(family, teacher, opts.student_layers)
+    window_length(teacher, opts.max_length)
+    if not 1 <= opts.top_k <= int(teacher.config.vocab_size):
+        raise EdgeDistillError(f"--top-k {opts.top_k} is out of range for a vocabulary of {teacher.config.vocab_size}",
+                               hint="pass a number from 1 to the vocabulary size (64 is the default)")
+
+
+def tokenize_windows(teacher: Teacher, data: TransferSet, window: int) -> np.ndarray:
+    """Return the transfer set as windows of `window` tokens, texts joined by the EOS token."""
+    tok = teacher.tokenizer
+    ids = tok(list(data.texts), add_special_tokens=False)["input_ids"]
+    return pack_windows(ids, window, tok.eos_token_id)
+
+
+def label_windows(teacher: Teacher, windows: np.ndarray, top_k: int, cache_dir: Path) -> np.ndarray:
+    """Return the teacher's label rows for every window as a read-only memory map; windows the store has seen (same
+    teacher, tokenizer, length and k) are not labelled again, the rest are labelled in shards across processes."""
+    window = windows.shape[1]
+    dtype = label_dtype(window, top_k, int(teacher.config.vocab_size))
+    store = LabelStore(cache_dir / "labels" / cache_key("lm-v1", teacher.sha256, tokenizer_fingerprint(teacher.tokenizer),
+                                                       window, top_k))
+    digests = array_digests(windows)
+    assembled = store.root / f"assembled-{cache_key(digests.tobytes())[:24]}-{len(windows)}.npy"
+    rows = list(windows)
+    with new_progress() as progress:
+        bars = []
+
+        def on_todo(n: int) -> None:
+            if n:
+                bars.append(progress.add_task(f"labelling {n * window:,} tokens with the teacher (top-{top_k}, "
+                                              f"{bytes_per_token(dtype):.0f} B/token)", total=n, status=""))
+
+        labels = label_sharded(store, rows, assembled, lambda items: teacher_labels(teacher.module, np.stack(items), top_k, dtype),
+                               distributed.rank(), distributed.world(), distributed.barrier, on_todo,
+                               lambda n: bars and progress.update(bars[0], advance=n), digests=digests)
+    return labels
+
+
+def choose_layers(family: CausalLMFamily, teacher: Teacher, calibration: np.ndarray, num_layers: int,
+                  criterion: str, cache_dir: Path) -> tuple[list[int], dict]:
+    """Return the kept layers and the evidence, cached by teacher, calibration windows, depth and criterion."""
+    path = cache_dir / "layers" / f"{cache_key('layers-v1', teacher.sha256, calibration.tobytes(), num_layers, criterion)}.json"
+    if path.is_file():
+        cached = json.loads(path.read_text(encoding="utf-8"))
+        return cached["kept"], cached["evidence"]
+    total = family.num_layers(teacher.config)
+    drops = total - num_layers
+    trials = sum(total - i for i in range(drops)) if criterion == "perplexity" else 0
+    with new_progress() as progress:
+        bar = progress.add_task(f"choosing {num_layers} of {total} layers ({criterion})", total=max(trials, 1), status="")
+        kept, evidence = select_layers(teacher.module, family.decoder, num_layers,
+                                       torch.from_numpy(calibration.astype(np.int64)), criterion,
+                                       lambda: progress.update(bar, advance=1))
+        progress.update(bar, completed=max(trials, 1))
+    if distributed.is_main():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"kept": kept, "evidence": evidence}), encoding="utf-8")
+    return kept, evidence
+
+
+def lm_training(student: torch.nn.Module, windows: np.ndarray, labels: np.ndarray, train_idx: np.ndarray,
+                val_idx: np.ndarray, cfg) -> Training:
+    """Return the loop's view of LM distillation: fixed windows, divergence to the cached top-k + tail (plus
+    optional cross-entropy on the data), validation perplexity (lower is better)."""
+    train_rows = Rows(labels, train_idx)
+    val_windows = torch.from_numpy(windows[val_idx[:EVAL_WINDOWS]].astype(np.int64))
+    if cfg.freeze_embeddings:  # tied embeddings freeze the LM head with them
+        student.get_input_embeddings().weight.requires_grad_(False)
+
+    def collate(indices):
+        idx = np.asarray(indices)
+        rows = train_rows[idx]
+        return {"input_ids": torch.from_numpy(windows[train_idx[idx]].astype(np.int64)),
+                "teacher_logp": torch.from_numpy(np.asarray(rows["logp"])),
+                "teacher_idx": torch.from_numpy(np.asarray(rows["idx"]).astype(np.int64)),
+                "teacher_tail": torch.from_numpy(np.asarray(rows["tail"]))}
+
+    def loss(model, batch):
+        logits = model(input_ids=batch["input_ids"], use_cache=False).logits
+        return lm_distillation_loss(logits, batch["input_ids"], batch["teacher_logp"], batch["teacher_idx"],
+                                    batch["teacher_tail"], cfg.divergence, cfg.lm_temperature, cfg.ce_weight,
+                                    cfg.jsd_beta)
+
+    def evaluate(model) -> float:
+        model.eval()
+        device = next(model.parameters()).device
+        return window_perplexity(model, val_windows.to(device))
+
+    return Training(lengths=[windows.shape[1]] * len(train_idx), collate=collate, loss=loss, evaluate=evaluate,
+                    maximize=False, describe=lambda ppl: f"perplexity {ppl:.2f}")
+
+
+def distill_student(family: CausalLMFamily, teacher: Teacher, data: TransferSet, opts, run_dir: Path | None) -> LMDistilled:
+    """Window, label (cached), choose layers (cached), derive and distill the student (cached by input hash)."""
+    cache_dir = opts.cache_dir or default_cache_dir()
+    window = window_length(teacher, opts.max_length)
+    num_layers = student_layers(family, teacher, opts.student_layers)
+    windows = tokenize_windows(teacher, data, window)
+    if len(windows) < 2:
+        raise EdgeDistillError(f"the transfer set makes {len(windows)} window of {window} tokens; training and "
+                               "validation need at least 2", hint="pass more text with --data, or a smaller --max-length")
+    train_idx, val_idx = split_indices(len(windows), opts.val_fraction, opts.distill.seed)
+    val_idx = val_idx[:MAX_VAL_WINDOWS]
+    labels = label_windows(teacher, windows, opts.top_k, cache_dir)
+    calibration = windows[train_idx[:CALIBRATION_WINDOWS]]
+    kept, selection = choose_layers(family, teacher, calibration, num_layers, opts.layer_criterion, cache_dir)
+    student = derive_student(teacher.module, family.decoder, kept)
+    selection["student_perplexity_before_training"] = window_perplexity(
+        student, torch.from_numpy(windows[val_idx[:EVAL_WINDOWS]].astype(np.int64)))
+    key = cache_key("lm-student-v1", teacher.sha256, tokenizer_fingerprint(teacher.tokenizer), array_digests(windows).tobytes(),
+                    kept, window, opts.top_k, opts.val_fraction, sorted(asdict(opts.distill).items()),
+                    distributed.world(), torch.__version__, __version__)
+    trained = load_stage(cache_dir / "students" / key, student)
+    if trained is None:
+        checkpointing = None if run_dir is None else Checkpointing(run_dir / "checkpoint", key, opts.checkpoint_every,
+                                                                    opts.resume)
+        trained = distill(student, lm_training(student, windows, labels, train_idx, val_idx, opts.distill),
+                          opts.distill, checkpointing)
+        if distributed.is_main():
+            save_stage(cache_dir / "students" / key, trained)
+    prompts = [windows[i, :PROMPT_TOKENS].tolist() for i in val_idx[:PROMPTS]]
+    continuations = teacher_continuations(teacher, prompts, cache_dir)
+    return LMDistilled(teacher, data, trained, windows, labels, train_idx, val_idx, window, opts.top_k, kept, selection,
+                       prompts, continuations)
+
+
+def teacher_continuations(teacher: Teacher, prompts: list[list[int]], cache_dir: Path) -> list[list[int]]:
+    """Return the teacher's greedy continuations of the prompts (torch, its own cache), cached."""
+    path = cache_dir / "continuations" / f"{cache_key('greedy-v1', teacher.sha256, prompts, CONTINUATION_TOKENS)}.json"
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    with new_progress() as progress:
+        bar = progress.add_task("teacher's greedy continuations of held-out prompts", total=len(prompts), status="")
+        out = []
+        for p in prompts:
+            out.append(torch_greedy(teacher.module, p, CONTINUATION_TOKENS))
+            progress.update(bar, advance=1)
+    if distributed.is_main():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out), encoding="utf-8")
+    return out
+
+
+def lm_validation(logits_of, d: LMDistilled, batch: int = 4) -> dict[str, float]:
+    """Return the LM metrics of `logits_of(windows) -> logits` on the held-out windows."""
+    acc = LMMetricsAccumulator()
+    for start in range(0, len(d.val_idx), batch):
+        idx = d.val_idx[start : start + batch]
+        acc.add(logits_of(d.windows[idx].astype(np.int64)), d.windows[idx], np.asarray(d.labels[idx]))
+    return acc.metrics()
+
+
+def export_opset(profile: TargetProfile) -> int:
+    """Return the opset an LM is exported at: weight-only recipes store int4/uint8 blocks, whose tensor types
+    (and GatherBlockQuantized) need opset 21; onnxruntime's quantizer would otherwise bump the opset of a graph
+    whose ReduceMean still has opset-17 attributes, and the result does not load."""
+    return max(profile.opset, 21) if profile.causal_lm.quantization.recipe == "weight-only" else profile.opset
+
+
+def build_target(d: LMDistilled, profile: TargetProfile, stage_dir: Path, opts) -> TargetBuild:
+    """Export with a KV cache, check, quantize per the profile, validate against the teacher, time; in stage_dir."""
+    lm = profile.causal_lm
+    teacher, student = d.teacher, d.trained.student.eval()
+    exported = export_causal_lm(student, teacher.tokenizer, stage_dir / "export", export_opset(profile),
+                                d.windows[d.val_idx[:2]])
+    model_path = quantize(exported.model, lm.quantization, stage_dir / MODEL_FILE)
+    threads = profile.effective_threads
+    runner = OrtCausalLM(model_path, threads)
+    metrics = lm_validation(runner.logits, d)
+    with torch.no_grad():
+        reference = lm_validation(lambda w: student(input_ids=torch.from_numpy(w), use_cache=False).logits.float().numpy(), d)
+    for k in ("perplexity", "perplexity_ratio", "top1_agreement", "kl_teacher_topk_mean"):
+        metrics[f"torch_student_{k}"] = reference[k]
+    ours = [list(runner.generate(p, CONTINUATION_TOKENS)) for p in d.prompts]
+    metrics.update(greedy_agreement(ours, d.teacher_continuations))
+    passed, verdict = check_lm_budget(metrics, lm.budget)
+    latency = measure_lm_latency(teacher, runner, profile, d)
+    files = {MODEL_FILE: model_path, **{p.name: p for p in exported.side_files}}
+    manifest = lm_manifest(d, profile, exported, model_path, metrics, passed, verdict, latency, opts)
+    return TargetBuild(files, manifest, passed)
+
+
+def measure_lm_latency(teacher: Teacher, runner: OrtCausalLM, profile: TargetProfile, d: LMDistilled) -> dict:
+    """Return prefill latency (a `prompt_tokens` prompt) and per-token decode latency at that context, for the
+    artifact and the teacher in torch fp32 (its own KV cache), interleaved in blocks on the same tokens and threads."""
+    from transformers import DynamicCache
+
+    lm = profile.causal_lm
+    n = lm.prompt_tokens
+    stream = d.windows[d.val_idx].reshape(-1)
+    if len(stream) < n + 1:
+        stream = np.resize(stream, n + 1)
+    prompt = stream[:n].astype(np.int64)[None, :]
+    nxt = stream[n : n + 1].astype(np.int64)[None, :]
+    _, past = runner.forward(prompt)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(profile.effective_threads)
+    try:
+        with torch.inference_mode():
+            t_prompt, t_next = torch.from_numpy(prompt), torch.from_numpy(nxt)
+            cache = DynamicCache()
+            teacher.module(input_ids=t_prompt, past_key_values=cache, use_cache=True)
+
+            def teacher_step(_):
+                teacher.module(input_ids=t_next, past_key_values=cache, use_cache=True)
+                cache.crop(n)  # back to the prompt: every timed step decodes at the same context
+
+            candidates = {"artifact_prefill": (lambda _: runner.forward(prompt), [0]),
+                          "teacher_prefill": (lambda _: teacher.module(input_ids=t_prompt, use_cache=True), [0]),
+                          "artifact_decode": (lambda _: runner.forward(nxt, past), [0]),
+                          "teacher_decode": (teacher_step, [0])}
+            stats = measure_interleaved(candidates, warmup=3, min_blocks=5, min_time_s=4.0, block_s=0.3, settle=1)
+    finally:
+        torch.set_num_threads(previous)
+    decode = 1.0 / paired_ratio(stats["artifact_decode"].block_p50_ms, stats["teacher_decode"].block_p50_ms)
+    prefill = 1.0 / paired_ratio(stats["artifact_prefill"].block_p50_ms, stats["teacher_prefill"].block_p50_ms)
+    return {"batch": 1, "prompt_tokens": n, "threads_profile": profile.threads,
+            "threads_measured": profile.effective_threads,
+            **{k: v.as_dict() for k, v in stats.items()},
+            "artifact_decode_tokens_per_s": 1000.0 / stats["artifact_decode"].p50_ms,
+            "teacher_decode_tokens_per_s": 1000.0 / stats["teacher_decode"].p50_ms,
+            "decode_speedup_vs_teacher": decode, "prefill_speedup_vs_teacher": prefill,
+            "note": f"batch 1; prefill = one pass over a {n}-token held-out prompt; decode = one token after a {n}-token "
+                    "context through the KV cache (tokens/s = 1000 / its median ms); teacher = transformers fp32 with "
+                    "its DynamicCache; interleaved ~0.3 s blocks, speed-ups are medians of paired block ratios."}
+
+
+def lm_manifest(d: LMDistilled, profile: TargetProfile, exported, model_path: Path, metrics: dict, passed: bool,
+                verdict: str, latency: dict, opts) -> Manifest:
+    import onnx
+    import onnxruntime
+    import transformers
+
+    teacher, trained, lm = d.teacher, d.trained, profile.causal_lm
+    config = trained.student.config
+    model_mb = model_path.stat().st_size / 1e6
+    teacher_mb = teacher.source["fp32_mb"]
+    dtype = d.labels.dtype
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    ops: dict[str, int] = {}
+    for node in graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    return Manifest(
+        family="causal-lm",
+        edgedistill_version=__version__,
+        target=profile.model_dump(mode="json"),
+        teacher={"name": teacher.name, "sha256": teacher.sha256, "model_type": config.model_type, "task": teacher.task,
+                 "num_layers": teacher.family.num_layers(teacher.config),
+                 "num_parameters": count_parameters(teacher.module), "source": teacher.source,
+                 "vocab_size": int(config.vocab_size), "context": teacher.max_length},
+        student={"num_layers": teacher.family.num_layers(config), "kept_teacher_layers": d.kept_layers,
+                 "layer_selection": d.selection, "num_parameters": count_parameters(trained.student),
+                 "tied_embeddings": bool(getattr(config, "tie_word_embeddings", False)), "config": config.to_diff_dict()},
+        data={"source": d.data.source, "sha256": d.data.sha256, "num_texts": len(d.data), "window_tokens": d.window,
+              "num_windows": len(d.windows), "num_train": len(d.train_idx), "num_validation": len(d.val_idx),
+              "train_tokens": int(len(d.train_idx) * d.window), "val_fraction": opts.val_fraction,
+              "soft_labels": {"top_k": d.top_k, "bytes_per_token": bytes_per_token(dtype),
+                              "fields": list(dtype.names)}},
+        distillation={"config": asdict(opts.distill), "best_validation_perplexity": trained.best_fidelity,
+                      "best_step": trained.best_step, "history": trained.history},
+        export={"exporter": "optimum main_export (text-generation-with-past)", "opset": export_opset(profile),
+                **exported.checks},
+        optimization={"mode": "onnxruntime session optimizations (ORT_ENABLE_ALL) at load"},
+        quantization={"profile": lm.quantization.model_dump(mode="json"), "operators": dict(sorted(ops.items()))},
+        model={"file": MODEL_FILE, "format": "onnx", "kv_cache": {"layers": teacher.family.num_layers(config),
+               "inputs": "past_key_values.{i}.key|value", "outputs": "present.{i}.key|value"},
+               "inputs": [i.name for i in graph.input], "outputs": [o.name for o in graph.output]},
+        metrics={"values": metrics, "budget": lm.budget.model_dump(), "passed": passed, "verdict": verdict},
+        latency=latency,
+        sizes={"model_mb": model_mb, "teacher_weights_mb": teacher_mb, "size_ratio": model_mb / teacher_mb,
+               "teacher_file_mb": teacher.source.get("file_mb")},
+        versions={"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+                  "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "platform": platform.platform(),
+                  "machine": platform.machine()},
+        seed=opts.distill.seed,
+    )
+
+
+def summary_cells(m: Manifest) -> dict[str, str]:
+    v, lat, lm = m.metrics["values"], m.latency, m.metrics["budget"]
+    decode = (f"decode {lat['artifact_decode_tokens_per_s']:.1f} vs {lat['teacher_decode_tokens_per_s']:.1f} tok/s "
+              f"({lat['decode_speedup_vs_teacher']:.1f}x); prefill {lat['artifact_prefill']['p50_ms']:.1f} vs "
+              f"{lat['teacher_prefill']['p50_ms']:.1f} ms ({lat['prefill_speedup_vs_teacher']:.1f}x), "
+              f"{lat['prompt_tokens']}-token prompt, {lat['threads_measured']} threads")
+    return {"fidelity": f"perplexity {v['perplexity']:.2f} vs teacher {v['teacher_perplexity']:.2f} "
+                        f"({v['perplexity_ratio']:.3f}x, budget ≤ {lm['max_perplexity_ratio']:g}x); top-1 agreement "
+                        f"{v['top1_agreement']:.4f} (≥ {lm['min_top1_agreement']:g}); greedy agreement "
+                        f"{v['greedy_token_agreement']:.2f}; {int(v['tokens']):,} held-out tokens",
+            "latency": decode,
+            "latency_short": f"{lat['artifact_decode_tokens_per_s']:.1f} tok/s ({lat['decode_speedup_vs_teacher']:.1f}x)",
+            "size": f"{m.sizes['model_mb']:.2f} vs {m.sizes['teacher_weights_mb']:.2f} MB fp32 ({m.sizes['size_ratio']:.0%})"}
+
+
+def render_report(m: Manifest, published: bool) -> str:
+    """Return report.md of an LM artifact."""
+    v, lat, st = m.metrics["values"], m.latency, m.student
+    status = "published" if published else "REJECTED (not published)"
+    q = m.quantization["profile"]
+    recipe = ", ".join(f"{k} {val}" for k, val in q.items() if k != "recipe")
+    cells = summary_cells(m)
+    lines = [
+        f"# {m.target['name']}: {m.teacher['name']} → {st['num_layers']}-layer student", "",
+        f"**Status:** {status}. {m.metrics['verdict']}.", "",
+        f"Teacher `{m.teacher['name']}` ({m.teacher['model_type']}, {m.teacher['num_layers']} layers, "
+        f"{m.teacher['num_parameters']:,} parameters; weights: {m.teacher['source'].get('format')}"
+        + (f", dequantized to fp32 from GGUF types {m.teacher['source']['tensor_types']}" if m.teacher['source'].get('format') == 'gguf' else "")
+        + f") → student keeping layers {st['kept_teacher_layers']} (chosen by {st['layer_selection']['criterion']}; "
+        f"perplexity before training {st['layer_selection']['student_perplexity_before_training']:.1f}), "
+        f"{st['num_parameters']:,} parameters.", "",
+        f"Distilled on {m.data['train_tokens']:,} tokens ({m.data['num_train']} windows of {m.data['window_tokens']}) "
+        f"of `{m.data['source']}` against the teacher's top-{m.data['soft_labels']['top_k']} next-token "
+        f"distributions ({m.data['soft_labels']['bytes_per_token']:.0f} bytes per token cached), "
+        f"{m.distillation['config']['divergence']} at temperature {m.distillation['config']['lm_temperature']:g}; "
+        f"best validation perplexity {m.distillation['best_validation_perplexity']:.2f} at step "
+        f"{m.distillation['best_step']}.", "",
+        f"Quantization: {q['recipe']} ({recipe}).", "",
+        "| | value |", "|---|---|",
+        f"| fidelity | {cells['fidelity']} |",
+        f"| latency (this machine) | {cells['latency']} |",
+        f"| size | {cells['size']} |", "",
+        "## Metrics on the held-out windows", "", "| metric | value |", "|---|---|",
+        *[f"| {k} | {val:.4f} |" for k, val in v.items()], "",
+        "## Export checks", "", "| check | value |", "|---|---|",
+        *[f"| {k} | {val} |" for k, val in m.export.items()], "",
+        f"Latency: {lat['note']}", "",
+        "Run it: `edgedistill generate <this directory> --prompt \"...\"`.", "",
+    ]
+    return "\n".join(lines)

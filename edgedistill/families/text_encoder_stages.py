@@ -1,0 +1,293 @@
+"""The text-encoder family's stages: label texts with the teacher (cached), derive and distill the student, build,
+validate and time each target. The pipeline calls them through TextEncoderFamily."""
+from __future__ import annotations
+
+import platform
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgedistill import __version__, distributed
+from edgedistill.artifact import Manifest
+from edgedistill.backends import BuildContext, Built, build_model
+from edgedistill.bench.timer import measure_interleaved, paired_ratio
+from edgedistill.cache import LabelStore, Rows, cache_key, default_cache_dir, label_sharded
+from edgedistill.data import TransferSet, split_indices
+from edgedistill.distill.loop import Checkpointing, DistillResult, Training, distill
+from edgedistill.distill.losses import classification_loss, embedding_loss, fidelity
+from edgedistill.distill.stage import load_stage, save_stage
+from edgedistill.errors import DataError, EdgeDistillError
+from edgedistill.families.base import TargetBuild
+from edgedistill.families.text_encoder import EncoderWithHead
+from edgedistill.progress import new_progress
+from edgedistill.reverify import write_validation_set
+from edgedistill.runtimes import iter_batches, predict_with, torch_cpu
+from edgedistill.targets import TargetProfile
+from edgedistill.teachers import Teacher
+from edgedistill.teachers.hf import count_parameters, weights_mb
+from edgedistill.tokenizer_io import save_tokenizer, tokenizer_fingerprint
+from edgedistill.validate import fidelity_metrics, primary_metric, validate
+
+SEARCH_TEXTS = 300  # held-out texts each quantization trial is scored on (the final validation uses all)
+
+
+def _collate(tokenizer, texts, targets, labels, input_names, max_length):
+    def collate(indices):
+        idx = np.asarray(indices)
+        enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        batch = {name: enc[name] if name in enc else torch.zeros_like(enc["input_ids"]) for name in input_names}
+        batch["teacher"] = torch.from_numpy(np.asarray(targets[idx], dtype=np.float32))
+        if labels is not None:
+            batch["labels"] = torch.as_tensor(np.asarray(labels)[idx], dtype=torch.long)
+        return batch
+
+    return collate
+
+
+@torch.no_grad()
+def evaluate(student: EncoderWithHead, tokenizer, texts, targets, input_names, max_length, task, batch_size=128) -> float:
+    """Return the student's fidelity to the teacher outputs on a held-out set."""
+    student.eval()
+    device = next(student.parameters()).device  # on a GPU when Accelerate put the student there
+    outs = np.empty_like(np.asarray(targets), dtype=np.float32)
+    for idx, inputs in iter_batches(tokenizer, texts, input_names, max_length, batch_size):
+        outs[idx] = student(**{k: torch.from_numpy(v).to(device) for k, v in inputs.items()}).float().cpu().numpy()
+    return fidelity(torch.from_numpy(outs), torch.from_numpy(np.asarray(targets, dtype=np.float32)), task)
+
+
+def encoder_training(student: EncoderWithHead, tokenizer, input_names: list[str], max_length: int,
+                     train: tuple[list[str], np.ndarray, np.ndarray | None], val: tuple[list[str], np.ndarray],
+                     cfg) -> Training:
+    """Return the loop's view of encoder distillation: texts batched by length, embedding or soft-target loss,
+    fidelity (cosine or top-1 agreement) on the held-out texts."""
+    texts, targets, labels = train
+    val_texts, val_targets = val
+    task = student.task
+    if cfg.freeze_embeddings:
+        student.model.get_input_embeddings().weight.requires_grad_(False)
+
+    def loss(model, batch):
+        batch = dict(batch)
+        teacher_out, batch_labels = batch.pop("teacher"), batch.pop("labels", None)
+        out = model(**batch)
+        if task == "text-classification":
+            return classification_loss(out, teacher_out, batch_labels, cfg.temperature, cfg.label_weight)
+        return embedding_loss(out, teacher_out)
+
+    return Training(lengths=[len(t) for t in texts],
+                    collate=_collate(tokenizer, texts, targets, labels, input_names, max_length), loss=loss,
+                    evaluate=lambda m: evaluate(m, tokenizer, val_texts, val_targets, input_names, max_length, task))
+
+
+@dataclass
+class Distilled:
+    """What every target is built from: the trained student and the held-out split with its reference outputs."""
+
+    teacher: Teacher
+    data: TransferSet
+    trained: DistillResult
+    kept_layers: list[int]
+    input_names: list[str]
+    max_length: int
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    val_teacher: np.ndarray  # teacher outputs on the held-out split
+    val_student: np.ndarray  # fp32 torch student outputs on the held-out split
+
+    @property
+    def val_texts(self) -> list[str]:
+        return [self.data.texts[i] for i in self.val_idx]
+
+    @property
+    def val_labels(self) -> np.ndarray | None:
+        return None if self.data.labels is None else np.asarray(self.data.labels)[self.val_idx]
+
+
+def student_depth(teacher: Teacher, requested: int | None) -> int:
+    """Return the student's number of layers: `requested`, or half the teacher's; raise if out of range."""
+    total = teacher.family.num_layers(teacher.config)
+    layers = max(1, total // 2) if requested is None else requested
+    if not 1 <= layers <= total:
+        raise EdgeDistillError(f"--student-layers {layers} is out of range: the teacher has {total} layers",
+                               hint=f"pass a number from 1 to {total}")
+    return layers
+
+
+def check_max_length(teacher: Teacher, max_length: int) -> int:
+    """Return `max_length` if the teacher's position embeddings cover it, else raise."""
+    limit = getattr(teacher.config, "max_position_embeddings", None)
+    if limit is not None and max_length > limit:
+        raise EdgeDistillError(f"--max-length {max_length} exceeds the teacher's {limit} positions",
+                               hint=f"pass --max-length {limit} or less")
+    return max_length
+
+
+def distill_student(teacher: Teacher, data: TransferSet, num_layers: int, max_length: int,
+                    opts, run_dir: Path | None = None) -> Distilled:
+    """Label the transfer set with the teacher (cached), derive the student and distill it; done once for all targets.
+
+    The distilled student is cached by the hash of everything it depends on (teacher, data, depth, length, split,
+    training settings, process count): a compile that changes only its targets skips training. With `run_dir`,
+    training checkpoints there every `opts.checkpoint_every` steps.
+    """
+    cache_dir = opts.cache_dir or default_cache_dir()
+    train_idx, val_idx = split_indices(len(data), opts.val_fraction, opts.distill.seed)
+    teacher_outputs = label_with_teacher(teacher, data, max_length, cache_dir)
+    input_names = teacher.family.input_names(teacher.tokenizer)
+    student, kept_layers = derive_student(teacher, num_layers)
+    texts = lambda idx: [data.texts[i] for i in idx]  # noqa: E731
+    head = asdict(teacher.module.pooling) if teacher.task == "feature-extraction" else teacher.task
+    key = cache_key("student-v1", teacher.sha256, tokenizer_fingerprint(teacher.tokenizer), data.sha256, num_layers,
+                    max_length, head, opts.val_fraction, sorted(asdict(opts.distill).items()), distributed.world(),
+                    torch.__version__, __version__)
+    trained = load_stage(cache_dir / "students" / key, student)
+    if trained is None:
+        labels = np.asarray(data.labels)[train_idx] if data.labels is not None else None
+        checkpointing = None if run_dir is None else Checkpointing(run_dir / "checkpoint", key, opts.checkpoint_every,
+                                                                    opts.resume)
+        training = encoder_training(student, teacher.tokenizer, input_names, max_length,
+                                    (texts(train_idx), Rows(teacher_outputs, train_idx), labels),
+                                    (texts(val_idx), teacher_outputs[val_idx]), opts.distill)
+        trained = distill(student, training, opts.distill, checkpointing)
+        if distributed.is_main():
+            save_stage(cache_dir / "students" / key, trained)
+    val_student = torch_cpu.predict(trained.student, teacher.tokenizer, texts(val_idx), input_names, max_length)
+    return Distilled(teacher, data, trained, kept_layers, input_names, max_length, train_idx, val_idx,
+                     np.asarray(teacher_outputs[val_idx]), val_student)
+
+
+def build_target(d: Distilled, profile: TargetProfile, stage_dir: Path, opts) -> TargetBuild:
+    """Build the profile's model (its runtime's backend), validate and time what ships, in `stage_dir`."""
+    teacher = d.teacher
+    metric, floor = primary_metric(teacher.task, profile.accuracy_budget)
+    search_texts, search_teacher = d.val_texts[:SEARCH_TEXTS], d.val_teacher[:SEARCH_TEXTS]
+
+    def search_fidelity(run, fixed_shape) -> float:
+        out = predict_with(run, teacher.tokenizer, search_texts, d.input_names, d.max_length, fixed_shape)
+        return fidelity_metrics(out, search_teacher, teacher.task)[metric]
+
+    calibration_texts = [d.data.texts[i] for i in d.train_idx[:getattr(profile.quantization, "calibration_texts", 8)]]
+    ctx = BuildContext(d.trained.student, teacher.family, teacher.tokenizer, d.input_names, d.max_length,
+                       calibration_texts, search_fidelity, floor)
+    built = build_model(profile, ctx, stage_dir)
+    val_artifact = predict_with(built.run, teacher.tokenizer, d.val_texts, d.input_names, d.max_length, built.fixed_shape)
+    validation = validate(val_artifact, d.val_teacher, d.val_student, teacher.task, profile.accuracy_budget, d.val_labels)
+    latency = (unmeasured_latency(profile, built.not_measured) if built.not_measured
+               else measure_latency(teacher, built.run, profile, d.val_texts, d.input_names))
+    save_tokenizer(teacher.tokenizer, d.max_length, stage_dir / "tokenizer")
+    files = {**built.files, **{f.name: f for f in sorted((stage_dir / "tokenizer").iterdir()) if f.is_file()},
+             **write_validation_set(stage_dir, d.val_texts, d.val_teacher, d.val_labels)}
+    manifest = build_manifest(d, profile, built, validation, latency, opts)
+    return TargetBuild(files, manifest, validation.passed)
+
+
+def label_with_teacher(teacher: Teacher, data: TransferSet, max_length: int, cache_dir: Path) -> np.ndarray:
+    """Return the teacher's outputs for every text as a read-only memory map: texts the cache has seen (with this
+    teacher, max length and head) are not labelled again; the rest are labelled in shards, split across processes."""
+    head = asdict(teacher.module.pooling) if teacher.task == "feature-extraction" else teacher.task
+    store = LabelStore(cache_dir / "labels" / cache_key("v2", teacher.sha256, tokenizer_fingerprint(teacher.tokenizer),
+                                                       max_length, head))
+    names = teacher.family.input_names(teacher.tokenizer)
+    assembled = store.root / f"assembled-{data.sha256[:24]}-{len(data)}.npy"
+    with new_progress() as progress:
+        bars = []
+
+        def compute(texts: list[str]) -> np.ndarray:
+            return torch_cpu.predict(teacher.module, teacher.tokenizer, texts, names, max_length)
+
+        def on_todo(n: int) -> None:
+            if n:
+                bars.append(progress.add_task("labelling with the teacher", total=n, status=""))
+
+        outputs = label_sharded(store, data.texts, assembled, compute, distributed.rank(), distributed.world(),
+                                distributed.barrier, on_todo, lambda n: bars and progress.update(bars[0], advance=n))
+    if not all(np.isfinite(outputs[i : i + 65536]).all() for i in range(0, len(outputs), 65536)):  # in bounded chunks
+        raise DataError("the teacher produced non-finite outputs on the transfer set", hint="check the teacher checkpoint")
+    return outputs
+
+
+def derive_student(teacher: Teacher, num_layers: int) -> tuple[EncoderWithHead, list[int]]:
+    """Return the student (teacher architecture, `num_layers` layers) with the teacher's head, and the layers it kept."""
+    model, kept = teacher.family.derive_student(teacher.module.model, num_layers)
+    return EncoderWithHead(model, teacher.task, teacher.module.pooling if teacher.task == "feature-extraction" else None), kept
+
+
+def unmeasured_latency(profile: TargetProfile, reason: str) -> dict:
+    """Return the latency section of a target whose device is not here: the shape it would run, and why no number."""
+    return {"batch": profile.input_shape.batch, "sequence": profile.input_shape.sequence,
+            "threads_profile": profile.threads, "threads_measured": 0, "not_measured": reason,
+            "note": f"not measured: {reason}. Run `edgedistill bench` on a machine with the device."}
+
+
+def measure_latency(teacher: Teacher, run, profile: TargetProfile, texts: list[str], input_names: list[str]) -> dict:
+    """Return latency statistics of the artifact and the teacher (torch fp32), interleaved call by call on the same
+    inputs at the profile's shape and threads, and their paired ratio."""
+    shape, threads = profile.input_shape, profile.effective_threads
+    batches = [feeds for _, feeds in iter_batches(teacher.tokenizer, texts[: 8 * shape.batch], input_names,
+                                                  shape.sequence, shape.batch, fixed=True)]
+    # a GPU artifact is compared with the teacher on the same GPU when torch has one (`.cpu()` waits for the kernels)
+    device = "cuda" if profile.gpu and torch.cuda.is_available() else "cpu"
+    module = teacher.module.to(device)
+    torch_batches = [{k: torch.from_numpy(v).to(device) for k, v in b.items()} for b in batches]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            stats = measure_interleaved({"artifact": (run, batches), "teacher": (lambda x: module(**x).cpu(), torch_batches)},
+                                        min_time_s=2.0)
+    finally:
+        torch.set_num_threads(previous)
+        teacher.module.to("cpu")
+    artifact, teacher_stats = stats["artifact"], stats["teacher"]
+    note = (f"5 warm-up runs each, then ≥2 s of interleaved ~0.2 s blocks (artifact, teacher, artifact, ...; 2 untimed "
+            f"calls open each block) on {len(batches)} rotating batches of real held-out text padded to {shape.sequence} "
+            "tokens; speed-up = median over block pairs of teacher / artifact block medians.")
+    return {"batch": shape.batch, "sequence": shape.sequence, "threads_profile": profile.threads, "teacher_device": device,
+            "threads_measured": threads, "artifact": artifact.as_dict(), "teacher_torch_fp32": teacher_stats.as_dict(),
+            "speedup_vs_teacher": 1.0 / paired_ratio(artifact.block_p50_ms, teacher_stats.block_p50_ms), "note": note}
+
+
+def _mb(path: Path) -> float:
+    return path.stat().st_size / 1e6
+
+
+def build_manifest(d: Distilled, profile: TargetProfile, built: Built, validation, latency: dict,
+                   opts) -> Manifest:
+    """Return the manifest of one target's artifact (files and their hashes are added when it is written)."""
+    import onnx
+    import onnxruntime
+    import transformers
+
+    teacher, data, trained = d.teacher, d.data, d.trained
+    teacher_mb = weights_mb(teacher.path)
+    model_mb = _mb(built.files[built.model_file])
+    student_config = trained.student.model.config
+    return Manifest(
+        edgedistill_version=__version__,
+        target=profile.model_dump(mode="json"),
+        teacher={"name": teacher.name, "sha256": teacher.sha256, "model_type": student_config.model_type,
+                 "task": teacher.task, "num_layers": teacher.family.num_layers(teacher.config),
+                 "num_parameters": count_parameters(teacher.module), "label_names": teacher.label_names,
+                 "pooling": asdict(teacher.module.pooling) if teacher.task == "feature-extraction" else None},
+        student={"num_layers": teacher.family.num_layers(student_config), "kept_teacher_layers": d.kept_layers,
+                 "num_parameters": count_parameters(trained.student), "config": student_config.to_diff_dict()},
+        data={"source": data.source, "sha256": data.sha256, "num_texts": len(data), "num_train": len(d.train_idx),
+              "num_validation": len(d.val_idx), "labelled": data.labels is not None, "max_length": d.max_length,
+              "val_fraction": opts.val_fraction},
+        distillation={"config": asdict(opts.distill), "best_fidelity": trained.best_fidelity,
+                      "best_step": trained.best_step, "history": trained.history},
+        export=built.record["export"],
+        optimization=built.record["optimization"],
+        quantization=built.record["quantization"],
+        model=built.record["model"],
+        metrics={"values": validation.metrics, "budget": profile.accuracy_budget.model_dump(),
+                 "passed": validation.passed, "verdict": validation.verdict},
+        latency=latency,
+        sizes={"model_mb": model_mb, "teacher_weights_mb": teacher_mb, "size_ratio": model_mb / teacher_mb},
+        versions={"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+                  "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "platform": platform.platform(),
+                  "machine": platform.machine()},
+        seed=opts.distill.seed,
+    )

