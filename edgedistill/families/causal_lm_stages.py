@@ -34,6 +34,7 @@ from edgedistill.families.causal_lm import (
 )
 from edgedistill.progress import console, enabled, new_progress
 from edgedistill.quantize import quantize
+from edgedistill.reverify import write_lm_validation_set
 from edgedistill.runtimes.ort_lm import OrtCausalLM
 from edgedistill.targets import TargetProfile, builtin_profiles
 from edgedistill.teachers import Teacher
@@ -278,7 +279,8 @@ def build_target(d: LMDistilled, profile: TargetProfile, stage_dir: Path, opts) 
     metrics.update(greedy_agreement(ours, d.teacher_continuations))
     passed, verdict = check_lm_budget(metrics, lm.budget)
     latency = measure_lm_latency(teacher, runner, profile, d)
-    files = {MODEL_FILE: model_path, **{p.name: p for p in exported.side_files}}
+    files = {MODEL_FILE: model_path, **{p.name: p for p in exported.side_files},
+             **write_lm_validation_set(stage_dir, d.windows[d.val_idx], np.asarray(d.labels[d.val_idx]))}
     manifest = lm_manifest(d, profile, exported, model_path, metrics, passed, verdict, latency, opts)
     return TargetBuild(files, manifest, passed)
 

@@ -148,6 +148,9 @@ def load_teacher(spec: str | None, task: str | None = None) -> Teacher:
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path} has no config.json", hint=hint)
     raw_config = _read_json(path / "config.json")
+    if causal.is_causal_config(raw_config) and raw_config.get("model_type") not in causal.CAUSAL_LM_TYPES:
+        raise CheckpointError(f"unsupported causal-LM architecture '{raw_config.get('model_type')}'",
+                              hint=f"edgedistill compiles causal LMs of types: {', '.join(sorted(causal.CAUSAL_LM_TYPES))}")
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except Exception as e:  # transformers raises ValueError/KeyError/OSError for unknown or broken configs

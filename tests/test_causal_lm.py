@@ -1,0 +1,187 @@
+"""Causal LMs end to end on tiny teachers (Llama, Qwen2, GPT-2 from configs; a tiny GGUF): the KV-cache artifact loads
+in onnxruntime, matches the torch student, generates, verifies; bad input gets one line and exit 2."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from conftest import make_texts
+from lm_fixtures import build_tiny_causal_lm, tiny_llama_gguf_with_reference, truncate_file, write_tiny_gguf
+from typer.testing import CliRunner
+
+from edgedistill.artifact import verify_files
+from edgedistill.cli import app
+from edgedistill.distill.loop import DistillConfig
+from edgedistill.pipeline import CompileOptions, compile
+from edgedistill.runtimes.ort_lm import OrtCausalLM
+
+runner = CliRunner()
+FAST = DistillConfig(epochs=1, batch_size=8)
+
+
+def lm_profile(path: Path, recipe: str = "{recipe: weight-only, bits: 4, block_size: 32}", ratio: float = 5.0,
+               name: str = "tiny-lm") -> Path:
+    path.write_text(f"""name: {name}
+threads: 1
+quantization: {{recipe: fp32}}
+causal_lm:
+  quantization: {recipe}
+  budget: {{max_perplexity_ratio: {ratio}, min_top1_agreement: 0.0}}
+  prompt_tokens: 16
+""")
+    return path
+
+
+@pytest.fixture
+def lm_data(tmp_path) -> Path:
+    path = tmp_path / "lm.txt"
+    path.write_text("\n".join(make_texts(500, seed=3)) + "\n", encoding="utf-8")
+    return path
+
+
+def lm_opts(**kw) -> CompileOptions:
+    return CompileOptions(max_length=32, student_layers=2, top_k=16, distill=FAST, **kw)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "gpt2"])
+def test_compile_fp32_artifact_matches_torch_student(model_type, lm_data, tmp_path):
+    teacher = build_tiny_causal_lm(tmp_path / "teacher", model_type=model_type)
+    result = compile(str(teacher), str(lm_data), [str(lm_profile(tmp_path / "p.yaml", "{recipe: fp32}"))],
+                     tmp_path / "out", lm_opts())
+    target = result.targets[0]
+    assert target.published, target.manifest.metrics["verdict"]
+    m = verify_files(target.path)
+    assert m.family == "causal-lm" and m.student["num_layers"] == 2 and len(m.student["kept_teacher_layers"]) == 2
+    names = m.model["inputs"]
+    assert {"input_ids", "attention_mask", "past_key_values.1.value"} <= set(names)
+    assert "present.0.key" in m.model["outputs"] and m.model["outputs"][0] == "logits"
+    assert m.export["greedy_identical_to_torch"] and m.export["max_abs_diff_cached_vs_full_pass"] < 1e-3
+    # plain onnxruntime, as a user would: the full pass equals the torch student's logits
+    session = ort.InferenceSession(str(target.path / "model.onnx"), providers=["CPUExecutionProvider"])
+    ids = np.load(target.path / "validation-windows.npy")[:2].astype(np.int64)
+    lm = OrtCausalLM(target.path / "model.onnx", session=session)
+    with torch.no_grad():
+        expected = result.student(input_ids=torch.from_numpy(ids)).logits.numpy()
+    np.testing.assert_allclose(lm.logits(ids), expected, atol=1e-4)
+    v = m.metrics["values"]
+    assert abs(v["perplexity"] - v["torch_student_perplexity"]) < 1e-3 * v["perplexity"]
+    assert v["teacher_perplexity"] > 1 and 0 <= v["top1_agreement"] <= 1
+
+
+def test_int4_compile_generate_and_verify(lm_data, tmp_path):
+    teacher = build_tiny_causal_lm(tmp_path / "teacher", model_type="llama")
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["compile", str(teacher), "--data", str(lm_data), "--target", str(lm_profile(tmp_path / "p.yaml")),
+                              "--out", str(out), "--max-length", "32", "--student-layers", "3", "--top-k", "8",
+                              "--epochs", "1", "--batch-size", "8"])
+    assert res.exit_code == 0, res.output
+    assert "perplexity" in res.stdout and "tok/s" in res.stdout
+    m = verify_files(out / "tiny-lm")
+    ops = m.quantization["operators"]
+    assert ops.get("MatMulNBits", 0) >= 3 * 7 and ops.get("GatherBlockQuantized") == 1, ops
+    assert m.sizes["model_mb"] < 0.5 * m.sizes["teacher_weights_mb"]
+    assert m.data["soft_labels"]["top_k"] == 8 and m.data["soft_labels"]["bytes_per_token"] == 8 * 4 + 8
+    assert m.latency["artifact_decode_tokens_per_s"] > 0 and m.latency["decode_speedup_vs_teacher"] > 0
+    gen = runner.invoke(app, ["generate", str(out / "tiny-lm"), "--prompt", "the red dog", "--max-new-tokens", "12"])
+    assert gen.exit_code == 0, gen.output
+    assert "tokens/s decoding" in gen.stderr and gen.stdout.strip()
+    again = runner.invoke(app, ["generate", str(out / "tiny-lm"), "--prompt", "the red dog", "--max-new-tokens", "12"])
+    assert again.stdout == gen.stdout  # greedy is deterministic
+    sampled = runner.invoke(app, ["generate", str(out / "tiny-lm"), "-p", "the red dog", "--max-new-tokens", "12",
+                                  "--temperature", "1.0", "--top-k", "20", "--seed", "3"])
+    assert sampled.exit_code == 0
+    verified = runner.invoke(app, ["verify", str(out / "tiny-lm")])
+    assert verified.exit_code == 0, verified.output
+    assert "perplexity_ratio" in verified.stdout
+    too_long = runner.invoke(app, ["generate", str(out / "tiny-lm"), "--prompt", "the dog " * 100])
+    assert too_long.exit_code == 2 and "exceeds the model's context" in too_long.stderr
+    assert len(too_long.stderr.strip().splitlines()) == 1
+
+
+def test_gguf_teacher_is_dequantized_and_recorded(lm_data, tmp_path):
+    from edgedistill.teachers import load_teacher
+
+    gguf, reference = tiny_llama_gguf_with_reference(tmp_path, num_layers=3, tensor_type="q8_0")
+    teacher = load_teacher(str(gguf))
+    assert teacher.family.name == "causal-lm" and teacher.source["format"] == "gguf"
+    assert "Q8_0" in teacher.source["tensor_types"]
+    ids = torch.tensor([[5, 9, 20, 33, 7]])
+    with torch.no_grad():
+        assert torch.allclose(teacher.module(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-5)
+    result = compile(str(gguf), str(lm_data), [str(lm_profile(tmp_path / "p.yaml"))], tmp_path / "out", lm_opts())
+    assert result.targets[0].manifest.teacher["source"]["tensor_types"]["Q8_0"] > 0
+
+
+def test_labels_are_cached_per_window(lm_data, tmp_path, monkeypatch):
+    from edgedistill.cache import LabelStore
+
+    teacher = build_tiny_causal_lm(tmp_path / "teacher")
+    profile = str(lm_profile(tmp_path / "p.yaml", "{recipe: fp32}"))
+    compile(str(teacher), str(lm_data), [profile], tmp_path / "a", lm_opts())
+    added = []
+    real_add = LabelStore.add
+    monkeypatch.setattr(LabelStore, "add", lambda self, d, o: added.append(len(d)) or real_add(self, d, o))
+    compile(str(teacher), str(lm_data), [profile], tmp_path / "b", lm_opts(layer_criterion="block-influence"))
+    assert added == []  # another student: the teacher labels nothing again
+
+
+def _bad_gguf_arch(tmp_path):
+    return str(write_tiny_gguf(tmp_path / "mamba.gguf", architecture="mamba-nonsense"))
+
+
+def _truncated_gguf(tmp_path):
+    return str(truncate_file(write_tiny_gguf(tmp_path / "t.gguf"), 0.5))
+
+
+@pytest.mark.parametrize("case", ["unsupported-gguf", "truncated-gguf", "vocab-mismatch", "short-text", "long-window",
+                                  "encoder-target", "unsupported-target", "unsupported-hf-type"])
+def test_bad_input_one_line_exit_2(case, lm_data, tmp_path):
+    teacher = str(build_tiny_causal_lm(tmp_path / "teacher"))
+    profile = str(lm_profile(tmp_path / "p.yaml"))
+    args = {"data": str(lm_data), "target": profile, "extra": ["--max-length", "32"]}
+    if case == "unsupported-gguf":
+        teacher, expected = _bad_gguf_arch(tmp_path), "GGUF architecture 'mamba-nonsense' is not supported"
+    elif case == "truncated-gguf":
+        teacher, expected = _truncated_gguf(tmp_path), "is not a readable GGUF file"
+    elif case == "vocab-mismatch":
+        teacher = str(build_tiny_causal_lm(tmp_path / "bad", vocab_mismatch=True))
+        expected = "tokenizer mismatch"
+    elif case == "short-text":
+        (tmp_path / "short.txt").write_text("the dog\na cat\nred fish\n")
+        args["data"], expected = str(tmp_path / "short.txt"), "less than one window of 32"
+    elif case == "long-window":
+        args["extra"], expected = ["--max-length", "4096"], "exceeds the teacher's context of 128 tokens"
+    elif case == "encoder-target":
+        (tmp_path / "enc.yaml").write_text("name: enc\nthreads: 1\nquantization: {recipe: fp32}\n")
+        args["target"], expected = str(tmp_path / "enc.yaml"), "has no causal_lm section"
+    elif case == "unsupported-target":
+        args["target"], expected = "arm64-mobile", "builds no causal-LM artifact yet"
+    else:
+        cfg = json.loads((Path(teacher) / "config.json").read_text())
+        cfg["model_type"] = "falcon"
+        cfg["architectures"] = ["FalconForCausalLM"]
+        (Path(teacher) / "config.json").write_text(json.dumps(cfg))
+        expected = "unsupported"
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["compile", teacher, "--data", args["data"], "--target", args["target"], "--out", str(out),
+                              *args["extra"], "--epochs", "1"])
+    assert res.exit_code == 2, res.output
+    assert res.stderr.startswith("error:") and expected in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
+    assert not any(p.name in ("tiny-lm", "enc", "arm64-mobile") for p in out.iterdir()) if out.exists() else True
+
+
+def test_generate_refuses_an_encoder_artifact(tmp_path):
+    from edgedistill.artifact import Manifest
+
+    d = tmp_path / "enc"
+    d.mkdir()
+    fields = {k: {} for k in ("target", "teacher", "student", "data", "distillation", "export", "optimization",
+                              "quantization", "model", "metrics", "latency", "sizes")}
+    (d / "manifest.json").write_text(Manifest(edgedistill_version="x", versions={}, seed=0, **fields).model_dump_json())
+    res = runner.invoke(app, ["generate", str(d), "--prompt", "hi"])
+    assert res.exit_code == 2 and "not a language model" in res.stderr
