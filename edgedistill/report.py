@@ -25,8 +25,10 @@ def warnings_for(m: Manifest) -> list[str]:
     """Return what a reader should know before trusting the verdict."""
     out = []
     n_val = m.data["num_validation"]
-    if n_val < 200:
-        out.append(f"The verdict rests on only {n_val} held-out texts; pass more data or a larger --val-fraction "
+    lm = m.family == "causal-lm"
+    if (lm and n_val * m.data["window_tokens"] < 10_000) or (not lm and n_val < 200):
+        held = f"{n_val} windows ({n_val * m.data['window_tokens']:,} tokens)" if lm else f"{n_val} texts"
+        out.append(f"The verdict rests on only {held} held out; pass more data or a larger --val-fraction "
                    "before trusting it.")
     if m.distillation["best_step"] == 0:
         out.append("Distillation never beat the initial student (step 0): this artifact is the layer-pruned teacher "

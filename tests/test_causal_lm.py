@@ -185,3 +185,57 @@ def test_generate_refuses_an_encoder_artifact(tmp_path):
     (d / "manifest.json").write_text(Manifest(edgedistill_version="x", versions={}, seed=0, **fields).model_dump_json())
     res = runner.invoke(app, ["generate", str(d), "--prompt", "hi"])
     assert res.exit_code == 2 and "not a language model" in res.stderr
+
+
+def test_topk_losses_are_exact_when_k_is_the_vocabulary():
+    from edgedistill.distill.losses import generalized_jsd, lm_distillation_loss, reverse_kl, topk_bins
+
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    logp = torch.log_softmax(teacher, -1)
+    full_kl = (logp.exp() * (logp - torch.log_softmax(student, -1))).sum(-1).mean()
+    top, idx = logp.topk(11, -1)
+    tail = torch.full(top.shape[:-1], -30.0)  # no mass outside the top-k
+    assert torch.allclose(lm_distillation_loss(student, torch.zeros(2, 5, dtype=torch.long), top, idx, tail), full_kl,
+                          atol=1e-5)
+    # with k < V the tail bin carries the rest, and the loss is a lower bound of the full KL (data processing)
+    top4, idx4 = logp.topk(4, -1)
+    tail4 = torch.log1p(-top4.exp().sum(-1))
+    t_bins, s_bins = topk_bins(student, top4, idx4, tail4)
+    assert torch.allclose(t_bins.exp().sum(-1), torch.ones(2, 5), atol=1e-5)
+    assert torch.allclose(s_bins.exp().sum(-1), torch.ones(2, 5), atol=1e-5)
+    assert lm_distillation_loss(student, torch.zeros(2, 5, dtype=torch.long), top4, idx4, tail4) <= full_kl + 1e-6
+    # identical distributions: every divergence is zero
+    assert torch.allclose(reverse_kl(t_bins, t_bins), torch.zeros(2, 5), atol=1e-6)
+    assert torch.allclose(generalized_jsd(t_bins, t_bins, 0.5), torch.zeros(2, 5), atol=1e-6)
+    jsd = generalized_jsd(t_bins, s_bins, 0.5)
+    assert (jsd >= -1e-6).all() and (jsd <= np.log(2) + 1e-6).all()
+
+
+def test_layer_selection_and_student_cache_wiring():
+    from lm_fixtures import tiny_causal_lm
+
+    from edgedistill.families.causal_lm import CAUSAL_LM_TYPES, block_influence, derive_student, select_layers
+
+    teacher = tiny_causal_lm("llama", num_layers=5)
+    decoder = CAUSAL_LM_TYPES["llama"]
+    windows = torch.randint(1, 300, (4, 24))
+    assert len(block_influence(teacher, decoder, windows)) == 5
+    for criterion in ("perplexity", "block-influence", "even"):
+        kept, evidence = select_layers(teacher, decoder, 3, windows, criterion)
+        assert len(kept) == 3 and kept == sorted(kept) and evidence["criterion"] == criterion
+    assert len(teacher.model.layers) == 5  # selection leaves the teacher whole
+    student = derive_student(teacher, decoder, [0, 2, 4])
+    assert student.config.num_hidden_layers == 3 and [l.self_attn.layer_idx for l in student.model.layers] == [0, 1, 2]
+    assert student.lm_head.weight.data_ptr() == student.model.embed_tokens.weight.data_ptr()  # still tied
+    ids = windows[:1]
+    with torch.no_grad():
+        full = student(input_ids=ids).logits
+        out = student(input_ids=ids[:, :10], use_cache=True)
+        stepped = [out.logits]
+        past = out.past_key_values
+        for t in range(10, ids.shape[1]):
+            out = student(input_ids=ids[:, t : t + 1], past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            stepped.append(out.logits)
+    assert torch.allclose(torch.cat(stepped, 1), full, atol=1e-4)  # the cache is indexed by the new layer numbers

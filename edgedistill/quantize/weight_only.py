@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from edgedistill.quantize import excluded_nodes, register_recipe
@@ -24,13 +25,14 @@ def quantize_weight_only(model_path: Path, config: WeightOnlyConfig, out_path: P
     model = onnx.load(str(model_path))
     previous = logging.getLogger().level
     logging.getLogger().setLevel(logging.WARNING)  # the quantizer logs every node at INFO
+    quantizer = MatMulNBitsQuantizer(model, bits=config.bits, block_size=config.block_size,
+                                     is_symmetric=config.symmetric, accuracy_level=config.accuracy_level or None,
+                                     nodes_to_exclude=excluded_nodes(model_path, config.exclude),
+                                     op_types_to_quantize=ops, quant_axes=(("MatMul", 0), ("Gather", 1)),
+                                     algo_config=algo)
     try:
-        quantizer = MatMulNBitsQuantizer(model, bits=config.bits, block_size=config.block_size,
-                                         is_symmetric=config.symmetric, accuracy_level=config.accuracy_level or None,
-                                         nodes_to_exclude=excluded_nodes(model_path, config.exclude),
-                                         op_types_to_quantize=ops, quant_axes=(("MatMul", 0), ("Gather", 1)),
-                                         algo_config=algo)
-        quantizer.process()
+        with np.errstate(invalid="ignore", divide="ignore"):  # all-zero blocks have scale 0: quantized to 0 anyway
+            quantizer.process()
     finally:
         logging.getLogger().setLevel(previous)
     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,194 @@
+"""Causal-LM recipe evidence, measured on the real teacher (SmolLM2-135M by default):
+
+    python benchmarks/lm_recipes.py labels   # k of the soft-label cache, and the divergence, by student quality
+    python benchmarks/lm_recipes.py int4     # MatMulNBits block size / symmetry / accuracy level / embeddings
+
+labels: one student (block-influence layers), the same windows, steps, seed and learning rate; only what the loss
+sees changes: the teacher's top-k + tail for k in --ks, or its full distribution (computed on the fly, the "no cache"
+reference), and forward KL vs reverse KL vs JSD(0.5) at the chosen k. Scored on held-out windows: perplexity and
+top-1 agreement with the teacher. Cache bytes per token beside each.
+
+int4: the teacher exported by Optimum with its KV cache, quantized by each setting; held-out perplexity vs the fp32
+graph, file size, and one-token decode latency at a 128-token context (interleaved).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from edgedistill.data import load_transfer_set, split_indices  # noqa: E402
+from edgedistill.distill.loop import DistillConfig, Training, distill  # noqa: E402
+from edgedistill.families.causal_lm import (  # noqa: E402
+    bytes_per_token,
+    derive_student,
+    label_dtype,
+    select_layers,
+    teacher_labels,
+    window_perplexity,
+)
+from edgedistill.families.causal_lm_stages import lm_training, tokenize_windows  # noqa: E402
+from edgedistill.teachers import load_teacher  # noqa: E402
+from edgedistill.validate import LMMetricsAccumulator  # noqa: E402
+
+console = Console(width=150)
+
+
+def held_out_metrics(logits_of, windows: np.ndarray, labels: np.ndarray) -> dict:
+    acc = LMMetricsAccumulator()
+    for s in range(0, len(windows), 4):
+        w = windows[s : s + 4].astype(np.int64)
+        acc.add(logits_of(w), w, labels[s : s + 4])
+    return acc.metrics()
+
+
+def restrict(labels: np.ndarray, k: int, window: int, vocab: int) -> np.ndarray:
+    """Return top-k label rows cut from top-K ones (K >= k): the same top-k, the tail re-summed."""
+    out = np.zeros(len(labels), dtype=label_dtype(window, k, vocab))
+    out["logp"], out["idx"], out["target"] = labels["logp"][..., :k], labels["idx"][..., :k], labels["target"]
+    mass = np.exp(labels["logp"][..., :k].astype(np.float64)).sum(-1)
+    out["tail"] = np.log(np.clip(1.0 - mass, 1e-7, None)).astype(np.float32)
+    return out
+
+
+def labels_study(args) -> None:
+    teacher = load_teacher(args.teacher)
+    vocab = int(teacher.config.vocab_size)
+    windows = tokenize_windows(teacher, load_transfer_set(None, "text", "label", None, None), args.window)
+    train_idx, val_idx = split_indices(len(windows), 0.05, 0)
+    train_idx = train_idx[: args.steps * args.batch_size]
+    val_idx = val_idx[: args.eval]
+    used = np.concatenate([train_idx, val_idx])
+    kmax = max(args.ks)
+    t0 = time.perf_counter()
+    labels = np.zeros(len(windows), dtype=label_dtype(args.window, kmax, vocab))
+    labels[used] = teacher_labels(teacher.module, windows[used], kmax, labels.dtype)
+    console.print(f"labelled {len(used) * args.window:,} tokens at k={kmax} in {time.perf_counter() - t0:.0f} s")
+    calib = torch.from_numpy(windows[train_idx[:4]].astype(np.int64))
+    kept, _ = select_layers(teacher.module, teacher.family.decoder, args.keep, calib, "block-influence")
+    cfg = DistillConfig(epochs=1, batch_size=args.batch_size, lr=args.lr, eval_every=10**9, seed=0)
+    base_student = derive_student(teacher.module, teacher.family.decoder, kept)
+    before = held_out_metrics(lambda w: base_student(input_ids=torch.from_numpy(w)).logits.float().numpy(),
+                              windows[val_idx], labels[val_idx])
+    runs = [(f"top-{k} + tail", k, "forward-kl") for k in args.ks] + [("full distribution", None, "forward-kl")]
+    runs += [(f"top-{args.div_k} + tail", args.div_k, d) for d in ("reverse-kl", "jsd")]
+    table = Table(title=f"{args.teacher}: {args.keep}-layer student, {args.steps} steps x {args.batch_size} windows x "
+                        f"{args.window} tokens ({args.steps * args.batch_size * args.window:,} tokens), lr {args.lr}; "
+                        f"{len(val_idx)} held-out windows; before training: perplexity ratio "
+                        f"{before['perplexity_ratio']:.2f}, top-1 {before['top1_agreement']:.3f}")
+    for col in ("soft labels", "divergence", "cache B/token", "perplexity", "x teacher", "top-1 agreement",
+                "KL(teacher||student)", "train s"):
+        table.add_column(col)
+    for name, k, divergence in runs:
+        student = derive_student(teacher.module, teacher.family.decoder, kept)
+        run_cfg = DistillConfig(**{**cfg.__dict__, "divergence": divergence})
+        if k is None:
+            training = full_training(teacher.module, student, windows, train_idx, val_idx, run_cfg)
+            size = vocab * 4
+        else:
+            rows = restrict(labels, k, args.window, vocab) if k != kmax else labels
+            training = lm_training(student, windows, rows, train_idx, val_idx, run_cfg)
+            size = bytes_per_token(rows.dtype)
+        t0 = time.perf_counter()
+        trained = distill(student, training, run_cfg).student
+        seconds = time.perf_counter() - t0
+        m = held_out_metrics(lambda w: trained(input_ids=torch.from_numpy(w)).logits.float().numpy(), windows[val_idx],
+                             labels[val_idx])
+        table.add_row(name, divergence, f"{size:,.0f}", f"{m['perplexity']:.2f}", f"{m['perplexity_ratio']:.3f}",
+                      f"{m['top1_agreement']:.4f}", f"{m['kl_teacher_topk_mean']:.4f}", f"{seconds:.0f}")
+        console.print(f"{name} {divergence}: ratio {m['perplexity_ratio']:.3f}, top-1 {m['top1_agreement']:.4f}")
+    console.print(table)
+
+
+def full_training(teacher_model, student, windows, train_idx, val_idx, cfg) -> Training:
+    """The no-cache reference: the teacher's whole distribution, computed on every batch."""
+    student.get_input_embeddings().weight.requires_grad_(False)
+
+    def collate(indices):
+        return {"input_ids": torch.from_numpy(windows[train_idx[np.asarray(indices)]].astype(np.int64))}
+
+    def loss(model, batch):
+        with torch.no_grad():
+            logp = torch.log_softmax(teacher_model(input_ids=batch["input_ids"]).logits.float(), -1)
+        logq = torch.log_softmax(model(input_ids=batch["input_ids"], use_cache=False).logits.float(), -1)
+        return (logp.exp() * (logp - logq)).sum(-1).mean()
+
+    val = torch.from_numpy(windows[val_idx[:32]].astype(np.int64))
+    return Training(lengths=[windows.shape[1]] * len(train_idx), collate=collate, loss=loss,
+                    evaluate=lambda m: window_perplexity(m.eval(), val), maximize=False)
+
+
+def int4_study(args) -> None:
+    from edgedistill.bench.timer import measure_interleaved
+    from edgedistill.export_lm import export_causal_lm
+    from edgedistill.quantize import quantize
+    from edgedistill.quantize.configs import WeightOnlyConfig
+    from edgedistill.runtimes.ort_lm import OrtCausalLM
+
+    teacher = load_teacher(args.teacher)
+    vocab = int(teacher.config.vocab_size)
+    windows = tokenize_windows(teacher, load_transfer_set(None, "text", "label", None, None), args.window)
+    _, val_idx = split_indices(len(windows), 0.05, 0)
+    held = windows[val_idx[: args.eval]]
+    labels = teacher_labels(teacher.module, held, 8, label_dtype(args.window, 8, vocab))
+    settings = [("fp32", None)] + [
+        (f"int4 block {b}, {'sym' if s else 'asym'}, acc {a}, emb {'int4' if e else 'fp32'}",
+         WeightOnlyConfig(bits=4, block_size=b, symmetric=s, accuracy_level=a, quantize_embeddings=e))
+        for b, s, a, e in [(32, True, 4, False), (32, True, 4, True), (32, False, 4, True), (64, True, 4, True),
+                           (128, True, 4, True), (32, True, 0, True)]] + [
+        ("int8 block 32, sym, acc 4, emb int8", WeightOnlyConfig(bits=8, block_size=32, symmetric=True, accuracy_level=4))]
+    with tempfile.TemporaryDirectory() as tmp:
+        exported = export_causal_lm(teacher.module, teacher.tokenizer, Path(tmp) / "export", 21, held[:2])
+        models = {}
+        for name, cfg in settings:
+            models[name] = exported.model if cfg is None else quantize(exported.model, cfg, Path(tmp) / f"{len(models)}.onnx")
+        runners = {name: OrtCausalLM(path, args.threads) for name, path in models.items()}
+        prompt = held.reshape(-1)[:128].astype(np.int64)[None]
+        nxt = held.reshape(-1)[128:129].astype(np.int64)[None]
+        pasts = {name: r.forward(prompt)[1] for name, r in runners.items()}
+        stats = measure_interleaved({name: ((lambda r, p: lambda _: r.forward(nxt, p))(r, pasts[name]), [0])
+                                     for name, r in runners.items()}, warmup=3, min_time_s=10.0, settle=1)
+        table = Table(title=f"{args.teacher} exported with its KV cache ({len(held)} held-out windows x {args.window}; "
+                            f"decode = one token at a 128-token context, {args.threads} threads)")
+        for col in ("weights", "perplexity", "x fp32 graph", "top-1 vs teacher", "MB", "decode ms", "tok/s"):
+            table.add_column(col)
+        base = None
+        for name, path in models.items():
+            m = held_out_metrics(runners[name].logits, held, labels)
+            base = base or m["perplexity"]
+            table.add_row(name, f"{m['perplexity']:.2f}", f"{m['perplexity'] / base:.3f}", f"{m['top1_agreement']:.4f}",
+                          f"{path.stat().st_size / 1e6:.1f}", f"{stats[name].p50_ms:.2f}", f"{1000 / stats[name].p50_ms:.1f}")
+        console.print(table)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("study", choices=["labels", "int4"])
+    ap.add_argument("--teacher", default="smollm2")
+    ap.add_argument("--window", type=int, default=128)
+    ap.add_argument("--keep", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--ks", type=int, nargs="+", default=[8, 64, 256])
+    ap.add_argument("--div-k", type=int, default=64)
+    ap.add_argument("--eval", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    (labels_study if args.study == "labels" else int4_study)(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
