@@ -39,17 +39,14 @@ from edgedistill.families.causal_lm import (  # noqa: E402
 )
 from edgedistill.families.causal_lm_stages import lm_training, tokenize_windows  # noqa: E402
 from edgedistill.teachers import load_teacher  # noqa: E402
-from edgedistill.validate import LMMetricsAccumulator  # noqa: E402
+from edgedistill.validate import lm_metrics  # noqa: E402
 
 console = Console(width=150)
 
 
+@torch.no_grad()
 def held_out_metrics(logits_of, windows: np.ndarray, labels: np.ndarray) -> dict:
-    acc = LMMetricsAccumulator()
-    for s in range(0, len(windows), 4):
-        w = windows[s : s + 4].astype(np.int64)
-        acc.add(logits_of(w), w, labels[s : s + 4])
-    return acc.metrics()
+    return lm_metrics(logits_of, windows, labels)
 
 
 def restrict(labels: np.ndarray, k: int, window: int, vocab: int) -> np.ndarray:

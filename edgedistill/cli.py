@@ -58,6 +58,7 @@ def compile_cmd(
     label_column: str = typer.Option("label", "--label-column", help="JSONL field / CSV column holding the label"),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Teacher-output and student cache (default: ~/.cache/edgedistill)"),
     checkpoint_every: int = typer.Option(200, "--checkpoint-every", min=1, help="Checkpoint the distillation every N steps"),
+    student: Optional[str] = typer.Option(None, "--student", help="LMs: a causal-LM directory (the teacher's tokenizer) to distill into, instead of a student derived from the teacher"),
     top_k: int = typer.Option(64, "--top-k", min=1, help="LMs: teacher tokens per position kept in the soft-label cache"),
     layer_criterion: str = typer.Option("perplexity", "--layer-criterion", help="LMs: perplexity | block-influence | even (which teacher layers the student keeps)"),
     divergence: str = typer.Option("forward-kl", "--divergence", help="LMs: forward-kl | reverse-kl | jsd"),
@@ -84,7 +85,7 @@ def compile_cmd(
         fail(EdgeDistillError(f"unknown --divergence '{divergence}'", hint="use forward-kl, reverse-kl or jsd"))
     opts = CompileOptions(task=task, student_layers=student_layers, max_length=max_length, val_fraction=val_fraction,
                           max_texts=max_texts, text_column=text_column, label_column=label_column, cache_dir=cache_dir,
-                          checkpoint_every=checkpoint_every, top_k=top_k, layer_criterion=layer_criterion,
+                          checkpoint_every=checkpoint_every, top_k=top_k, layer_criterion=layer_criterion, student=student,
                           distill=DistillConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                                                 divergence=divergence, lm_temperature=lm_temperature,
                                                 ce_weight=ce_weight, jsd_beta=jsd_beta))

@@ -44,6 +44,7 @@ class CompileOptions:
     resume: bool = False
     top_k: int = 64  # causal LMs: teacher tokens kept per position in the soft-label cache
     layer_criterion: str = "perplexity"  # causal LMs: how the student's layers are chosen
+    student: str | None = None  # causal LMs: a student checkpoint to distill into, instead of a derived one
     distill: DistillConfig = field(default_factory=DistillConfig)
 
     def to_json(self) -> dict:

@@ -100,18 +100,14 @@ def revalidate_lm(artifact_dir: Path, m: Manifest) -> Revalidation:
     """Re-run an LM artifact's held-out windows and compare perplexity ratio and top-1 agreement with the record."""
     from edgedistill.runtimes.ort_lm import OrtCausalLM
     from edgedistill.targets import LMBudget
-    from edgedistill.validate import LMMetricsAccumulator, check_lm_budget
+    from edgedistill.validate import check_lm_budget, lm_metrics
 
     if VAL_WINDOWS not in m.files or VAL_TEACHER not in m.files:
         raise ArtifactError(f"{artifact_dir} carries no validation set", hint="re-run compile")
     windows = np.load(artifact_dir / VAL_WINDOWS, allow_pickle=False)
     labels = np.load(artifact_dir / VAL_TEACHER, allow_pickle=False)
     runner = OrtCausalLM(artifact_dir / m.model["file"], threads=1)
-    acc = LMMetricsAccumulator()
-    for start in range(0, len(windows), 4):
-        w = windows[start : start + 4].astype(np.int64)
-        acc.add(runner.logits(w), w, labels[start : start + 4])
-    measured = {k: v for k, v in acc.metrics().items() if k != "tokens"}
+    measured = {k: v for k, v in lm_metrics(runner.logits, windows, labels).items() if k != "tokens"}
     recorded = {k: v for k, v in m.metrics["values"].items() if k in measured}
     passed, verdict = check_lm_budget(measured, LMBudget(**m.metrics["budget"]))
     for key, tolerance in LM_TOLERANCE.items():

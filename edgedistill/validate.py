@@ -125,6 +125,15 @@ class LMMetricsAccumulator:
                 "tokens": float(self.tokens)}
 
 
+def lm_metrics(logits_of, windows: np.ndarray, labels: np.ndarray, batch: int = 4) -> dict[str, float]:
+    """Return the LM metrics of `logits_of(int64 windows (B, L)) -> logits (B, L, V)` on windows and their labels."""
+    acc = LMMetricsAccumulator()
+    for start in range(0, len(windows), batch):
+        w = np.asarray(windows[start : start + batch], dtype=np.int64)
+        acc.add(logits_of(w), w, np.asarray(labels[start : start + batch]))
+    return acc.metrics()
+
+
 def greedy_agreement(ours: list[list[int]], teacher: list[list[int]]) -> dict[str, float]:
     """Return how far greedy continuations agree with the teacher's: the mean share of tokens equal position by
     position, and the mean share before the first difference."""

@@ -97,6 +97,15 @@ def test_int4_compile_generate_and_verify(lm_data, tmp_path):
     verified = runner.invoke(app, ["verify", str(out / "tiny-lm")])
     assert verified.exit_code == 0, verified.output
     assert "perplexity_ratio" in verified.stdout
+    bench = runner.invoke(app, ["bench", str(out / "tiny-lm"), "--seq", "16", "--min-time", "0.2", "--no-memory",
+                                "--json", str(tmp_path / "bench.json")])
+    assert bench.exit_code == 0, bench.output
+    result = json.loads((tmp_path / "bench.json").read_text())
+    roles = [r["role"] for r in result["results"]]
+    assert roles == ["teacher", "peer", "artifact"]
+    artifact = result["results"][2]
+    assert artifact["accuracy"]["decode_tokens_per_s"] > 0 and 0 <= artifact["accuracy"]["top1_agreement"] <= 1
+    assert {"prefill_b1_s16_t1", "generate_b1_s64_t1"} <= set(artifact["ratio_to_teacher"])
     too_long = runner.invoke(app, ["generate", str(out / "tiny-lm"), "--prompt", "the dog " * 100])
     assert too_long.exit_code == 2 and "exceeds the model's context" in too_long.stderr
     assert len(too_long.stderr.strip().splitlines()) == 1
@@ -239,3 +248,16 @@ def test_layer_selection_and_student_cache_wiring():
             past = out.past_key_values
             stepped.append(out.logits)
     assert torch.allclose(torch.cat(stepped, 1), full, atol=1e-4)  # the cache is indexed by the new layer numbers
+
+
+def test_given_student_must_share_the_vocabulary(lm_data, tmp_path):
+    teacher = build_tiny_causal_lm(tmp_path / "teacher", num_layers=4)
+    student = build_tiny_causal_lm(tmp_path / "student", num_layers=2, seed=5)
+    profile = str(lm_profile(tmp_path / "p.yaml", "{recipe: fp32}"))
+    result = compile(str(teacher), str(lm_data), [profile], tmp_path / "out", lm_opts(student=str(student)))
+    m = result.targets[0].manifest
+    assert m.student["layer_selection"]["criterion"] == "given" and m.student["num_layers"] == 2
+    bad = build_tiny_causal_lm(tmp_path / "bad", num_layers=2, vocab_mismatch=True)
+    res = runner.invoke(app, ["compile", str(teacher), "--data", str(lm_data), "--target", profile, "--out",
+                              str(tmp_path / "out2"), "--max-length", "32", "--student", str(bad)])
+    assert res.exit_code == 2 and "error:" in res.stderr and "Traceback" not in res.stderr

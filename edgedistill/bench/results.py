@@ -12,6 +12,8 @@ class ShapeLatency(BaseModel):
     """Latency of one model at one (batch, sequence, threads), in ms, over `runs` timed runs."""
 
     model_config = ConfigDict(extra="forbid")
+    phase: str | None = Field(None, description="language models: prefill (sequence = prompt tokens) or generate "
+                                                "(sequence = new tokens); None for encoders")
     batch: int
     sequence: int
     threads: int
@@ -26,7 +28,8 @@ class ShapeLatency(BaseModel):
 
     @property
     def key(self) -> str:
-        return shape_key(self.batch, self.sequence, self.threads)
+        key = shape_key(self.batch, self.sequence, self.threads)
+        return f"{self.phase}_{key}" if self.phase else key
 
 
 def shape_key(batch: int, sequence: int, threads: int) -> str:
@@ -38,7 +41,7 @@ class ModelResult(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     name: str
-    role: Literal["teacher", "artifact"]
+    role: Literal["teacher", "artifact", "peer"]
     runtime: str
     artifact_dir: str | None = None
     model_file: str | None = None

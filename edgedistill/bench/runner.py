@@ -38,6 +38,8 @@ class BenchSettings:
     min_time_s: float = 3.0
     retrieval_k: int = 10
     memory: bool = True
+    new_tokens: int = 64  # language models: tokens a generation is timed over (the prompt is `sequence` tokens)
+    peer: bool = True  # language models: also time the teacher int4 without distillation (Optimum + MatMulNBits)
 
 
 def _check_runtimes(names: list[str]) -> list[str]:
@@ -95,6 +97,16 @@ def run_bench(artifact_dirs: list[Path], teacher_spec: str | None, data_path: st
     if not artifact_dirs:
         raise EdgeDistillError("no artifact directories given", hint="pass one or more OUT/<target> directories")
     manifests = {d: verify_files(d) for d in artifact_dirs}
+    families = {m.family for m in manifests.values()}
+    if len(families) > 1:
+        raise EdgeDistillError(f"the artifacts are of different model families ({', '.join(sorted(families))})",
+                               hint="bench one family's artifacts at a time")
+    if families == {"causal-lm"}:
+        from edgedistill.bench.lm import run_lm_bench
+
+        sequence = 128 if settings.sequence is None else settings.sequence
+        return run_lm_bench(artifact_dirs, teacher_spec, settings.threads, sequence, settings.new_tokens,
+                            max(2, settings.held_out // 16), settings.min_time_s, settings.memory, settings.peer)
     teacher = _teacher_for(manifests, teacher_spec)
     source, texts, labels = _held_out(manifests, data_path, teacher, settings.held_out)
     if len(texts) < 2:

@@ -40,7 +40,7 @@ from edgedistill.targets import TargetProfile, builtin_profiles
 from edgedistill.teachers import Teacher
 from edgedistill.teachers.hf import count_parameters
 from edgedistill.tokenizer_io import tokenizer_fingerprint
-from edgedistill.validate import LMMetricsAccumulator, check_lm_budget, greedy_agreement
+from edgedistill.validate import check_lm_budget, greedy_agreement, lm_metrics
 
 DEFAULT_WINDOW = 128  # tokens per training window: what 2 CPU cores can distill on; pass --max-length for more
 CALIBRATION_WINDOWS = 8  # windows the layer selection measures on
@@ -206,13 +206,18 @@ def distill_student(family: CausalLMFamily, teacher: Teacher, data: TransferSet,
     train_idx, val_idx = split_indices(len(windows), opts.val_fraction, opts.distill.seed)
     val_idx = val_idx[:MAX_VAL_WINDOWS]
     labels = label_windows(teacher, windows, opts.top_k, cache_dir)
-    calibration = windows[train_idx[:CALIBRATION_WINDOWS]]
-    kept, selection = choose_layers(family, teacher, calibration, num_layers, opts.layer_criterion, cache_dir)
-    student = derive_student(teacher.module, family.decoder, kept)
+    if opts.student:
+        student, student_sha = load_student(teacher, Path(opts.student))
+        kept, selection = [], {"criterion": "given", "path": str(opts.student), "sha256": student_sha}
+    else:
+        calibration = windows[train_idx[:CALIBRATION_WINDOWS]]
+        kept, selection = choose_layers(family, teacher, calibration, num_layers, opts.layer_criterion, cache_dir)
+        student = derive_student(teacher.module, family.decoder, kept)
+        student_sha = None
     selection["student_perplexity_before_training"] = window_perplexity(
         student, torch.from_numpy(windows[val_idx[:EVAL_WINDOWS]].astype(np.int64)))
     key = cache_key("lm-student-v1", teacher.sha256, tokenizer_fingerprint(teacher.tokenizer), array_digests(windows).tobytes(),
-                    kept, window, opts.top_k, opts.val_fraction, sorted(asdict(opts.distill).items()),
+                    kept, student_sha, window, opts.top_k, opts.val_fraction, sorted(asdict(opts.distill).items()),
                     distributed.world(), torch.__version__, __version__)
     trained = load_stage(cache_dir / "students" / key, student)
     if trained is None:
@@ -226,6 +231,20 @@ def distill_student(family: CausalLMFamily, teacher: Teacher, data: TransferSet,
     continuations = teacher_continuations(teacher, prompts, cache_dir)
     return LMDistilled(teacher, data, trained, windows, labels, train_idx, val_idx, window, opts.top_k, kept, selection,
                        prompts, continuations)
+
+
+def load_student(teacher: Teacher, path: Path):
+    """Return a user-given student checkpoint (a causal-LM directory) and its sha256, refusing one whose tokenizer
+    is not the teacher's: soft labels are distributions over the teacher's vocabulary."""
+    from edgedistill.teachers import load_teacher
+
+    student = load_teacher(str(path), "text-generation")
+    if int(student.config.vocab_size) != int(teacher.config.vocab_size) or \
+            student.tokenizer.get_vocab() != teacher.tokenizer.get_vocab():
+        raise EdgeDistillError(f"--student {path} does not share the teacher's vocabulary ({len(student.tokenizer)} vs "
+                               f"{len(teacher.tokenizer)} tokens, embedding {student.config.vocab_size} vs "
+                               f"{teacher.config.vocab_size})", hint="distill into a student with the teacher's tokenizer")
+    return student.module, student.sha256
 
 
 def teacher_continuations(teacher: Teacher, prompts: list[list[int]], cache_dir: Path) -> list[list[int]]:
@@ -245,13 +264,9 @@ def teacher_continuations(teacher: Teacher, prompts: list[list[int]], cache_dir:
     return out
 
 
-def lm_validation(logits_of, d: LMDistilled, batch: int = 4) -> dict[str, float]:
+def lm_validation(logits_of, d: LMDistilled) -> dict[str, float]:
     """Return the LM metrics of `logits_of(windows) -> logits` on the held-out windows."""
-    acc = LMMetricsAccumulator()
-    for start in range(0, len(d.val_idx), batch):
-        idx = d.val_idx[start : start + batch]
-        acc.add(logits_of(d.windows[idx].astype(np.int64)), d.windows[idx], np.asarray(d.labels[idx]))
-    return acc.metrics()
+    return lm_metrics(logits_of, d.windows[d.val_idx], d.labels[d.val_idx])
 
 
 def export_opset(profile: TargetProfile) -> int:
@@ -330,6 +345,11 @@ def measure_lm_latency(teacher: Teacher, runner: OrtCausalLM, profile: TargetPro
                     "its DynamicCache; interleaved ~0.3 s blocks, speed-ups are medians of paired block ratios."}
 
 
+def num_layers(config) -> int:
+    """Return a decoder config's depth, whatever the architecture calls it."""
+    return int(getattr(config, "num_hidden_layers", None) or config.n_layer)
+
+
 def lm_manifest(d: LMDistilled, profile: TargetProfile, exported, model_path: Path, metrics: dict, passed: bool,
                 verdict: str, latency: dict, opts) -> Manifest:
     import onnx
@@ -353,7 +373,7 @@ def lm_manifest(d: LMDistilled, profile: TargetProfile, exported, model_path: Pa
                  "num_layers": teacher.family.num_layers(teacher.config),
                  "num_parameters": count_parameters(teacher.module), "source": teacher.source,
                  "vocab_size": int(config.vocab_size), "context": teacher.max_length},
-        student={"num_layers": teacher.family.num_layers(config), "kept_teacher_layers": d.kept_layers,
+        student={"num_layers": num_layers(config), "kept_teacher_layers": d.kept_layers,
                  "layer_selection": d.selection, "num_parameters": count_parameters(trained.student),
                  "tied_embeddings": bool(getattr(config, "tie_word_embeddings", False)), "config": config.to_diff_dict()},
         data={"source": d.data.source, "sha256": d.data.sha256, "num_texts": len(d.data), "window_tokens": d.window,
@@ -367,7 +387,7 @@ def lm_manifest(d: LMDistilled, profile: TargetProfile, exported, model_path: Pa
                 **exported.checks},
         optimization={"mode": "onnxruntime session optimizations (ORT_ENABLE_ALL) at load"},
         quantization={"profile": lm.quantization.model_dump(mode="json"), "operators": dict(sorted(ops.items()))},
-        model={"file": MODEL_FILE, "format": "onnx", "kv_cache": {"layers": teacher.family.num_layers(config),
+        model={"file": MODEL_FILE, "format": "onnx", "kv_cache": {"layers": num_layers(config),
                "inputs": "past_key_values.{i}.key|value", "outputs": "present.{i}.key|value"},
                "inputs": [i.name for i in graph.input], "outputs": [o.name for o in graph.output]},
         metrics={"values": metrics, "budget": lm.budget.model_dump(), "passed": passed, "verdict": verdict},
@@ -409,8 +429,9 @@ def render_report(m: Manifest, published: bool) -> str:
         f"Teacher `{m.teacher['name']}` ({m.teacher['model_type']}, {m.teacher['num_layers']} layers, "
         f"{m.teacher['num_parameters']:,} parameters; weights: {m.teacher['source'].get('format')}"
         + (f", dequantized to fp32 from GGUF types {m.teacher['source']['tensor_types']}" if m.teacher['source'].get('format') == 'gguf' else "")
-        + f") → student keeping layers {st['kept_teacher_layers']} (chosen by {st['layer_selection']['criterion']}; "
-        f"perplexity before training {st['layer_selection']['student_perplexity_before_training']:.1f}), "
+        + (f") → student keeping layers {st['kept_teacher_layers']} (chosen by {st['layer_selection']['criterion']}; "
+           if st["kept_teacher_layers"] else f") → the given student `{st['layer_selection'].get('path')}` (")
+        + f"perplexity before training {st['layer_selection']['student_perplexity_before_training']:.1f}), "
         f"{st['num_parameters']:,} parameters.", "",
         f"Distilled on {m.data['train_tokens']:,} tokens ({m.data['num_train']} windows of {m.data['window_tokens']}) "
         f"of `{m.data['source']}` against the teacher's top-{m.data['soft_labels']['top_k']} next-token "

@@ -100,6 +100,11 @@ class TextEncoderFamily(Family):
     def check_options(self, teacher, opts) -> None:
         from edgedistill.families import text_encoder_stages as stages
 
+        if getattr(opts, "student", None):
+            from edgedistill.errors import EdgeDistillError
+
+            raise EdgeDistillError("--student is for causal LMs; an encoder's student is derived from the teacher",
+                                   hint="leave out --student and set --student-layers")
         stages.student_depth(teacher, opts.student_layers)
         stages.check_max_length(teacher, opts.max_length or teacher.max_length)
 

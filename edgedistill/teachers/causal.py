@@ -2,12 +2,12 @@
 format, read by transformers through the `gguf` package and dequantized to fp32). Built-in: `smollm2`."""
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 from pathlib import Path
 
 import torch
 
+from edgedistill.artifact import sha256_file
 from edgedistill.errors import CheckpointError
 from edgedistill.families.causal_lm import CAUSAL_LM_TYPES, causal_family_for
 from edgedistill.teachers.hf import Teacher, checkpoint_sha256, count_parameters
@@ -37,14 +37,6 @@ def builtin_gguf(name: str) -> Path:
     if not path.is_file():
         raise CheckpointError(f"the package {package} has no {filename}", hint="reinstall it: make install")
     return path
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_gguf(path: Path) -> tuple[str, dict[str, int]]:
@@ -88,7 +80,7 @@ def load_gguf_teacher(path: Path, name: str | None = None) -> Teacher:
     except Exception as e:  # noqa: BLE001  transformers raises ValueError/KeyError/... for what it cannot read
         raise CheckpointError(f"cannot load {path}: {str(e).strip().splitlines()[0][:200]}",
                               hint="the file may be truncated or of an architecture transformers cannot dequantize") from None
-    return _teacher(name or str(path), path, model, tokenizer, _sha256_file(path),
+    return _teacher(name or str(path), path, model, tokenizer, sha256_file(path),
                     {"format": "gguf", "file": path.name, "dequantized_to": "float32", "tensor_types": types,
                      "file_mb": path.stat().st_size / 1e6})
 
