@@ -157,14 +157,21 @@ def int4_study(args) -> None:
                                      for name, r in runners.items()}, warmup=3, min_time_s=10.0, settle=1)
         table = Table(title=f"{args.teacher} exported with its KV cache ({len(held)} held-out windows x {args.window}; "
                             f"decode = one token at a 128-token context, {args.threads} threads)")
-        for col in ("weights", "perplexity", "x fp32 graph", "top-1 vs teacher", "MB", "decode ms", "tok/s"):
+        for col in ("weights", "perplexity", "x fp32 graph", "top-1 vs teacher", "MB", "decode ms", "tok/s", "quantized ops"):
             table.add_column(col)
         base = None
         for name, path in models.items():
             m = held_out_metrics(runners[name].logits, held, labels)
             base = base or m["perplexity"]
+            import onnx
+
+            ops = {}
+            for node in onnx.load(str(path), load_external_data=False).graph.node:
+                if node.op_type in ("MatMulNBits", "GatherBlockQuantized", "MatMul", "Gather"):
+                    ops[node.op_type] = ops.get(node.op_type, 0) + 1
             table.add_row(name, f"{m['perplexity']:.2f}", f"{m['perplexity'] / base:.3f}", f"{m['top1_agreement']:.4f}",
-                          f"{path.stat().st_size / 1e6:.1f}", f"{stats[name].p50_ms:.2f}", f"{1000 / stats[name].p50_ms:.1f}")
+                          f"{path.stat().st_size / 1e6:.1f}", f"{stats[name].p50_ms:.2f}", f"{1000 / stats[name].p50_ms:.1f}",
+                          " ".join(f"{k} {v}" for k, v in sorted(ops.items())))
         console.print(table)
 
 

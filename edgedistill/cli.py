@@ -59,7 +59,7 @@ def compile_cmd(
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Teacher-output and student cache (default: ~/.cache/edgedistill)"),
     checkpoint_every: int = typer.Option(200, "--checkpoint-every", min=1, help="Checkpoint the distillation every N steps"),
     student: Optional[str] = typer.Option(None, "--student", help="LMs: a causal-LM directory (the teacher's tokenizer) to distill into, instead of a student derived from the teacher"),
-    top_k: int = typer.Option(64, "--top-k", min=1, help="LMs: teacher tokens per position kept in the soft-label cache"),
+    top_k: int = typer.Option(256, "--top-k", min=1, help="LMs: teacher tokens per position kept in the soft-label cache (4k + 8 bytes per token)"),
     layer_criterion: str = typer.Option("perplexity", "--layer-criterion", help="LMs: perplexity | block-influence | even (which teacher layers the student keeps)"),
     divergence: str = typer.Option("forward-kl", "--divergence", help="LMs: forward-kl | reverse-kl | jsd"),
     lm_temperature: float = typer.Option(1.0, "--lm-temperature", min=0.05, help="LMs: distillation temperature"),
@@ -142,11 +142,15 @@ def targets_list(ctx: typer.Context) -> None:
         fail(e)
     table = Table(title="target profiles (details: edgedistill targets show NAME)")
     table.add_column("name", no_wrap=True)
-    for col in ("provider", "threads", "quantization", "min cosine", "min top-1"):
+    for col in ("provider", "threads", "quantization", "min cosine", "min top-1", "causal LMs"):
         table.add_column(col)
     for p in profiles.values():
+        lm = p.causal_lm
+        lm_cell = ("—" if lm is None or lm.unsupported else
+                   (f"int{lm.quantization.bits}" if lm.quantization.recipe == "weight-only" else lm.quantization.recipe))
         table.add_row(p.name + (" (this CPU)" if p.name == detected else ""), p.execution_provider, str(p.threads),
-                      p.quantization.recipe, str(p.accuracy_budget.min_cosine), str(p.accuracy_budget.min_top1_agreement))
+                      p.quantization.recipe, str(p.accuracy_budget.min_cosine), str(p.accuracy_budget.min_top1_agreement),
+                      lm_cell)
     out.print(table)
 
 

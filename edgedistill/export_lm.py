@@ -47,7 +47,7 @@ def export_causal_lm(student: torch.nn.Module, tokenizer, out_dir: Path, opset: 
         with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
             warnings.simplefilter("ignore")  # the tracer's and the exporter's warnings about dynamic control flow
             main_export(str(hf_dir), output=str(onnx_dir), task="text-generation-with-past", opset=opset,
-                        do_validation=False, library_name="transformers", device="cpu", no_post_process=False)
+                        do_validation=False, library_name="transformers", device="cpu", no_post_process=True)
     except Exception as e:  # noqa: BLE001  optimum raises many types; the first line says what it could not do
         raise ExportError(f"Optimum could not export the student: {str(e).strip().splitlines()[0][:300]}",
                           hint="report this model to the edgedistill developers") from None

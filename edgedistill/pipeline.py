@@ -42,7 +42,7 @@ class CompileOptions:
     cache_dir: Path | None = None
     checkpoint_every: int = 200
     resume: bool = False
-    top_k: int = 64  # causal LMs: teacher tokens kept per position in the soft-label cache
+    top_k: int = 256  # causal LMs: teacher tokens kept per position in the soft-label cache (README: k measured)
     layer_criterion: str = "perplexity"  # causal LMs: how the student's layers are chosen
     student: str | None = None  # causal LMs: a student checkpoint to distill into, instead of a derived one
     distill: DistillConfig = field(default_factory=DistillConfig)

@@ -261,3 +261,45 @@ def test_given_student_must_share_the_vocabulary(lm_data, tmp_path):
     res = runner.invoke(app, ["compile", str(teacher), "--data", str(lm_data), "--target", profile, "--out",
                               str(tmp_path / "out2"), "--max-length", "32", "--student", str(bad)])
     assert res.exit_code == 2 and "error:" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_int4_search_escalates_to_8_bits_and_records_every_trial(lm_data, tmp_path):
+    teacher = build_tiny_causal_lm(tmp_path / "teacher")
+    # a budget nothing can keep (the artifact would have to beat the teacher): every step is tried, the most
+    # faithful is validated, the target is rejected with the trials in its report
+    profile = tmp_path / "p.yaml"
+    profile.write_text("""name: tiny-lm
+threads: 1
+quantization: {recipe: fp32}
+causal_lm:
+  quantization: {recipe: weight-only, bits: 4, block_size: 32}
+  budget: {max_perplexity_ratio: 1.0, min_top1_agreement: 1.0}
+  prompt_tokens: 16
+""")
+    result = compile(str(teacher), str(lm_data), [str(profile)], tmp_path / "out", lm_opts())
+    target = result.targets[0]
+    assert not target.published and target.path.name == "tiny-lm.rejected.md"
+    trials = target.manifest.quantization["trials"]
+    assert [t["description"] for t in trials][0] == "as configured" and len(trials) == 5
+    assert not any(t["passed"] for t in trials) and sum(bool(t.get("chosen")) for t in trials) == 1
+    assert trials[-1]["config"]["int8_nodes"] == ["MatMul"] and trials[-1]["size_mb"] > trials[0]["size_mb"]
+    chosen = next(t for t in trials if t.get("chosen"))
+    assert chosen["perplexity_ratio"] == min(t["perplexity_ratio"] for t in trials)
+    assert "Quantization trials" in target.path.read_text() and not (tmp_path / "out" / "tiny-lm").exists()
+
+
+def test_mixed_precision_puts_only_the_named_nodes_at_8_bits(tmp_path):
+    import onnx
+
+    from edgedistill.export_lm import export_causal_lm
+    from edgedistill.quantize import quantize
+    from edgedistill.quantize.configs import WeightOnlyConfig
+    from edgedistill.teachers import load_teacher
+
+    teacher = load_teacher(str(build_tiny_causal_lm(tmp_path / "teacher")))
+    exported = export_causal_lm(teacher.module, teacher.tokenizer, tmp_path / "export", 21,
+                                np.arange(64).reshape(2, 32) + 5)
+    path = quantize(exported.model, WeightOnlyConfig(int8_nodes=["lm_head"]), tmp_path / "mixed.onnx")
+    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits")
+            for n in onnx.load(str(path)).graph.node if n.op_type == "MatMulNBits"}
+    assert bits.pop("/lm_head/MatMul_Q8") == 8 and len(bits) == 4 * 7 and set(bits.values()) == {4}

@@ -36,7 +36,7 @@ def test_smollm2_compile_end_to_end(tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump(profile))
     result = compile("smollm2", None, [str(path)], tmp_path / "out",
-                     CompileOptions(max_texts=1500, max_length=64, student_layers=20, layer_criterion="block-influence",
+                     CompileOptions(max_texts=1000, max_length=64, student_layers=20, layer_criterion="block-influence",
                                     distill=DistillConfig(epochs=1, batch_size=8, lr=3e-4)))
     [target] = result.targets
     assert target.published, target.manifest.metrics["verdict"]

@@ -71,9 +71,11 @@ def pack_windows(token_lists: list[list[int]], window: int, separator: int | Non
 
 
 @torch.no_grad()
-def teacher_labels(model: nn.Module, windows: np.ndarray, k: int, dtype: np.dtype, batch_size: int = 8) -> np.ndarray:
-    """Return the label rows (see label_dtype) of the teacher on `windows`."""
+def teacher_labels(model: nn.Module, windows: np.ndarray, k: int, dtype: np.dtype, batch_tokens: int = 1024) -> np.ndarray:
+    """Return the label rows (see label_dtype) of the teacher on `windows`, `batch_tokens` tokens a forward pass (the
+    full-vocabulary logits of a batch are the memory peak: 1,024 tokens x 49,152 x 4 bytes = 200 MB for SmolLM2)."""
     out = np.zeros(len(windows), dtype=dtype)
+    batch_size = max(1, batch_tokens // windows.shape[1])
     device = next(model.parameters()).device
     for start in range(0, len(windows), batch_size):
         ids = torch.from_numpy(windows[start : start + batch_size].astype(np.int64)).to(device)

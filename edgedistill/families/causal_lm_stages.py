@@ -43,7 +43,7 @@ from edgedistill.tokenizer_io import tokenizer_fingerprint
 from edgedistill.validate import check_lm_budget, greedy_agreement, lm_metrics
 
 DEFAULT_WINDOW = 128  # tokens per training window: what 2 CPU cores can distill on; pass --max-length for more
-CALIBRATION_WINDOWS = 8  # windows the layer selection measures on
+CALIBRATION_WINDOWS = 8  # windows of the training split the layer selection measures on
 EVAL_WINDOWS = 32  # held-out windows scored at each evaluation during training (the final validation uses all)
 MAX_VAL_WINDOWS = 256
 PROMPTS = 8  # held-out prompts whose greedy continuations are compared with the teacher's
@@ -106,7 +106,7 @@ def check_options(family: CausalLMFamily, teacher: Teacher, opts) -> None:
     window_length(teacher, opts.max_length)
     if not 1 <= opts.top_k <= int(teacher.config.vocab_size):
         raise EdgeDistillError(f"--top-k {opts.top_k} is out of range for a vocabulary of {teacher.config.vocab_size}",
-                               hint="pass a number from 1 to the vocabulary size (64 is the default)")
+                               hint="pass a number from 1 to the vocabulary size (256 is the default)")
 
 
 def tokenize_windows(teacher: Teacher, data: TransferSet, window: int) -> np.ndarray:
@@ -269,6 +269,47 @@ def lm_validation(logits_of, d: LMDistilled) -> dict[str, float]:
     return lm_metrics(logits_of, d.windows[d.val_idx], d.labels[d.val_idx])
 
 
+# the escalation when int4 misses the budget: the roles moved to 8 bits, in order (most sensitive first)
+INT8_STEPS = [("LM head at 8 bits", [r"lm_head"]),
+              ("+ down_proj at 8 bits", [r"lm_head", r"down_proj|mlp/c_proj"]),
+              ("+ the whole MLP at 8 bits", [r"lm_head", r"/mlp/"]),
+              ("every MatMul at 8 bits", [r"MatMul"])]
+
+
+def quantize_within_budget(model: Path, config, budget, d: LMDistilled, stage_dir: Path, threads: int):
+    """Return the quantized model that keeps the budget with the fewest 8-bit roles, and every trial.
+
+    Trials are scored on the held-out windows (what validation uses), so the chosen one is the validated one. When
+    none keeps the budget, the most faithful is returned (and the target fails with its report)."""
+    from edgedistill.quantize.configs import WeightOnlyConfig
+
+    candidates = [("as configured", config)]
+    if isinstance(config, WeightOnlyConfig) and config.bits == 4 and config.search:
+        candidates += [(name, config.model_copy(update={"int8_nodes": [*config.int8_nodes, *nodes]}))
+                       for name, nodes in INT8_STEPS]
+    trials, best = [], None
+    for i, (name, cfg) in enumerate(candidates):
+        path = quantize(model, cfg, stage_dir / f"trial-{i}.onnx")
+        m = lm_validation(OrtCausalLM(path, threads).logits, d)
+        passed, _ = check_lm_budget(m, budget)
+        trials.append({"description": name, "config": cfg.model_dump(mode="json"), "perplexity_ratio": m["perplexity_ratio"],
+                       "top1_agreement": m["top1_agreement"], "size_mb": path.stat().st_size / 1e6, "passed": passed})
+        if enabled():
+            console.print(f"quantization trial {i}: {name}: perplexity {m['perplexity_ratio']:.3f}x the teacher's, "
+                          f"top-1 {m['top1_agreement']:.4f}, {trials[-1]['size_mb']:.1f} MB"
+                          + (" — keeps the budget" if passed else ""), highlight=False)
+        if best is None or passed or m["perplexity_ratio"] < trials[best]["perplexity_ratio"]:
+            best = i
+        if passed:
+            break
+    final = stage_dir / MODEL_FILE
+    (stage_dir / f"trial-{best}.onnx").replace(final)
+    for i in range(len(trials)):
+        (stage_dir / f"trial-{i}.onnx").unlink(missing_ok=True)
+    trials[best]["chosen"] = True
+    return final, trials
+
+
 def export_opset(profile: TargetProfile) -> int:
     """Return the opset an LM is exported at: weight-only recipes store int4/uint8 blocks, whose tensor types
     (and GatherBlockQuantized) need opset 21; onnxruntime's quantizer would otherwise bump the opset of a graph
@@ -282,8 +323,8 @@ def build_target(d: LMDistilled, profile: TargetProfile, stage_dir: Path, opts) 
     teacher, student = d.teacher, d.trained.student.eval()
     exported = export_causal_lm(student, teacher.tokenizer, stage_dir / "export", export_opset(profile),
                                 d.windows[d.val_idx[:2]])
-    model_path = quantize(exported.model, lm.quantization, stage_dir / MODEL_FILE)
     threads = profile.effective_threads
+    model_path, trials = quantize_within_budget(exported.model, lm.quantization, lm.budget, d, stage_dir, threads)
     runner = OrtCausalLM(model_path, threads)
     metrics = lm_validation(runner.logits, d)
     with torch.no_grad():
@@ -296,7 +337,7 @@ def build_target(d: LMDistilled, profile: TargetProfile, stage_dir: Path, opts) 
     latency = measure_lm_latency(teacher, runner, profile, d)
     files = {MODEL_FILE: model_path, **{p.name: p for p in exported.side_files},
              **write_lm_validation_set(stage_dir, d.windows[d.val_idx], np.asarray(d.labels[d.val_idx]))}
-    manifest = lm_manifest(d, profile, exported, model_path, metrics, passed, verdict, latency, opts)
+    manifest = lm_manifest(d, profile, exported, model_path, metrics, passed, verdict, latency, opts, trials)
     return TargetBuild(files, manifest, passed)
 
 
@@ -351,7 +392,7 @@ def num_layers(config) -> int:
 
 
 def lm_manifest(d: LMDistilled, profile: TargetProfile, exported, model_path: Path, metrics: dict, passed: bool,
-                verdict: str, latency: dict, opts) -> Manifest:
+                verdict: str, latency: dict, opts, trials: list[dict]) -> Manifest:
     import onnx
     import onnxruntime
     import transformers
@@ -386,7 +427,8 @@ def lm_manifest(d: LMDistilled, profile: TargetProfile, exported, model_path: Pa
         export={"exporter": "optimum main_export (text-generation-with-past)", "opset": export_opset(profile),
                 **exported.checks},
         optimization={"mode": "onnxruntime session optimizations (ORT_ENABLE_ALL) at load"},
-        quantization={"profile": lm.quantization.model_dump(mode="json"), "operators": dict(sorted(ops.items()))},
+        quantization={"profile": lm.quantization.model_dump(mode="json"), "operators": dict(sorted(ops.items())),
+                      "chosen": next(t for t in trials if t.get("chosen"))["config"], "trials": trials},
         model={"file": MODEL_FILE, "format": "onnx", "kv_cache": {"layers": num_layers(config),
                "inputs": "past_key_values.{i}.key|value", "outputs": "present.{i}.key|value"},
                "inputs": [i.name for i in graph.input], "outputs": [o.name for o in graph.output]},
@@ -420,8 +462,8 @@ def render_report(m: Manifest, published: bool) -> str:
     """Return report.md of an LM artifact."""
     v, lat, st = m.metrics["values"], m.latency, m.student
     status = "published" if published else "REJECTED (not published)"
-    q = m.quantization["profile"]
-    recipe = ", ".join(f"{k} {val}" for k, val in q.items() if k != "recipe")
+    q = m.quantization.get("chosen", m.quantization["profile"])
+    recipe = ", ".join(f"{k} {val}" for k, val in q.items() if k != "recipe" and val not in ([], None))
     cells = summary_cells(m)
     lines = [
         f"# {m.target['name']}: {m.teacher['name']} → {st['num_layers']}-layer student", "",
@@ -446,6 +488,11 @@ def render_report(m: Manifest, published: bool) -> str:
         f"| size | {cells['size']} |", "",
         "## Metrics on the held-out windows", "", "| metric | value |", "|---|---|",
         *[f"| {k} | {val:.4f} |" for k, val in v.items()], "",
+        "## Quantization trials (scored on the held-out windows)", "",
+        "| trial | perplexity × teacher | top-1 agreement | MB | keeps budget |", "|---|---|---|---|---|",
+        *[f"| {t['description']}{' **(chosen)**' if t.get('chosen') else ''} | {t['perplexity_ratio']:.3f} | "
+          f"{t['top1_agreement']:.4f} | {t['size_mb']:.1f} | {'yes' if t['passed'] else 'no'} |"
+          for t in m.quantization.get("trials", [])], "",
         "## Export checks", "", "| check | value |", "|---|---|",
         *[f"| {k} | {val} |" for k, val in m.export.items()], "",
         f"Latency: {lat['note']}", "",

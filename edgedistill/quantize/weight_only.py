@@ -11,30 +11,42 @@ from edgedistill.quantize import excluded_nodes, register_recipe
 from edgedistill.quantize.configs import WeightOnlyConfig
 
 
-@register_recipe(WeightOnlyConfig)
-def quantize_weight_only(model_path: Path, config: WeightOnlyConfig, out_path: Path, calibration=()) -> Path:
+def _quantize_pass(model: onnx.ModelProto, bits: int, config: WeightOnlyConfig, ops: tuple[str, ...],
+                   exclude: list[str], include: list[str] | None):
+    """Return the quantizer's model after one pass at `bits` over the `ops` nodes not in `exclude`."""
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
     from onnxruntime.quantization.quant_utils import QuantFormat
 
-    ops = ("MatMul", "Gather") if config.quantize_embeddings else ("MatMul",)
     # Gather quantizes along the embedding axis (1): one block of `block_size` per row, what GatherBlockQuantized reads
+    axes = (("MatMul", 0), ("Gather", 1))
     algo = DefaultWeightOnlyQuantConfig(block_size=config.block_size, is_symmetric=config.symmetric,
                                         accuracy_level=config.accuracy_level or None, quant_format=QuantFormat.QOperator,
-                                        op_types_to_quantize=ops, quant_axes=(("MatMul", 0), ("Gather", 1)),
-                                        bits=config.bits)
-    model = onnx.load(str(model_path))
-    previous = logging.getLogger().level
-    logging.getLogger().setLevel(logging.WARNING)  # the quantizer logs every node at INFO
-    quantizer = MatMulNBitsQuantizer(model, bits=config.bits, block_size=config.block_size,
-                                     is_symmetric=config.symmetric, accuracy_level=config.accuracy_level or None,
-                                     nodes_to_exclude=excluded_nodes(model_path, config.exclude),
-                                     op_types_to_quantize=ops, quant_axes=(("MatMul", 0), ("Gather", 1)),
+                                        op_types_to_quantize=ops, quant_axes=axes, bits=bits)
+    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=config.block_size, is_symmetric=config.symmetric,
+                                     accuracy_level=config.accuracy_level or None, nodes_to_exclude=exclude,
+                                     nodes_to_include=include, op_types_to_quantize=ops, quant_axes=axes,
                                      algo_config=algo)
+    with np.errstate(invalid="ignore", divide="ignore"):  # all-zero blocks have scale 0: quantized to 0 anyway
+        quantizer.process()
+    return quantizer.model
+
+
+@register_recipe(WeightOnlyConfig)
+def quantize_weight_only(model_path: Path, config: WeightOnlyConfig, out_path: Path, calibration=()) -> Path:
+    model = onnx.load(str(model_path))
+    exclude = excluded_nodes(model_path, config.exclude)
+    logging.disable(logging.WARNING)  # the quantizer logs every node, through a handler of its own
     try:
-        with np.errstate(invalid="ignore", divide="ignore"):  # all-zero blocks have scale 0: quantized to 0 anyway
-            quantizer.process()
+        int8 = [n for n in excluded_nodes(model_path, config.int8_nodes) if n not in exclude]
+        int8 = [n.name for n in model.graph.node if n.name in set(int8) and n.op_type == "MatMul"]
+        if int8 and config.bits == 4:  # mixed: these at 8 bits first; the rest are still MatMul for the 4-bit pass
+            # (the quantizer's nodes_to_include adds to its op types rather than restricting them: exclude the rest)
+            others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in set(int8)]
+            model = _quantize_pass(model, 8, config, ("MatMul",), exclude + others, None).model
+        ops = ("MatMul", "Gather") if config.quantize_embeddings and config.bits == 4 else ("MatMul",)
+        result = _quantize_pass(model, config.bits, config, ops, exclude, None)
     finally:
-        logging.getLogger().setLevel(previous)
+        logging.disable(logging.NOTSET)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    quantizer.model.save_model_to_file(str(out_path), use_external_data_format=False)
+    result.save_model_to_file(str(out_path), use_external_data_format=False)
     return out_path

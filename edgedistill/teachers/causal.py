@@ -2,7 +2,9 @@
 format, read by transformers through the `gguf` package and dequantized to fp32). Built-in: `smollm2`."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 from pathlib import Path
 
 import torch
@@ -68,6 +70,8 @@ def load_gguf_teacher(path: Path, name: str | None = None) -> Teacher:
     with path.open("rb") as f:
         if f.read(4) != GGUF_MAGIC:
             raise CheckpointError(f"{path} is not a GGUF file (no GGUF magic)", hint="pass a .gguf file from llama.cpp")
+    from edgedistill.progress import console, enabled
+
     arch, types = read_gguf(path)
     if arch not in CAUSAL_LM_TYPES:
         raise CheckpointError(f"{path}: GGUF architecture '{arch}' is not supported",
@@ -75,8 +79,13 @@ def load_gguf_teacher(path: Path, name: str | None = None) -> Teacher:
     transformers_logging.set_verbosity_error()
     try:
         # the GGUF tokenizer would prepend BOS to every text (llama's default), unlike the original HF tokenizer
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, add_bos_token=False)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        # transformers draws a raw tqdm bar on stderr while it dequantizes: ours is the only progress shown
+        if enabled():
+            console.print(f"loading {path.name} ({arch}; {', '.join(f'{k} x{v}' for k, v in types.items())}), "
+                          "dequantizing to fp32", highlight=False)
+        with contextlib.redirect_stderr(io.StringIO()):
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, add_bos_token=False)
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     except Exception as e:  # noqa: BLE001  transformers raises ValueError/KeyError/... for what it cannot read
         raise CheckpointError(f"cannot load {path}: {str(e).strip().splitlines()[0][:200]}",
                               hint="the file may be truncated or of an architecture transformers cannot dequantize") from None
