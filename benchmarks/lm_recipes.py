@@ -8,8 +8,8 @@ sees changes: the teacher's top-k + tail for k in --ks, or its full distribution
 reference), and forward KL vs reverse KL vs JSD(0.5) at the chosen k. Scored on held-out windows: perplexity and
 top-1 agreement with the teacher. Cache bytes per token beside each.
 
-int4: the teacher exported by Optimum with its KV cache, quantized by each setting; held-out perplexity vs the fp32
-graph, file size, and one-token decode latency at a 128-token context (interleaved).
+int4: the teacher exported by Optimum with its KV cache, quantized by each setting (LM head and embedding table
+included); held-out perplexity vs the fp32 graph, file size, and one-token decode latency at a 128-token context.
 """
 from __future__ import annotations
 
@@ -138,12 +138,19 @@ def int4_study(args) -> None:
     _, val_idx = split_indices(len(windows), 0.05, 0)
     held = windows[val_idx[: args.eval]]
     labels = teacher_labels(teacher.module, held, 8, label_dtype(args.window, 8, vocab))
-    settings = [("fp32", None)] + [
-        (f"int4 block {b}, {'sym' if s else 'asym'}, acc {a}, emb {'int4' if e else 'fp32'}",
-         WeightOnlyConfig(bits=4, block_size=b, symmetric=s, accuracy_level=a, quantize_embeddings=e))
-        for b, s, a, e in [(32, True, 4, False), (32, True, 4, True), (32, False, 4, True), (64, True, 4, True),
-                           (128, True, 4, True), (32, True, 0, True)]] + [
-        ("int8 block 32, sym, acc 4, emb int8", WeightOnlyConfig(bits=8, block_size=32, symmetric=True, accuracy_level=4))]
+    def cfg(**kw):
+        return WeightOnlyConfig(**{"bits": 4, "block_size": 32, "symmetric": True, "accuracy_level": 4,
+                                   "quantize_embeddings": True, "search": False, **kw})
+
+    settings = [("fp32", None),
+                ("int4 rtn block 32 sym acc 4", cfg(algorithm="rtn")),
+                ("int4 rtn block 32 asym", cfg(algorithm="rtn", symmetric=False)),
+                ("int4 rtn block 64", cfg(algorithm="rtn", block_size=64)),
+                ("int4 rtn block 32 acc 0", cfg(algorithm="rtn", accuracy_level=0)),
+                ("int4 rtn, LM head int8", cfg(algorithm="rtn", int8_nodes=["lm_head"])),
+                ("int4 hqq block 32", cfg(algorithm="hqq")),
+                ("int4 hqq block 64", cfg(algorithm="hqq", block_size=64)),
+                ("int8 rtn block 32", cfg(algorithm="rtn", bits=8))]
     with tempfile.TemporaryDirectory() as tmp:
         exported = export_causal_lm(teacher.module, teacher.tokenizer, Path(tmp) / "export", 21, held[:2])
         models = {}

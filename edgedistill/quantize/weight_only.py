@@ -31,6 +31,20 @@ def _quantize_pass(model: onnx.ModelProto, bits: int, config: WeightOnlyConfig, 
     return quantizer.model
 
 
+def _hqq_pass(model: onnx.ModelProto, config: WeightOnlyConfig, exclude: list[str]):
+    """Return the quantizer's model after a 4-bit HQQ pass over the MatMul nodes not in `exclude`."""
+    import warnings
+
+    from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    algo = HQQWeightOnlyQuantConfig(block_size=config.block_size, bits=4, axis=1, op_types_to_quantize=("MatMul",))
+    quantizer = MatMulNBitsQuantizer(model, nodes_to_exclude=exclude, algo_config=algo)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.from_numpy on a read-only initializer: the quantizer only reads it
+        quantizer.process()
+    return quantizer.model
+
+
 @register_recipe(WeightOnlyConfig)
 def quantize_weight_only(model_path: Path, config: WeightOnlyConfig, out_path: Path, calibration=()) -> Path:
     model = onnx.load(str(model_path))
@@ -43,8 +57,14 @@ def quantize_weight_only(model_path: Path, config: WeightOnlyConfig, out_path: P
             # (the quantizer's nodes_to_include adds to its op types rather than restricting them: exclude the rest)
             others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in set(int8)]
             model = _quantize_pass(model, 8, config, ("MatMul",), exclude + others, None).model
-        ops = ("MatMul", "Gather") if config.quantize_embeddings and config.bits == 4 else ("MatMul",)
-        result = _quantize_pass(model, config.bits, config, ops, exclude, None)
+        embeddings = config.quantize_embeddings and config.bits == 4
+        if config.algorithm == "hqq" and config.bits == 4:
+            result = _hqq_pass(model, config, exclude)
+            if embeddings:  # onnxruntime's HQQ does not quantize Gather: the table gets rtn at the same block size
+                result = _quantize_pass(result.model, 4, config, ("Gather",), exclude, None)
+        else:
+            result = _quantize_pass(model, config.bits, config, ("MatMul", "Gather") if embeddings else ("MatMul",),
+                                    exclude, None)
     finally:
         logging.disable(logging.NOTSET)
     out_path.parent.mkdir(parents=True, exist_ok=True)
