@@ -102,7 +102,7 @@ class LMMetricsAccumulator:
 
     def add(self, logits: np.ndarray, windows: np.ndarray, labels: np.ndarray) -> None:
         """Add a batch: logits (B, L, V), token windows (B, L), label rows (B,) of the family's label dtype."""
-        z = np.asarray(logits, dtype=np.float64)[:, :-1]
+        z = np.asarray(logits, dtype=np.float32)[:, :-1]
         z = z - z.max(-1, keepdims=True)
         logq = z - np.log(np.exp(z).sum(-1, keepdims=True))
         nxt = np.asarray(windows)[:, 1:]
@@ -125,9 +125,11 @@ class LMMetricsAccumulator:
                 "tokens": float(self.tokens)}
 
 
-def lm_metrics(logits_of, windows: np.ndarray, labels: np.ndarray, batch: int = 4) -> dict[str, float]:
-    """Return the LM metrics of `logits_of(int64 windows (B, L)) -> logits (B, L, V)` on windows and their labels."""
+def lm_metrics(logits_of, windows: np.ndarray, labels: np.ndarray, batch_tokens: int = 1024) -> dict[str, float]:
+    """Return the LM metrics of `logits_of(int64 windows (B, L)) -> logits (B, L, V)` on windows and their labels,
+    `batch_tokens` tokens a call (full-vocabulary logits are the memory peak)."""
     acc = LMMetricsAccumulator()
+    batch = max(1, batch_tokens // max(1, np.asarray(windows).shape[1]))
     for start in range(0, len(windows), batch):
         w = np.asarray(windows[start : start + batch], dtype=np.int64)
         acc.add(logits_of(w), w, np.asarray(labels[start : start + batch]))

@@ -288,6 +288,14 @@ causal_lm:
     assert "Quantization trials" in target.path.read_text() and not (tmp_path / "out" / "tiny-lm").exists()
 
 
+def test_gpt2_conv1d_layers_are_quantized_too(lm_data, tmp_path):
+    teacher = build_tiny_causal_lm(tmp_path / "teacher", model_type="gpt2")
+    result = compile(str(teacher), str(lm_data), [str(lm_profile(tmp_path / "p.yaml"))], tmp_path / "out", lm_opts())
+    ops = result.targets[0].manifest.quantization["operators"]
+    # Conv1D exports as Gemm: rewritten to MatMul, every layer's 4 weights + the LM head go to MatMulNBits
+    assert ops.get("MatMulNBits", 0) == 2 * 4 + 1 and "Gemm" not in ops, ops
+
+
 def test_mixed_precision_puts_only_the_named_nodes_at_8_bits(tmp_path):
     import onnx
 

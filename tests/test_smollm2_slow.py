@@ -6,7 +6,6 @@ distillation lowers perplexity, and the artifact generates through `edgedistill 
 from __future__ import annotations
 
 import pytest
-import torch
 import yaml
 from typer.testing import CliRunner
 

@@ -40,17 +40,19 @@ def topk_bins(student_logits: torch.Tensor, teacher_logp: torch.Tensor, teacher_
               teacher_tail: torch.Tensor, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (teacher, student) log-probabilities over k + 1 bins: the teacher's top-k tokens and the rest.
 
-    The student's bins are its softmax (at `temperature`) gathered at the teacher's top-k ids plus its remaining
-    mass. At temperature 1 the teacher's bins are exact; otherwise the tail is tempered as one bin (its inside is
-    not cached), the usual approximation. Shapes: logits (..., V); logp, idx (..., k); tail (...).
+    The student's bins are its softmax gathered at the teacher's top-k ids plus its remaining mass. At temperature
+    1 both are exact; otherwise both sides' k + 1 bins are tempered alike (the tail as one bin: its inside is not
+    cached), so a student equal to the teacher still has zero loss. Shapes: logits (..., V); logp, idx (..., k);
+    tail (...).
     """
-    logq = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    logq = torch.log_softmax(student_logits.float(), dim=-1)
     logq_k = logq.gather(-1, teacher_idx.long())
     logq_tail = torch.log1p(-torch.exp(torch.logsumexp(logq_k, dim=-1)).clamp(max=1 - 1e-6))
     student_bins = torch.cat([logq_k, logq_tail.unsqueeze(-1)], dim=-1)
     teacher_bins = torch.cat([teacher_logp.float(), teacher_tail.float().unsqueeze(-1)], dim=-1)
     if temperature != 1.0:
         teacher_bins = torch.log_softmax(teacher_bins / temperature, dim=-1)
+        student_bins = torch.log_softmax(student_bins / temperature, dim=-1)
     return teacher_bins, student_bins
 
 

@@ -104,6 +104,13 @@ def window_length(teacher: Teacher, requested: int | None) -> int:
 def check_options(family: CausalLMFamily, teacher: Teacher, opts) -> None:
     student_layers(family, teacher, opts.student_layers)
     window_length(teacher, opts.max_length)
+    if opts.student and not (Path(opts.student) / "config.json").is_file():
+        raise EdgeDistillError(f"--student {opts.student} is not a model directory (no config.json)",
+                               hint="pass a causal-LM directory saved with save_pretrained()")
+    if opts.layer_criterion not in ("perplexity", "block-influence", "even"):
+        raise EdgeDistillError(f"unknown layer criterion '{opts.layer_criterion}'", hint="use perplexity, block-influence or even")
+    if opts.distill.divergence not in ("forward-kl", "reverse-kl", "jsd"):
+        raise EdgeDistillError(f"unknown divergence '{opts.distill.divergence}'", hint="use forward-kl, reverse-kl or jsd")
     if not 1 <= opts.top_k <= int(teacher.config.vocab_size):
         raise EdgeDistillError(f"--top-k {opts.top_k} is out of range for a vocabulary of {teacher.config.vocab_size}",
                                hint="pass a number from 1 to the vocabulary size (256 is the default)")
@@ -134,10 +141,38 @@ def label_windows(teacher: Teacher, windows: np.ndarray, top_k: int, cache_dir: 
                 bars.append(progress.add_task(f"labelling {n * window:,} tokens with the teacher (top-{top_k}, "
                                               f"{bytes_per_token(dtype):.0f} B/token)", total=n, status=""))
 
-        labels = label_sharded(store, rows, assembled, lambda items: teacher_labels(teacher.module, np.stack(items), top_k, dtype),
-                               distributed.rank(), distributed.world(), distributed.barrier, on_todo,
-                               lambda n: bars and progress.update(bars[0], advance=n), digests=digests)
+        # on a GPU machine each process labels on its own GPU (untested here: no GPU was available to this work)
+        device = _process_device()
+        teacher.module.to(device)  # a no-op on the CPU; moves nothing back and forth when every label is cached
+        try:
+            labels = label_sharded(store, rows, assembled,
+                                   lambda items: teacher_labels(teacher.module, np.stack(items), top_k, dtype),
+                                   distributed.rank(), distributed.world(), distributed.barrier, on_todo,
+                                   lambda n: bars and progress.update(bars[0], advance=n), digests=digests)
+        finally:
+            teacher.module.to("cpu")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # training needs the memory the teacher held
     return labels
+
+
+def _process_device() -> torch.device:
+    """Return this process's GPU under Accelerate when CUDA is present, else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    from accelerate import PartialState
+
+    return PartialState().device
+
+
+def write_json_atomic(path: Path, value) -> None:
+    """Write JSON under a temporary name and rename it, so that a compile sharing the cache never reads half a file."""
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(value), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def choose_layers(family: CausalLMFamily, teacher: Teacher, calibration: np.ndarray, num_layers: int,
@@ -157,8 +192,7 @@ def choose_layers(family: CausalLMFamily, teacher: Teacher, calibration: np.ndar
                                        lambda: progress.update(bar, advance=1))
         progress.update(bar, completed=max(trials, 1))
     if distributed.is_main():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"kept": kept, "evidence": evidence}), encoding="utf-8")
+        write_json_atomic(path, {"kept": kept, "evidence": evidence})
     return kept, evidence
 
 
@@ -203,8 +237,7 @@ def distill_student(family: CausalLMFamily, teacher: Teacher, data: TransferSet,
     if len(windows) < 2:
         raise EdgeDistillError(f"the transfer set makes {len(windows)} window of {window} tokens; training and "
                                "validation need at least 2", hint="pass more text with --data, or a smaller --max-length")
-    train_idx, val_idx = split_indices(len(windows), opts.val_fraction, opts.distill.seed)
-    val_idx = val_idx[:MAX_VAL_WINDOWS]
+    train_idx, val_idx = split_indices(len(windows), opts.val_fraction, opts.distill.seed, max_val=MAX_VAL_WINDOWS)
     labels = label_windows(teacher, windows, opts.top_k, cache_dir)
     if opts.student:
         student, student_sha = load_student(teacher, Path(opts.student))
@@ -259,8 +292,7 @@ def teacher_continuations(teacher: Teacher, prompts: list[list[int]], cache_dir:
             out.append(torch_greedy(teacher.module, p, CONTINUATION_TOKENS))
             progress.update(bar, advance=1)
     if distributed.is_main():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(out), encoding="utf-8")
+        write_json_atomic(path, out)
     return out
 
 
@@ -347,7 +379,7 @@ def measure_lm_latency(teacher: Teacher, runner: OrtCausalLM, profile: TargetPro
     from transformers import DynamicCache
 
     lm = profile.causal_lm
-    n = lm.prompt_tokens
+    n = min(lm.prompt_tokens, teacher.max_length - 2)  # prompt + the timed token within the context
     stream = d.windows[d.val_idx].reshape(-1)
     if len(stream) < n + 1:
         stream = np.resize(stream, n + 1)

@@ -105,6 +105,15 @@ class Distilled:
         return None if self.data.labels is None else np.asarray(self.data.labels)[self.val_idx]
 
 
+LM_ONLY = ("divergence", "lm_temperature", "ce_weight", "jsd_beta")
+
+
+def encoder_settings(cfg) -> list:
+    """Return the training settings an encoder student depends on (its cache and checkpoint key): the LM-only
+    fields are left out, so they neither change nor invalidate an encoder's key."""
+    return sorted((k, v) for k, v in asdict(cfg).items() if k not in LM_ONLY)
+
+
 def student_depth(teacher: Teacher, requested: int | None) -> int:
     """Return the student's number of layers: `requested`, or half the teacher's; raise if out of range."""
     total = teacher.family.num_layers(teacher.config)
@@ -140,7 +149,7 @@ def distill_student(teacher: Teacher, data: TransferSet, num_layers: int, max_le
     texts = lambda idx: [data.texts[i] for i in idx]  # noqa: E731
     head = asdict(teacher.module.pooling) if teacher.task == "feature-extraction" else teacher.task
     key = cache_key("student-v1", teacher.sha256, tokenizer_fingerprint(teacher.tokenizer), data.sha256, num_layers,
-                    max_length, head, opts.val_fraction, sorted(asdict(opts.distill).items()), distributed.world(),
+                    max_length, head, opts.val_fraction, encoder_settings(opts.distill), distributed.world(),
                     torch.__version__, __version__)
     trained = load_stage(cache_dir / "students" / key, student)
     if trained is None:

@@ -45,9 +45,44 @@ def _hqq_pass(model: onnx.ModelProto, config: WeightOnlyConfig, exclude: list[st
     return quantizer.model
 
 
+def gemm_to_matmul(model: onnx.ModelProto) -> int:
+    """Rewrite each Gemm with a constant weight (alpha = beta = 1, transA = 0) as MatMul + Add, in place, and return
+    how many: GPT-2's Conv1D layers export as Gemm, which MatMulNBits cannot take, so its layers stayed fp32."""
+    from onnx import helper, numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    nodes, count = [], 0
+    for node in model.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if (node.op_type != "Gemm" or node.input[1] not in inits or attrs.get("transA", 0)
+                or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
+            nodes.append(node)
+            continue
+        weight = numpy_helper.to_array(inits[node.input[1]])
+        if attrs.get("transB", 0):
+            weight = weight.T
+        w_name = f"{node.input[1]}_matmul"
+        model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight), w_name))
+        has_bias = len(node.input) > 2 and node.input[2]
+        mm_out = f"{node.output[0]}_matmul" if has_bias else node.output[0]
+        nodes.append(helper.make_node("MatMul", [node.input[0], w_name], [mm_out], name=f"{node.name}_MatMul"))
+        if has_bias:
+            nodes.append(helper.make_node("Add", [mm_out, node.input[2]], [node.output[0]], name=f"{node.name}_Add"))
+        count += 1
+    if count:
+        model.graph.ClearField("node")
+        model.graph.node.extend(nodes)
+        used = {i for n in model.graph.node for i in n.input}
+        keep = [t for t in model.graph.initializer if t.name in used]
+        model.graph.ClearField("initializer")
+        model.graph.initializer.extend(keep)
+    return count
+
+
 @register_recipe(WeightOnlyConfig)
 def quantize_weight_only(model_path: Path, config: WeightOnlyConfig, out_path: Path, calibration=()) -> Path:
     model = onnx.load(str(model_path))
+    gemm_to_matmul(model)
     exclude = excluded_nodes(model_path, config.exclude)
     logging.disable(logging.WARNING)  # the quantizer logs every node, through a handler of its own
     try:

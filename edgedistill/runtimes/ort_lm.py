@@ -59,10 +59,10 @@ class OrtCausalLM:
         """Yield new token ids one by one: greedy when temperature is 0, else sampled (top-k / top-p)."""
         rng = np.random.default_rng(seed)
         logits, past = self.forward(np.asarray([prompt_ids], dtype=np.int64))
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             token = pick_token(logits[0, -1], temperature, top_k, top_p, rng)
             yield token
-            if eos_token_id is not None and token == eos_token_id:
+            if (eos_token_id is not None and token == eos_token_id) or step == max_new_tokens - 1:
                 return
             logits, past = self.forward(np.asarray([[token]], dtype=np.int64), past)
 
@@ -80,6 +80,7 @@ def pick_token(logits: np.ndarray, temperature: float, top_k: int, top_p: float,
     if top_p < 1.0:
         order = np.argsort(-p)
         keep = np.cumsum(p[order]) - p[order] < top_p
+        keep[0] = True  # the most likely token always stays (top_p 0 means greedy among the samplers)
         mask = np.zeros_like(p, dtype=bool)
         mask[order[keep]] = True
         p = np.where(mask, p, 0.0)

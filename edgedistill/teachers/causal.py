@@ -22,7 +22,11 @@ GGUF_MAGIC = b"GGUF"
 def is_causal_config(config: dict) -> bool:
     """Whether a config.json (as a dict) describes a causal LM: a *ForCausalLM / *LMHeadModel architecture, or a
     decoder-only model type we know."""
+    from edgedistill.families.text_encoder import TEXT_ENCODER_TYPES
+
     archs = config.get("architectures") or []
+    if config.get("model_type") in TEXT_ENCODER_TYPES:  # BertLMHeadModel, RobertaForCausalLM: encoders, as before
+        return False
     return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) or (
         not archs and config.get("model_type") in CAUSAL_LM_TYPES)
 
