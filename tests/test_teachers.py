@@ -145,15 +145,16 @@ def test_config_json_array(tiny_plain_encoder, tmp_path):
 
 
 def test_unsupported_model_type(tmp_path):
-    from transformers import GPT2Config
+    # GPT-2 compiles as a causal LM now; a vision transformer is neither family
+    from transformers import ViTConfig
 
-    path = tmp_path / "gpt2"
-    GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=len(make_vocab()), n_positions=32).save_pretrained(path)
+    path = tmp_path / "vit"
+    ViTConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2, intermediate_size=32).save_pretrained(path)
     with pytest.raises(CheckpointError) as exc:
         load_teacher(str(path))
     assert "unsupported architecture" in exc.value.message
-    assert "gpt2" in exc.value.message
-    assert "bert" in exc.value.hint
+    assert "vit" in exc.value.message
+    assert "bert" in exc.value.hint and "llama" in exc.value.hint
 
 
 def test_unknown_model_type_in_config(tiny_plain_encoder, tmp_path):
