@@ -231,14 +231,14 @@ class CausalLMFamily(Family):
         return stages.build_target(distilled, profile, stage_dir, opts)
 
     def render_report(self, manifest, published: bool) -> str:
-        from edgedistill.families import causal_lm_stages as stages
+        from edgedistill.families.causal_lm_report import render_report
 
-        return stages.render_report(manifest, published)
+        return render_report(manifest, published)
 
     def summary_cells(self, manifest) -> dict[str, str]:
-        from edgedistill.families import causal_lm_stages as stages
+        from edgedistill.families.causal_lm_report import summary_cells
 
-        return stages.summary_cells(manifest)
+        return summary_cells(manifest)
 
 
 def causal_family_for(config) -> CausalLMFamily:
