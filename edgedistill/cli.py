@@ -54,6 +54,7 @@ def compile_cmd(
     max_texts: Optional[int] = typer.Option(None, "--max-texts", help="Use only the first N texts of the data"),
     val_fraction: float = typer.Option(0.05, "--val-fraction", help="Held-out share for validation (at most 2000 texts)"),
     seed: int = typer.Option(0, "--seed"),
+    eval_every: int = typer.Option(0, "--eval-every", min=0, metavar="STEPS", help="Validate (and keep the best student) every N steps (default 0: once per epoch)"),
     text_column: str = typer.Option("text", "--text-column", help="JSONL field / CSV column holding the text"),
     label_column: str = typer.Option("label", "--label-column", help="JSONL field / CSV column holding the label"),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Teacher-output and student cache (default: ~/.cache/edgedistill)"),
@@ -65,6 +66,8 @@ def compile_cmd(
     lm_temperature: float = typer.Option(1.0, "--lm-temperature", min=0.05, help="LMs: distillation temperature"),
     ce_weight: float = typer.Option(0.0, "--ce-weight", min=0.0, max=1.0, help="LMs: share of next-token cross-entropy on the data in the loss"),
     jsd_beta: float = typer.Option(0.5, "--jsd-beta", min=0.0, max=1.0, help="LMs: GKD's beta for --divergence jsd"),
+    generate: int = typer.Option(0, "--generate", min=0, metavar="N", help="LMs: the teacher writes N training windows continuing transfer-set prompts (sequence-level KD; sampled, cached)"),
+    quantization_aware: bool = typer.Option(False, "--quantization-aware/--no-quantization-aware", help="LMs: distill through the targets' int4/int8 weight rounding (fake quantization, straight-through gradients)"),
     resume: Optional[Path] = typer.Option(None, "--resume", metavar="OUT",
                                           help="Continue the interrupted compile that wrote to OUT, with its original arguments (other options are ignored)"),
 ) -> None:
@@ -86,7 +89,8 @@ def compile_cmd(
     opts = CompileOptions(task=task, student_layers=student_layers, max_length=max_length, val_fraction=val_fraction,
                           max_texts=max_texts, text_column=text_column, label_column=label_column, cache_dir=cache_dir,
                           checkpoint_every=checkpoint_every, top_k=top_k, layer_criterion=layer_criterion, student=student,
-                          distill=DistillConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                          quantization_aware=quantization_aware, generate=generate,
+                          distill=DistillConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, eval_every=eval_every,
                                                 divergence=divergence, lm_temperature=lm_temperature,
                                                 ce_weight=ce_weight, jsd_beta=jsd_beta))
     try:

@@ -45,6 +45,8 @@ class CompileOptions:
     top_k: int = 256  # causal LMs: teacher tokens kept per position in the soft-label cache (README: k measured)
     layer_criterion: str = "perplexity"  # causal LMs: how the student's layers are chosen
     student: str | None = None  # causal LMs: a student checkpoint to distill into, instead of a derived one
+    generate: int = 0  # causal LMs: training windows the teacher writes itself (sequence-level KD), cached
+    quantization_aware: bool = False  # causal LMs: distill through the targets' weight rounding (distill/qat.py)
     distill: DistillConfig = field(default_factory=DistillConfig)
 
     def to_json(self) -> dict:
@@ -95,7 +97,7 @@ def compile(teacher_spec: str | None, data_path: str | None, target_specs: list[
         family: Family = teacher.family
         for profile in profiles:
             family.check_target(profile)
-        family.check_options(teacher, opts)
+        family.check_options(teacher, opts, profiles)
         data = load_transfer_set(data_path, opts.text_column, opts.label_column, teacher.label_names, opts.max_texts)
         if distributed.is_main():
             if not opts.resume and (out_dir / RUN_DIR / "checkpoint").is_dir():
@@ -103,7 +105,7 @@ def compile(teacher_spec: str | None, data_path: str | None, target_specs: list[
                                        f"(`edgedistill compile --resume {out_dir}` would have continued it)")
             runs.save_run(out_dir, teacher_spec, data_path, target_specs, opts.to_json())
         try:
-            distilled = family.distill_student(teacher, data, opts, out_dir / RUN_DIR)
+            distilled = family.distill_student(teacher, data, opts, out_dir / RUN_DIR, profiles)
         except EdgeDistillError:  # a user error, not a kill: no checkpoint worth resuming from is left behind
             if distributed.is_main() and not (out_dir / RUN_DIR / "checkpoint").is_dir():
                 shutil.rmtree(out_dir / RUN_DIR, ignore_errors=True)

@@ -311,3 +311,28 @@ def test_mixed_precision_puts_only_the_named_nodes_at_8_bits(tmp_path):
     bits = {n.name: next(a.i for a in n.attribute if a.name == "bits")
             for n in onnx.load(str(path)).graph.node if n.op_type == "MatMulNBits"}
     assert bits.pop("/lm_head/MatMul_Q8") == 8 and len(bits) == 4 * 7 and set(bits.values()) == {4}
+
+
+def test_generate_adds_cached_teacher_written_windows_to_training(lm_data, tmp_path, monkeypatch):
+    from edgedistill.families import causal_lm_stages
+
+    teacher = build_tiny_causal_lm(tmp_path / "teacher", model_type="llama")
+    profile = str(lm_profile(tmp_path / "p.yaml", "{recipe: fp32}"))
+    cache = tmp_path / "cache"
+    first = compile(str(teacher), str(lm_data), [profile], tmp_path / "out", lm_opts(generate=6, cache_dir=cache))
+    m = first.targets[0].manifest
+    assert m.data["teacher_generated_windows"] == 6 and m.data["generation"]["tokens"] == 6 * (32 - 16)
+    assert m.data["num_train"] == m.data["num_windows"] - m.data["num_validation"]
+    (path,) = (cache / "generated").glob("*.npy")
+    rows = np.load(path)
+    assert rows.shape == (6, 32) and rows.dtype == np.int32
+    real = np.load(first.targets[0].path / "validation-windows.npy")
+    assert not any((rows[:, :16] == r[:16]).all(1).any() for r in real)  # prompts come from the training split only
+    assert len({tuple(r[16:]) for r in rows}) == 6  # sampled, not six copies of one greedy path
+
+    def no_sampling(*a, **k):
+        raise AssertionError("the teacher's windows were generated again")
+
+    monkeypatch.setattr(causal_lm_stages, "sample_continuations", no_sampling)
+    again = compile(str(teacher), str(lm_data), [profile], tmp_path / "out2", lm_opts(generate=6, cache_dir=cache))
+    assert again.targets[0].manifest.student == m.student  # the cached generations and the cached student

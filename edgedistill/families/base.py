@@ -27,9 +27,10 @@ class Family(ABC):
     """What differs between model families, in the order compile() needs it.
 
     check_target: refuse a profile this family cannot build for (one line, before any model work);
-    check_options: refuse options that do not fit the teacher (depth, length), before any model work;
+    check_options: refuse options that do not fit the teacher (depth, length) or the targets, before any model work;
     distill_student: the transfer set's examples, the teacher's outputs on them (cached), the student and its
-        distillation: done once for all targets; returns the family's own record of it;
+        distillation: done once for all targets (a quantization-aware one trains for what they share); returns the
+        family's own record of it;
     build_target: export, optimize, quantize, validate against the teacher and time, in `stage_dir`;
     render_report / summary_cells: what a person reads about one artifact.
     """
@@ -40,11 +41,12 @@ class Family(ABC):
         """Raise ProfileError if this family cannot build an artifact for `profile` (default: every profile)."""
 
     @abstractmethod
-    def check_options(self, teacher: Teacher, opts: Any) -> None:
-        """Raise EdgeDistillError if `opts` cannot apply to `teacher`."""
+    def check_options(self, teacher: Teacher, opts: Any, profiles: list[TargetProfile]) -> None:
+        """Raise EdgeDistillError if `opts` cannot apply to `teacher` and `profiles`."""
 
     @abstractmethod
-    def distill_student(self, teacher: Teacher, data: TransferSet, opts: Any, run_dir: Path | None) -> Any:
+    def distill_student(self, teacher: Teacher, data: TransferSet, opts: Any, run_dir: Path | None,
+                        profiles: list[TargetProfile]) -> Any:
         """Return the distilled student with everything targets are built and validated from."""
 
     @abstractmethod

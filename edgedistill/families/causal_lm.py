@@ -94,6 +94,28 @@ def teacher_labels(model: nn.Module, windows: np.ndarray, k: int, dtype: np.dtyp
     return out
 
 
+@torch.no_grad()
+def sample_continuations(model: nn.Module, prompts: np.ndarray, new_tokens: int, seed: int, batch_size: int = 16,
+                         progress=None) -> np.ndarray:
+    """Return each prompt (N, P) followed by `new_tokens` tokens sampled from the model's own distribution
+    (temperature 1, no truncation: the teacher's outputs as sequence-level KD data); an end-of-text token does not
+    stop a row, as in packed windows. Deterministic for a seed."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new_tokens,
+                              min_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0)
+    device = next(model.parameters()).device
+    out = np.zeros((len(prompts), prompts.shape[1] + new_tokens), dtype=np.int32)
+    for b, start in enumerate(range(0, len(prompts), batch_size)):
+        ids = torch.from_numpy(prompts[start : start + batch_size].astype(np.int64)).to(device)
+        torch.manual_seed(seed * 1_000_003 + b)  # per batch: the same rows whatever ran before
+        rows = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
+        out[start : start + len(ids)] = rows.cpu().numpy()
+        if progress is not None:
+            progress(len(ids))
+    return out
+
+
 def decoder_layers(model: nn.Module, decoder: DecoderType) -> nn.ModuleList:
     return model.get_submodule(decoder.layers_path)
 
@@ -215,15 +237,15 @@ class CausalLMFamily(Family):
 
         stages.check_target(profile)
 
-    def check_options(self, teacher, opts) -> None:
+    def check_options(self, teacher, opts, profiles) -> None:
         from edgedistill.families import causal_lm_stages as stages
 
-        stages.check_options(self, teacher, opts)
+        stages.check_options(self, teacher, opts, profiles)
 
-    def distill_student(self, teacher, data, opts, run_dir):
+    def distill_student(self, teacher, data, opts, run_dir, profiles):
         from edgedistill.families import causal_lm_stages as stages
 
-        return stages.distill_student(self, teacher, data, opts, run_dir)
+        return stages.distill_student(self, teacher, data, opts, run_dir, profiles)
 
     def build_target(self, distilled, profile, stage_dir, opts):
         from edgedistill.families import causal_lm_stages as stages

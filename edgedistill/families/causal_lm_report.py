@@ -41,7 +41,13 @@ def render_report(m: Manifest, published: bool) -> str:
         f"distributions ({m.data['soft_labels']['bytes_per_token']:.0f} bytes per token cached), "
         f"{m.distillation['config']['divergence']} at temperature {m.distillation['config']['lm_temperature']:g}; "
         f"best validation perplexity {m.distillation['best_validation_perplexity']:.2f} at step "
-        f"{m.distillation['best_step']}.", "",
+        f"{m.distillation['best_step']}."
+        + (f" {m.data['teacher_generated_windows']} of the windows were written by the teacher (sampled "
+           f"continuations of {m.data['generation']['prompt_tokens']}-token training prompts)."
+           if m.data.get("teacher_generated_windows") else "")
+        + (f" Quantization-aware: trained through {fq['bits']}-bit rounding in blocks of {fq['block_size']}"
+           f"{' (embedding table included)' if fq['embeddings'] else ''}." if (fq := m.distillation.get("quantization_aware")) else ""),
+        "",
         f"Quantization: {q['recipe']} ({recipe}).", "",
         "| | value |", "|---|---|",
         f"| fidelity | {cells['fidelity']} |",
@@ -49,6 +55,13 @@ def render_report(m: Manifest, published: bool) -> str:
         f"| size | {cells['size']} |", "",
         "## Metrics on the held-out windows", "", "| metric | value |", "|---|---|",
         *[f"| {k} | {val:.4f} |" for k, val in v.items()], "",
+        "## Distillation curve", "",
+        f"Validation perplexity on {m.distillation.get('eval_windows', 32)} held-out windows"
+        + (" (through the weight rounding)" if m.distillation.get("quantization_aware") else "")
+        + "; step 0 is the student before training.", "",
+        "| step | tokens | validation perplexity | train loss |", "|---|---|---|---|",
+        *[f"| {step} | {step * m.distillation['config']['batch_size'] * m.data['window_tokens']:,} | {score:.2f} | "
+          f"{'' if loss != loss else f'{loss:.4f}'} |" for step, score, loss in m.distillation["history"]], "",
         "## Quantization trials (scored on the held-out windows)", "",
         "| trial | perplexity × teacher | top-1 agreement | MB | keeps budget |", "|---|---|---|---|---|",
         *[f"| {t['description']}{' **(chosen)**' if t.get('chosen') else ''} | {t['perplexity_ratio']:.3f} | "

@@ -18,6 +18,7 @@ from edgedistill.cache import LabelStore, Rows, array_digests, cache_key, defaul
 from edgedistill.data import TransferSet, split_indices
 from edgedistill.distill.loop import Checkpointing, DistillResult, Training, distill
 from edgedistill.distill.losses import lm_distillation_loss
+from edgedistill.distill.qat import FakeQuantSpec, fake_quantized, float_state_dict
 from edgedistill.distill.stage import load_stage, save_stage
 from edgedistill.errors import EdgeDistillError, ProfileError
 from edgedistill.export_lm import export_causal_lm, torch_greedy
@@ -28,6 +29,7 @@ from edgedistill.families.causal_lm import (
     derive_student,
     label_dtype,
     pack_windows,
+    sample_continuations,
     select_layers,
     teacher_labels,
     window_perplexity,
@@ -46,6 +48,7 @@ DEFAULT_WINDOW = 128  # tokens per training window: what 2 CPU cores can distill
 CALIBRATION_WINDOWS = 8  # windows of the training split the layer selection measures on
 EVAL_WINDOWS = 32  # held-out windows scored at each evaluation during training (the final validation uses all)
 MAX_VAL_WINDOWS = 256
+GENERATION_PROMPT_TOKENS = 16  # --generate: tokens of a training window the teacher continues
 PROMPTS = 8  # held-out prompts whose greedy continuations are compared with the teacher's
 PROMPT_TOKENS, CONTINUATION_TOKENS = 16, 32
 MODEL_FILE = "model.onnx"
@@ -68,6 +71,8 @@ class LMDistilled:
     selection: dict
     prompts: list[list[int]] = field(default_factory=list)
     teacher_continuations: list[list[int]] = field(default_factory=list)
+    fake_quant: dict | None = None  # the weight rounding the student was distilled through, if any
+    generated: int = 0  # training windows the teacher wrote (--generate), the last of `windows`
 
 
 def check_target(profile: TargetProfile) -> None:
@@ -101,7 +106,29 @@ def window_length(teacher: Teacher, requested: int | None) -> int:
     return window
 
 
-def check_options(family: CausalLMFamily, teacher: Teacher, opts) -> None:
+def fake_quant_spec(profiles: list[TargetProfile], enabled: bool) -> FakeQuantSpec | None:
+    """Return the weight rounding a quantization-aware distillation trains through: the targets' shared weight-only
+    rtn setting. One student serves every target, so targets that round differently are refused."""
+    from edgedistill.quantize.configs import WeightOnlyConfig
+
+    if not enabled:
+        return None
+    specs = set()
+    for p in profiles:
+        q = p.causal_lm.quantization
+        if not isinstance(q, WeightOnlyConfig) or q.algorithm != "rtn" or not q.symmetric:
+            raise EdgeDistillError(f"--quantization-aware trains for symmetric rtn weight-only rounding; target {p.name} "
+                                   f"quantizes with {q.model_dump(include={'recipe', 'algorithm', 'symmetric'})}",
+                                   hint="leave out --quantization-aware, or pick targets with a weight-only rtn recipe")
+        specs.add(FakeQuantSpec(q.bits, q.block_size, q.quantize_embeddings and q.bits == 4))
+    if len(specs) > 1:
+        raise EdgeDistillError(f"--quantization-aware trains one student, but these targets round weights differently: "
+                               f"{', '.join(f'{s.bits}-bit blocks of {s.block_size}' for s in sorted(specs, key=str))}",
+                               hint="compile targets of one weight-only setting together")
+    return specs.pop()
+
+
+def check_options(family: CausalLMFamily, teacher: Teacher, opts, profiles: list[TargetProfile]) -> None:
     student_layers(family, teacher, opts.student_layers)
     window_length(teacher, opts.max_length)
     if opts.student and not (Path(opts.student) / "config.json").is_file():
@@ -114,6 +141,7 @@ def check_options(family: CausalLMFamily, teacher: Teacher, opts) -> None:
     if not 1 <= opts.top_k <= int(teacher.config.vocab_size):
         raise EdgeDistillError(f"--top-k {opts.top_k} is out of range for a vocabulary of {teacher.config.vocab_size}",
                                hint="pass a number from 1 to the vocabulary size (256 is the default)")
+    fake_quant_spec(profiles, opts.quantization_aware)
 
 
 def tokenize_windows(teacher: Teacher, data: TransferSet, window: int) -> np.ndarray:
@@ -228,8 +256,11 @@ def lm_training(student: torch.nn.Module, windows: np.ndarray, labels: np.ndarra
                     maximize=False, describe=lambda ppl: f"perplexity {ppl:.2f}")
 
 
-def distill_student(family: CausalLMFamily, teacher: Teacher, data: TransferSet, opts, run_dir: Path | None) -> LMDistilled:
-    """Window, label (cached), choose layers (cached), derive and distill the student (cached by input hash)."""
+def distill_student(family: CausalLMFamily, teacher: Teacher, data: TransferSet, opts, run_dir: Path | None,
+                    profiles: list[TargetProfile]) -> LMDistilled:
+    """Window, label (cached), choose layers (cached), derive and distill the student (cached by input hash);
+    quantization-aware when asked, through the targets' weight rounding."""
+    rounding = fake_quant_spec(profiles, opts.quantization_aware)
     cache_dir = opts.cache_dir or default_cache_dir()
     window = window_length(teacher, opts.max_length)
     num_layers = student_layers(family, teacher, opts.student_layers)
@@ -238,6 +269,11 @@ def distill_student(family: CausalLMFamily, teacher: Teacher, data: TransferSet,
         raise EdgeDistillError(f"the transfer set makes {len(windows)} window of {window} tokens; training and "
                                "validation need at least 2", hint="pass more text with --data, or a smaller --max-length")
     train_idx, val_idx = split_indices(len(windows), opts.val_fraction, opts.distill.seed, max_val=MAX_VAL_WINDOWS)
+    generated = None
+    if opts.generate:  # the teacher's own continuations join the training split (validation stays real text)
+        generated = teacher_generations(teacher, windows[train_idx], opts.generate, opts.distill.seed, cache_dir)
+        train_idx = np.concatenate([train_idx, np.arange(len(windows), len(windows) + len(generated))])
+        windows = np.concatenate([windows, generated])
     labels = label_windows(teacher, windows, opts.top_k, cache_dir)
     if opts.student:
         student, student_sha = load_student(teacher, Path(opts.student))
@@ -251,19 +287,51 @@ def distill_student(family: CausalLMFamily, teacher: Teacher, data: TransferSet,
         student, torch.from_numpy(windows[val_idx[:EVAL_WINDOWS]].astype(np.int64)))
     key = cache_key("lm-student-v1", teacher.sha256, tokenizer_fingerprint(teacher.tokenizer), array_digests(windows).tobytes(),
                     kept, student_sha, window, opts.top_k, opts.val_fraction, sorted(asdict(opts.distill).items()),
-                    distributed.world(), torch.__version__, __version__)
+                    opts.generate,
+                    None if rounding is None else asdict(rounding), distributed.world(), torch.__version__, __version__)
     trained = load_stage(cache_dir / "students" / key, student)
     if trained is None:
         checkpointing = None if run_dir is None else Checkpointing(run_dir / "checkpoint", key, opts.checkpoint_every,
                                                                     opts.resume)
-        trained = distill(student, lm_training(student, windows, labels, train_idx, val_idx, opts.distill),
-                          opts.distill, checkpointing)
+        training = lm_training(student, windows, labels, train_idx, val_idx, opts.distill)
+        with fake_quantized(student, rounding):  # after lm_training has frozen what it freezes
+            trained = distill(student, training, opts.distill, checkpointing)
+            best = float_state_dict(trained.student)
+        student.load_state_dict(best)
+        trained.student = student.to("cpu").eval()  # where distill() leaves its copies: export runs on the CPU
         if distributed.is_main():
             save_stage(cache_dir / "students" / key, trained)
     prompts = [windows[i, :PROMPT_TOKENS].tolist() for i in val_idx[:PROMPTS]]
     continuations = teacher_continuations(teacher, prompts, cache_dir)
     return LMDistilled(teacher, data, trained, windows, labels, train_idx, val_idx, window, opts.top_k, kept, selection,
-                       prompts, continuations)
+                       prompts, continuations, None if rounding is None else asdict(rounding),
+                       0 if generated is None else len(generated))
+
+
+def teacher_generations(teacher: Teacher, train_windows: np.ndarray, count: int, seed: int, cache_dir: Path) -> np.ndarray:
+    """Return `count` windows the teacher wrote: the first tokens of training windows (in a seeded order, cycling
+    when `count` exceeds them) continued by sampling from the teacher, cached by teacher, prompts and seed."""
+    from edgedistill.cache import save_npy
+
+    window = train_windows.shape[1]
+    order = np.random.default_rng(seed).permutation(len(train_windows))
+    prompts = train_windows[np.resize(order, count), :GENERATION_PROMPT_TOKENS]
+    path = cache_dir / "generated" / f"{cache_key('sampled-v1', teacher.sha256, prompts.tobytes(), window, seed)}.npy"
+    if not path.is_file() and distributed.is_main():
+        device = _process_device()
+        teacher.module.to(device)
+        try:
+            with new_progress() as progress:
+                bar = progress.add_task(f"the teacher writes {count} windows ({count * (window - len(prompts[0])):,} "
+                                        "tokens, sampled)", total=count, status="")
+                rows = sample_continuations(teacher.module, prompts, window - prompts.shape[1], seed,
+                                            progress=lambda n: progress.update(bar, advance=n))
+        finally:
+            teacher.module.to("cpu")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_npy(path, rows)
+    distributed.barrier()
+    return np.load(path)
 
 
 def load_student(teacher: Teacher, path: Path):
@@ -450,11 +518,16 @@ def lm_manifest(d: LMDistilled, profile: TargetProfile, exported, model_path: Pa
                  "layer_selection": d.selection, "num_parameters": count_parameters(trained.student),
                  "tied_embeddings": bool(getattr(config, "tie_word_embeddings", False)), "config": config.to_diff_dict()},
         data={"source": d.data.source, "sha256": d.data.sha256, "num_texts": len(d.data), "window_tokens": d.window,
+              "teacher_generated_windows": d.generated, "generation": None if not d.generated else
+              {"prompt_tokens": GENERATION_PROMPT_TOKENS, "sampling": "temperature 1, full distribution",
+               "tokens": d.generated * (d.window - GENERATION_PROMPT_TOKENS)},
               "num_windows": len(d.windows), "num_train": len(d.train_idx), "num_validation": len(d.val_idx),
               "train_tokens": int(len(d.train_idx) * d.window), "val_fraction": opts.val_fraction,
               "soft_labels": {"top_k": d.top_k, "bytes_per_token": bytes_per_token(dtype),
                               "fields": list(dtype.names)}},
-        distillation={"config": asdict(opts.distill), "best_validation_perplexity": trained.best_fidelity,
+        distillation={"config": asdict(opts.distill), "quantization_aware": d.fake_quant,
+                      "eval_windows": min(EVAL_WINDOWS, len(d.val_idx)),
+                      "best_validation_perplexity": trained.best_fidelity,
                       "best_step": trained.best_step, "history": trained.history},
         export={"exporter": "optimum main_export (text-generation-with-past)", "opset": export_opset(profile),
                 **exported.checks},

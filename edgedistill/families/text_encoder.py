@@ -97,18 +97,20 @@ class TextEncoderFamily(Family):
     def __init__(self, encoder_type: EncoderType) -> None:
         self.type = encoder_type
 
-    def check_options(self, teacher, opts) -> None:
+    def check_options(self, teacher, opts, profiles) -> None:
+        from edgedistill.errors import EdgeDistillError
         from edgedistill.families import text_encoder_stages as stages
 
-        if getattr(opts, "student", None):
-            from edgedistill.errors import EdgeDistillError
-
-            raise EdgeDistillError("--student is for causal LMs; an encoder's student is derived from the teacher",
-                                   hint="leave out --student and set --student-layers")
+        for flag, value, why in (("--student", opts.student, "an encoder's student is derived from the teacher"),
+                                 ("--generate", opts.generate, "encoders distill on the transfer set's texts"),
+                                 ("--quantization-aware", opts.quantization_aware,
+                                  "encoder targets choose their quantization by an accuracy-aware search")):
+            if value:
+                raise EdgeDistillError(f"{flag} is for causal LMs so far: {why}", hint=f"leave out {flag}")
         stages.student_depth(teacher, opts.student_layers)
         stages.check_max_length(teacher, opts.max_length or teacher.max_length)
 
-    def distill_student(self, teacher, data, opts, run_dir):
+    def distill_student(self, teacher, data, opts, run_dir, profiles):
         from edgedistill.families import text_encoder_stages as stages
 
         return stages.distill_student(teacher, data, stages.student_depth(teacher, opts.student_layers),
