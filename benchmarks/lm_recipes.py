@@ -2,11 +2,20 @@
 
     python benchmarks/lm_recipes.py labels   # k of the soft-label cache, and the divergence, by student quality
     python benchmarks/lm_recipes.py int4     # MatMulNBits block size / symmetry / accuracy level / embeddings
+    python benchmarks/lm_recipes.py generate # teacher-written windows (--generate) vs real ones, same steps
+    python benchmarks/lm_recipes.py width    # depth vs FFN width (--ffn-ratio) at about equal parameters
 
 labels: one student (block-influence layers), the same windows, steps, seed and learning rate; only what the loss
 sees changes: the teacher's top-k + tail for k in --ks, or its full distribution (computed on the fly, the "no cache"
 reference), and forward KL vs reverse KL vs JSD(0.5) at the chosen k. Scored on held-out windows: perplexity and
 top-1 agreement with the teacher. Cache bytes per token beside each.
+
+generate: one student, the same steps, seed and held-out windows; the training windows are all real text, or half
+real and half written by the teacher (sampled continuations of 16-token prompts taken from the real half), or the
+real half twice as long (the real windows plus as many more real ones: what more data would give instead).
+
+width: students of about the same parameter count, shallower with full FFNs or deeper with FFNs narrowed by
+activation importance (layers by block influence in each), trained alike; perplexity before and after training.
 
 int4: the teacher exported by Optimum with its KV cache, quantized by each setting (LM head and embedding table
 included); held-out perplexity vs the fp32 graph, file size, and one-token decode latency at a 128-token context.
@@ -125,6 +134,87 @@ def full_training(teacher_model, student, windows, train_idx, val_idx, cfg) -> T
                     evaluate=lambda m: window_perplexity(m.eval(), val), maximize=False)
 
 
+def generate_study(args) -> None:
+    from edgedistill.families.causal_lm import sample_continuations
+
+    teacher = load_teacher(args.teacher)
+    vocab = int(teacher.config.vocab_size)
+    windows = tokenize_windows(teacher, load_transfer_set(None, "text", "label", None, None), args.window)
+    train_idx, val_idx = split_indices(len(windows), 0.05, 0)
+    n = args.steps * args.batch_size
+    val_idx = val_idx[: args.eval]
+    half = train_idx[: n // 2]
+    t0 = time.perf_counter()
+    written = sample_continuations(teacher.module, windows[half, :16], args.window - 16, seed=0)
+    gen_s = time.perf_counter() - t0
+    console.print(f"the teacher wrote {len(written)} windows in {gen_s:.0f} s "
+                  f"({len(written) * (args.window - 16) / gen_s:.0f} tokens/s)")
+    sets = {"real (the first half)": windows[half], "half real + half teacher-written": np.concatenate([windows[half], written]),
+            "all real (twice the real text)": windows[train_idx[:n]]}
+    labelled = {name: teacher_labels(teacher.module, w, args.div_k, label_dtype(args.window, args.div_k, vocab))
+                for name, w in sets.items()}
+    val_labels = teacher_labels(teacher.module, windows[val_idx], args.div_k, label_dtype(args.window, args.div_k, vocab))
+    calib = torch.from_numpy(windows[train_idx[:4]].astype(np.int64))
+    kept, _ = select_layers(teacher.module, teacher.family.decoder, args.keep, calib, "block-influence")
+    table = Table(title=f"{args.teacher}: {args.keep}-layer student, {args.steps} steps x {args.batch_size} windows x "
+                        f"{args.window} tokens, top-{args.div_k} forward KL, lr {args.lr}; {len(val_idx)} held-out windows")
+    for col in ("training windows", "distinct windows", "perplexity × teacher", "top-1 agreement", "KL(teacher||student)"):
+        table.add_column(col)
+    for name, train in sets.items():
+        student = derive_student(teacher.module, teacher.family.decoder, kept)
+        both = np.concatenate([train, windows[val_idx]])
+        rows = np.concatenate([labelled[name], val_labels])
+        tr, va = np.arange(len(train)), np.arange(len(train), len(both))
+        cfg = DistillConfig(epochs=max(1, n // len(train)), batch_size=args.batch_size, lr=args.lr, eval_every=10**9, seed=0)
+        trained = distill(student, lm_training(student, both, rows, tr, va, cfg), cfg).student
+        m = held_out_metrics(lambda w: trained(input_ids=torch.from_numpy(w)).logits.float().numpy(), windows[val_idx],
+                             val_labels)
+        table.add_row(name, str(len(train)), f"{m['perplexity_ratio']:.3f}", f"{m['top1_agreement']:.4f}",
+                      f"{m['kl_teacher_topk_mean']:.4f}")
+        console.print(f"{name}: ratio {m['perplexity_ratio']:.3f}")
+    console.print(table)
+
+
+def width_study(args) -> None:
+    from edgedistill.families.causal_lm import ffn_importance, ffn_size, prune_ffn
+    from edgedistill.teachers.hf import count_parameters
+
+    teacher = load_teacher(args.teacher)
+    vocab = int(teacher.config.vocab_size)
+    decoder = teacher.family.decoder
+    windows = tokenize_windows(teacher, load_transfer_set(None, "text", "label", None, None), args.window)
+    train_idx, val_idx = split_indices(len(windows), 0.05, 0)
+    train_idx, val_idx = train_idx[: args.steps * args.batch_size], val_idx[: args.eval]
+    used = np.concatenate([train_idx, val_idx])
+    labels = np.zeros(len(windows), dtype=label_dtype(args.window, args.div_k, vocab))
+    labels[used] = teacher_labels(teacher.module, windows[used], args.div_k, labels.dtype)
+    calib = torch.from_numpy(windows[train_idx[:4]].astype(np.int64))
+    table = Table(title=f"{args.teacher}: {args.steps} steps x {args.batch_size} windows x {args.window} tokens, "
+                        f"top-{args.div_k} forward KL, lr {args.lr}; {len(val_idx)} held-out windows")
+    for col in ("layers", "FFN", "parameters", "x teacher before", "perplexity x teacher", "top-1 agreement"):
+        table.add_column(col)
+    for spec in args.shapes:
+        depth, ratio = spec.split("x")
+        depth, ratio = int(depth), float(ratio)
+        kept, _ = select_layers(teacher.module, decoder, depth, calib, "block-influence")
+        student = derive_student(teacher.module, decoder, kept)
+        width = ffn_size(student.config)
+        if ratio < 1:
+            keep = int(round(width * ratio / 32)) * 32
+            prune_ffn(student, decoder, ffn_importance(student, decoder, calib), keep)
+        def score(model):
+            return held_out_metrics(lambda w: model(input_ids=torch.from_numpy(w)).logits.float().numpy(),
+                                    windows[val_idx], labels[val_idx])
+        before = score(student)
+        cfg = DistillConfig(epochs=1, batch_size=args.batch_size, lr=args.lr, eval_every=10**9, seed=0)
+        trained = distill(student, lm_training(student, windows, labels, train_idx, val_idx, cfg), cfg).student
+        m = score(trained)
+        table.add_row(str(depth), str(ffn_size(trained.config)), f"{count_parameters(trained):,}",
+                      f"{before['perplexity_ratio']:.2f}", f"{m['perplexity_ratio']:.3f}", f"{m['top1_agreement']:.4f}")
+        console.print(f"{spec}: {before['perplexity_ratio']:.2f} -> {m['perplexity_ratio']:.3f}")
+    console.print(table)
+
+
 def int4_study(args) -> None:
     from edgedistill.bench.timer import measure_interleaved
     from edgedistill.export_lm import export_causal_lm
@@ -184,7 +274,9 @@ def int4_study(args) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("study", choices=["labels", "int4"])
+    ap.add_argument("study", choices=["labels", "int4", "generate", "width"])
+    ap.add_argument("--shapes", nargs="+", default=["20x1.0", "24x0.78", "26x0.67"],
+                    help="width study: LAYERSxFFN_SHARE students")
     ap.add_argument("--teacher", default="smollm2")
     ap.add_argument("--window", type=int, default=128)
     ap.add_argument("--keep", type=int, default=20)
@@ -197,7 +289,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    (labels_study if args.study == "labels" else int4_study)(args)
+    {"labels": labels_study, "int4": int4_study, "generate": generate_study, "width": width_study}[args.study](args)
     return 0
 
 

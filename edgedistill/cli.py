@@ -66,6 +66,7 @@ def compile_cmd(
     lm_temperature: float = typer.Option(1.0, "--lm-temperature", min=0.05, help="LMs: distillation temperature"),
     ce_weight: float = typer.Option(0.0, "--ce-weight", min=0.0, max=1.0, help="LMs: share of next-token cross-entropy on the data in the loss"),
     jsd_beta: float = typer.Option(0.5, "--jsd-beta", min=0.0, max=1.0, help="LMs: GKD's beta for --divergence jsd"),
+    ffn_ratio: float = typer.Option(1.0, "--ffn-ratio", help="LMs: share of each layer's FFN neurons the student keeps, by measured activation (width pruning)"),
     generate: int = typer.Option(0, "--generate", min=0, metavar="N", help="LMs: the teacher writes N training windows continuing transfer-set prompts (sequence-level KD; sampled, cached)"),
     quantization_aware: bool = typer.Option(False, "--quantization-aware/--no-quantization-aware", help="LMs: distill through the targets' int4/int8 weight rounding (fake quantization, straight-through gradients)"),
     resume: Optional[Path] = typer.Option(None, "--resume", metavar="OUT",
@@ -89,7 +90,7 @@ def compile_cmd(
     opts = CompileOptions(task=task, student_layers=student_layers, max_length=max_length, val_fraction=val_fraction,
                           max_texts=max_texts, text_column=text_column, label_column=label_column, cache_dir=cache_dir,
                           checkpoint_every=checkpoint_every, top_k=top_k, layer_criterion=layer_criterion, student=student,
-                          quantization_aware=quantization_aware, generate=generate,
+                          quantization_aware=quantization_aware, generate=generate, ffn_ratio=ffn_ratio,
                           distill=DistillConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, eval_every=eval_every,
                                                 divergence=divergence, lm_temperature=lm_temperature,
                                                 ce_weight=ce_weight, jsd_beta=jsd_beta))

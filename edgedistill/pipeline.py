@@ -45,6 +45,7 @@ class CompileOptions:
     top_k: int = 256  # causal LMs: teacher tokens kept per position in the soft-label cache (README: k measured)
     layer_criterion: str = "perplexity"  # causal LMs: how the student's layers are chosen
     student: str | None = None  # causal LMs: a student checkpoint to distill into, instead of a derived one
+    ffn_ratio: float = 1.0  # causal LMs: share of each layer's FFN neurons the student keeps (activation importance)
     generate: int = 0  # causal LMs: training windows the teacher writes itself (sequence-level KD), cached
     quantization_aware: bool = False  # causal LMs: distill through the targets' weight rounding (distill/qat.py)
     distill: DistillConfig = field(default_factory=DistillConfig)

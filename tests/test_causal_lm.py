@@ -336,3 +336,47 @@ def test_generate_adds_cached_teacher_written_windows_to_training(lm_data, tmp_p
     monkeypatch.setattr(causal_lm_stages, "sample_continuations", no_sampling)
     again = compile(str(teacher), str(lm_data), [profile], tmp_path / "out2", lm_opts(generate=6, cache_dir=cache))
     assert again.targets[0].manifest.student == m.student  # the cached generations and the cached student
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_ffn_width_pruning_drops_the_neurons_that_carry_nothing(model_type):
+    from lm_fixtures import tiny_causal_lm
+
+    from edgedistill.families.causal_lm import CAUSAL_LM_TYPES, ffn_importance, ffn_size, prune_ffn
+
+    model = tiny_causal_lm(model_type, num_layers=2)
+    decoder = CAUSAL_LM_TYPES[model_type]
+    width = ffn_size(model.config)
+    dead = torch.arange(0, width, 2)  # half the neurons silenced: zero input weights (and bias) -> zero activation
+    with torch.no_grad():
+        for layer in decoder_layers_of(model, decoder):
+            if model_type == "gpt2":
+                layer.mlp.c_fc.weight[:, dead] = 0
+                layer.mlp.c_fc.bias[dead] = 0
+            else:
+                layer.mlp.up_proj.weight[dead] = 0
+    ids = torch.randint(0, model.config.vocab_size, (2, 24))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    importance = ffn_importance(model, decoder, ids)
+    assert all(float(s[dead].max()) == 0.0 and float(s[1::2].min()) > 0 for s in importance)
+    prune_ffn(model, decoder, importance, width // 2)
+    assert ffn_size(model.config) == width // 2
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, before, atol=1e-5, rtol=1e-5)
+
+
+def decoder_layers_of(model, decoder):
+    from edgedistill.families.causal_lm import decoder_layers
+
+    return decoder_layers(model, decoder)
+
+
+def test_ffn_ratio_compile_records_the_narrowed_student(lm_data, tmp_path):
+    teacher = build_tiny_causal_lm(tmp_path / "teacher", model_type="llama")
+    result = compile(str(teacher), str(lm_data), [str(lm_profile(tmp_path / "p.yaml", "{recipe: fp32}"))],
+                     tmp_path / "out", lm_opts(ffn_ratio=0.5))
+    m = verify_files(result.targets[0].path)
+    assert m.student["ffn_size"] == 64 and m.student["layer_selection"]["ffn"]["teacher_ffn"] == 128
+    assert result.student.model.layers[0].mlp.down_proj.in_features == 64
+    assert "FFN narrowed from 128 to 64" in (result.targets[0].path / "report.md").read_text()

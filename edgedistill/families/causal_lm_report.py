@@ -34,6 +34,8 @@ def render_report(m: Manifest, published: bool) -> str:
         + (f", dequantized to fp32 from GGUF types {m.teacher['source']['tensor_types']}" if m.teacher['source'].get('format') == 'gguf' else "")
         + (f") → student keeping layers {st['kept_teacher_layers']} (chosen by {st['layer_selection']['criterion']}; "
            if st["kept_teacher_layers"] else f") → the given student `{st['layer_selection'].get('path')}` (")
+        + (f"FFN narrowed from {ffn['teacher_ffn']} to {ffn['kept_ffn']} neurons by activation; "
+           if (ffn := st["layer_selection"].get("ffn")) else "")
         + f"perplexity before training {st['layer_selection']['student_perplexity_before_training']:.1f}), "
         f"{st['num_parameters']:,} parameters.", "",
         f"Distilled on {m.data['train_tokens']:,} tokens ({m.data['num_train']} windows of {m.data['window_tokens']}) "

@@ -27,8 +27,11 @@ from edgedistill.families.causal_lm import (
     CausalLMFamily,
     bytes_per_token,
     derive_student,
+    ffn_importance,
+    ffn_size,
     label_dtype,
     pack_windows,
+    prune_ffn,
     sample_continuations,
     select_layers,
     teacher_labels,
@@ -142,6 +145,11 @@ def check_options(family: CausalLMFamily, teacher: Teacher, opts, profiles: list
         raise EdgeDistillError(f"--top-k {opts.top_k} is out of range for a vocabulary of {teacher.config.vocab_size}",
                                hint="pass a number from 1 to the vocabulary size (256 is the default)")
     fake_quant_spec(profiles, opts.quantization_aware)
+    if not 0.0 < opts.ffn_ratio <= 1.0:
+        raise EdgeDistillError(f"--ffn-ratio {opts.ffn_ratio} is out of range", hint="pass a share in (0, 1], e.g. 0.75")
+    if opts.ffn_ratio < 1.0 and opts.student:
+        raise EdgeDistillError("--ffn-ratio narrows a student derived from the teacher, not a given --student",
+                               hint="leave out one of --ffn-ratio and --student")
 
 
 def tokenize_windows(teacher: Teacher, data: TransferSet, window: int) -> np.ndarray:
@@ -283,11 +291,13 @@ def distill_student(family: CausalLMFamily, teacher: Teacher, data: TransferSet,
         kept, selection = choose_layers(family, teacher, calibration, num_layers, opts.layer_criterion, cache_dir)
         student = derive_student(teacher.module, family.decoder, kept)
         student_sha = None
+        if opts.ffn_ratio < 1.0:
+            selection["ffn"] = narrow_ffn(student, family, calibration, opts.ffn_ratio)
     selection["student_perplexity_before_training"] = window_perplexity(
         student, torch.from_numpy(windows[val_idx[:EVAL_WINDOWS]].astype(np.int64)))
     key = cache_key("lm-student-v1", teacher.sha256, tokenizer_fingerprint(teacher.tokenizer), array_digests(windows).tobytes(),
                     kept, student_sha, window, opts.top_k, opts.val_fraction, sorted(asdict(opts.distill).items()),
-                    opts.generate,
+                    opts.generate, opts.ffn_ratio,
                     None if rounding is None else asdict(rounding), distributed.world(), torch.__version__, __version__)
     trained = load_stage(cache_dir / "students" / key, student)
     if trained is None:
@@ -332,6 +342,17 @@ def teacher_generations(teacher: Teacher, train_windows: np.ndarray, count: int,
         save_npy(path, rows)
     distributed.barrier()
     return np.load(path)
+
+
+def narrow_ffn(student: torch.nn.Module, family: CausalLMFamily, calibration: np.ndarray, ratio: float) -> dict:
+    """Prune every layer's FFN to `ratio` of its neurons (a multiple of 32, the int4 block), by mean |activation| on
+    the calibration windows; return the record for the manifest."""
+    width = ffn_size(student.config)
+    keep = min(width, max(32, int(round(width * ratio / 32)) * 32))
+    importance = ffn_importance(student, family.decoder, torch.from_numpy(calibration.astype(np.int64)))
+    prune_ffn(student, family.decoder, importance, keep)
+    return {"teacher_ffn": width, "kept_ffn": keep, "ratio": ratio,
+            "criterion": "mean |activation| of each FFN neuron on the calibration windows (Minitron)"}
 
 
 def load_student(teacher: Teacher, path: Path):
@@ -514,7 +535,7 @@ def lm_manifest(d: LMDistilled, profile: TargetProfile, exported, model_path: Pa
                  "num_layers": teacher.family.num_layers(teacher.config),
                  "num_parameters": count_parameters(teacher.module), "source": teacher.source,
                  "vocab_size": int(config.vocab_size), "context": teacher.max_length},
-        student={"num_layers": num_layers(config), "kept_teacher_layers": d.kept_layers,
+        student={"num_layers": num_layers(config), "ffn_size": ffn_size(config), "kept_teacher_layers": d.kept_layers,
                  "layer_selection": d.selection, "num_parameters": count_parameters(trained.student),
                  "tied_embeddings": bool(getattr(config, "tie_word_embeddings", False)), "config": config.to_diff_dict()},
         data={"source": d.data.source, "sha256": d.data.sha256, "num_texts": len(d.data), "window_tokens": d.window,
