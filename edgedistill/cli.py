@@ -41,7 +41,7 @@ def fail(e: EdgeDistillError) -> None:
 
 @app.command("compile")
 def compile_cmd(
-    teacher: Optional[str] = typer.Argument(None, help="Model directory (HF encoder, sentence-transformers or causal LM), a .gguf file, or 'minilm' / 'smollm2' (default: minilm)"),
+    teacher: Optional[str] = typer.Argument(None, help="Model directory (HF encoder, sentence-transformers or causal LM), a .gguf file, or a built-in: minilm, smollm2, mobilenetv2, efficientnet-lite0 (default: minilm)"),
     data: Optional[str] = typer.Option(None, "--data", help=".txt (a text per line), .jsonl or .csv (default: built-in English set)"),
     target: Optional[list[str]] = typer.Option(None, "--target", help="Profile name or YAML path; repeat for several (default: this CPU)"),
     out_dir: Path = typer.Option(Path("build"), "--out", help="Artifacts go to OUT/<target>/"),
@@ -66,9 +66,10 @@ def compile_cmd(
     lm_temperature: float = typer.Option(1.0, "--lm-temperature", min=0.05, help="LMs: distillation temperature"),
     ce_weight: float = typer.Option(0.0, "--ce-weight", min=0.0, max=1.0, help="LMs: share of next-token cross-entropy on the data in the loss"),
     jsd_beta: float = typer.Option(0.5, "--jsd-beta", min=0.0, max=1.0, help="LMs: GKD's beta for --divergence jsd"),
+    macs_ratio: float = typer.Option(0.5, "--macs-ratio", help="Vision: the student's share of the teacher's MACs (channel pruning with torch-pruning)"),
     ffn_ratio: float = typer.Option(1.0, "--ffn-ratio", help="LMs: share of each layer's FFN neurons the student keeps, by measured activation (width pruning)"),
     generate: int = typer.Option(0, "--generate", min=0, metavar="N", help="LMs: the teacher writes N training windows continuing transfer-set prompts (sequence-level KD; sampled, cached)"),
-    quantization_aware: bool = typer.Option(False, "--quantization-aware/--no-quantization-aware", help="LMs: distill through the targets' int4/int8 weight rounding (fake quantization, straight-through gradients)"),
+    quantization_aware: Optional[bool] = typer.Option(None, "--quantization-aware/--no-quantization-aware", help="LMs: distill through the targets' int4/int8 weight rounding (fake quantization, straight-through gradients); default: when all targets round weights the same rtn way"),
     resume: Optional[Path] = typer.Option(None, "--resume", metavar="OUT",
                                           help="Continue the interrupted compile that wrote to OUT, with its original arguments (other options are ignored)"),
 ) -> None:
@@ -81,8 +82,9 @@ def compile_cmd(
     from edgedistill.pipeline import CompileOptions, compile, load_run
     from edgedistill.report import warnings_for
 
-    if task not in (None, "feature-extraction", "text-classification", "text-generation"):
-        fail(EdgeDistillError(f"unknown task '{task}'", hint="use feature-extraction, text-classification or text-generation"))
+    if task not in (None, "feature-extraction", "text-classification", "text-generation", "image-classification"):
+        fail(EdgeDistillError(f"unknown task '{task}'",
+                              hint="use feature-extraction, text-classification, text-generation or image-classification"))
     if layer_criterion not in ("perplexity", "block-influence", "even"):
         fail(EdgeDistillError(f"unknown --layer-criterion '{layer_criterion}'", hint="use perplexity, block-influence or even"))
     if divergence not in ("forward-kl", "reverse-kl", "jsd"):
@@ -90,7 +92,7 @@ def compile_cmd(
     opts = CompileOptions(task=task, student_layers=student_layers, max_length=max_length, val_fraction=val_fraction,
                           max_texts=max_texts, text_column=text_column, label_column=label_column, cache_dir=cache_dir,
                           checkpoint_every=checkpoint_every, top_k=top_k, layer_criterion=layer_criterion, student=student,
-                          quantization_aware=quantization_aware, generate=generate, ffn_ratio=ffn_ratio,
+                          quantization_aware=quantization_aware, generate=generate, ffn_ratio=ffn_ratio, macs_ratio=macs_ratio,
                           distill=DistillConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, eval_every=eval_every,
                                                 divergence=divergence, lm_temperature=lm_temperature,
                                                 ce_weight=ce_weight, jsd_beta=jsd_beta))
@@ -209,7 +211,7 @@ def verify_cmd(
         r = revalidate(artifact_dir, manifest)
     except EdgeDistillError as e:
         fail(e)
-    table = Table(title=f"validation re-run: {manifest.data['num_validation']} held-out {'windows' if manifest.family == 'causal-lm' else 'texts'}")
+    table = Table(title=f"validation re-run: {manifest.data['num_validation']} held-out { {'causal-lm': 'windows', 'vision': 'views'}.get(manifest.family, 'texts')}")
     for col in ("metric", "recorded at compile", "now"):
         table.add_column(col)
     for k, v in r.measured.items():

@@ -15,7 +15,6 @@ import torch
 from edgedistill import distributed, progress, runs
 from edgedistill.artifact import Manifest, write_artifact
 from edgedistill.cache import default_cache_dir
-from edgedistill.data import load_transfer_set
 from edgedistill.distill.loop import DistillConfig
 from edgedistill.errors import EdgeDistillError, ProfileError
 from edgedistill.families.base import Family, TargetBuild
@@ -25,7 +24,7 @@ from edgedistill.targets import TargetProfile, resolve_target
 from edgedistill.teachers import load_teacher
 
 SUMMARY = "summary.md"
-Task = Literal["feature-extraction", "text-classification", "text-generation"]
+Task = Literal["feature-extraction", "text-classification", "text-generation", "image-classification"]
 
 
 @dataclass
@@ -45,9 +44,11 @@ class CompileOptions:
     top_k: int = 256  # causal LMs: teacher tokens kept per position in the soft-label cache (README: k measured)
     layer_criterion: str = "perplexity"  # causal LMs: how the student's layers are chosen
     student: str | None = None  # causal LMs: a student checkpoint to distill into, instead of a derived one
+    macs_ratio: float = 0.5  # vision: the student's share of the teacher's MACs (channel pruning)
     ffn_ratio: float = 1.0  # causal LMs: share of each layer's FFN neurons the student keeps (activation importance)
     generate: int = 0  # causal LMs: training windows the teacher writes itself (sequence-level KD), cached
-    quantization_aware: bool = False  # causal LMs: distill through the targets' weight rounding (distill/qat.py)
+    quantization_aware: bool | None = None  # causal LMs: distill through the targets' weight rounding (None: when
+    # every target rounds the same rtn way; distill/qat.py)
     distill: DistillConfig = field(default_factory=DistillConfig)
 
     def to_json(self) -> dict:
@@ -99,7 +100,7 @@ def compile(teacher_spec: str | None, data_path: str | None, target_specs: list[
         for profile in profiles:
             family.check_target(profile)
         family.check_options(teacher, opts, profiles)
-        data = load_transfer_set(data_path, opts.text_column, opts.label_column, teacher.label_names, opts.max_texts)
+        data = family.load_data(teacher, data_path, opts)
         if distributed.is_main():
             if not opts.resume and (out_dir / RUN_DIR / "checkpoint").is_dir():
                 progress.console.print(f"note: {out_dir} holds a checkpoint of an interrupted compile; starting over "

@@ -26,7 +26,11 @@ def warnings_for(m: Manifest) -> list[str]:
     out = []
     n_val = m.data["num_validation"]
     lm = m.family == "causal-lm"
-    if (lm and n_val * m.data["window_tokens"] < 10_000) or (not lm and n_val < 200):
+    if m.family == "vision":
+        if m.data["num_validation_images"] < 20:
+            out.append(f"The verdict rests on views of only {m.data['num_validation_images']} held-out photos; pass a "
+                       "larger image folder (--data) before trusting it.")
+    elif (lm and n_val * m.data["window_tokens"] < 10_000) or (not lm and n_val < 200):
         held = f"{n_val} windows ({n_val * m.data['window_tokens']:,} tokens)" if lm else f"{n_val} texts"
         out.append(f"The verdict rests on only {held} held out; pass more data or a larger --val-fraction "
                    "before trusting it.")

@@ -56,6 +56,8 @@ def revalidate(artifact_dir: Path, m: Manifest) -> Revalidation:
 
     if m.family == "causal-lm":
         return revalidate_lm(artifact_dir, m)
+    if m.family == "vision":
+        return revalidate_vision(artifact_dir, m)
 
     from edgedistill.runtimes import predict_with
     from edgedistill.targets import AccuracyBudget
@@ -116,3 +118,29 @@ def revalidate_lm(artifact_dir: Path, m: Manifest) -> Revalidation:
             passed = False
             verdict += f"; but {key} differs from the recorded {recorded[key]:.4f} by {drift:.4f} (tolerance {tolerance})"
     return Revalidation(recorded, measured, "perplexity_ratio", passed, verdict)
+
+
+# --- image classifiers: held-out views (uint8 NCHW) and the teacher's logits on them.
+VAL_VIEWS = "validation-views.npy"
+
+
+def revalidate_vision(artifact_dir: Path, m: Manifest) -> Revalidation:
+    """Re-run a vision artifact on its held-out views and compare top-1 agreement with the record."""
+    from edgedistill.families.vision_stages import agreement, run_onnx
+    from edgedistill.runtimes.ort_cpu import cpu_session
+
+    if VAL_VIEWS not in m.files or VAL_TEACHER not in m.files:
+        raise ArtifactError(f"{artifact_dir} carries no validation set", hint="re-run compile")
+    views = np.load(artifact_dir / VAL_VIEWS, allow_pickle=False)
+    teacher = np.load(artifact_dir / VAL_TEACHER, allow_pickle=False)
+    measured = agreement(run_onnx(cpu_session(artifact_dir / m.model["file"], 1), views), teacher)
+    recorded = {k: v for k, v in m.metrics["values"].items() if k in measured}
+    floor = m.metrics["budget"]["min_top1_agreement"]
+    passed = measured["top1_agreement"] >= floor
+    verdict = f"top-1 agreement {measured['top1_agreement']:.4f} {'≥' if passed else '<'} the budget's {floor:g}"
+    drift = abs(measured["top1_agreement"] - recorded["top1_agreement"])
+    tolerance = 2.0 / len(views) + 1e-9  # another machine's int8 kernels may flip a view or two
+    if drift > tolerance:
+        passed = False
+        verdict += f"; but top1_agreement differs from the recorded {recorded['top1_agreement']:.4f} by {drift:.4f}"
+    return Revalidation(recorded, measured, "top1_agreement", passed, verdict)

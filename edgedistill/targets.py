@@ -52,6 +52,29 @@ class CausalLMTarget(BaseModel):
     new_tokens: int = Field(64, ge=1, le=4096, description="tokens a decode is timed over")
 
 
+class VisionBudget(BaseModel):
+    """The least fidelity an image-classifier artifact must keep against the teacher on the held-out views."""
+
+    model_config = ConfigDict(extra="forbid")
+    min_top1_agreement: float = Field(0.9, ge=0.0, le=1.0, description="top-1 class agreement with the teacher")
+
+
+def _vision_int8():
+    from edgedistill.quantize.configs import StaticQdqInt8Config
+
+    return StaticQdqInt8Config(op_types=["Conv", "Gemm"], calibration_texts=64)
+
+
+class VisionTarget(BaseModel):
+    """How a target builds image-classifier artifacts (the `vision:` section; without it the target builds none)."""
+
+    model_config = ConfigDict(extra="forbid")
+    unsupported: str | None = Field(None, description="why this target builds no vision artifact yet (then nothing else)")
+    quantization: QuantizationConfig = Field(default_factory=_vision_int8)
+    budget: VisionBudget = Field(default_factory=VisionBudget)
+    batch: int = Field(1, ge=1, le=256, description="images per call latency is measured at")
+
+
 class TargetProfile(BaseModel):
     """A device target: runtime, threads, graph optimization, quantization recipe, input shape, accuracy budget."""
 
@@ -78,6 +101,7 @@ class TargetProfile(BaseModel):
     input_shape: InputShape = Field(default_factory=InputShape)
     accuracy_budget: AccuracyBudget = Field(default_factory=AccuracyBudget)
     causal_lm: CausalLMTarget | None = Field(None, description="language models: recipe, budget, timed lengths")
+    vision: VisionTarget | None = Field(None, description="image classifiers: recipe, budget, timed batch")
 
     @model_validator(mode="after")
     def _runtime_can_run_it(self) -> TargetProfile:

@@ -26,6 +26,7 @@ class TargetBuild:
 class Family(ABC):
     """What differs between model families, in the order compile() needs it.
 
+    load_data: the transfer set (texts by default; images for vision);
     check_target: refuse a profile this family cannot build for (one line, before any model work);
     check_options: refuse options that do not fit the teacher (depth, length) or the targets, before any model work;
     distill_student: the transfer set's examples, the teacher's outputs on them (cached), the student and its
@@ -36,6 +37,12 @@ class Family(ABC):
     """
 
     name: ClassVar[str]
+
+    def load_data(self, teacher: Teacher, data_path: str | None, opts: Any) -> Any:
+        """Return the transfer set (default: texts from .txt/.jsonl/.csv or the built-in English set)."""
+        from edgedistill.data import load_transfer_set
+
+        return load_transfer_set(data_path, opts.text_column, opts.label_column, teacher.label_names, opts.max_texts)
 
     def check_target(self, profile: TargetProfile) -> None:
         """Raise ProfileError if this family cannot build an artifact for `profile` (default: every profile)."""

@@ -109,26 +109,32 @@ def window_length(teacher: Teacher, requested: int | None) -> int:
     return window
 
 
-def fake_quant_spec(profiles: list[TargetProfile], enabled: bool) -> FakeQuantSpec | None:
+def fake_quant_spec(profiles: list[TargetProfile], requested: bool | None) -> FakeQuantSpec | None:
     """Return the weight rounding a quantization-aware distillation trains through: the targets' shared weight-only
-    rtn setting. One student serves every target, so targets that round differently are refused."""
+    rtn setting. One student serves every target. None (the default) means: when every target rounds weights the
+    same rtn way (measured on the demo: int4 everywhere 1.200x the teacher's perplexity at 15% of its size, against
+    1.548x without, README); True refuses targets that round differently; False never."""
     from edgedistill.quantize.configs import WeightOnlyConfig
 
-    if not enabled:
+    if requested is False:
         return None
     specs = set()
     for p in profiles:
         q = p.causal_lm.quantization
         if not isinstance(q, WeightOnlyConfig) or q.algorithm != "rtn" or not q.symmetric:
+            if requested is None:
+                return None
             raise EdgeDistillError(f"--quantization-aware trains for symmetric rtn weight-only rounding; target {p.name} "
                                    f"quantizes with {q.model_dump(include={'recipe', 'algorithm', 'symmetric'})}",
                                    hint="leave out --quantization-aware, or pick targets with a weight-only rtn recipe")
         specs.add(FakeQuantSpec(q.bits, q.block_size, q.quantize_embeddings and q.bits == 4))
     if len(specs) > 1:
+        if requested is None:
+            return None
         raise EdgeDistillError(f"--quantization-aware trains one student, but these targets round weights differently: "
                                f"{', '.join(f'{s.bits}-bit blocks of {s.block_size}' for s in sorted(specs, key=str))}",
                                hint="compile targets of one weight-only setting together")
-    return specs.pop()
+    return specs.pop() if specs else None
 
 
 def check_options(family: CausalLMFamily, teacher: Teacher, opts, profiles: list[TargetProfile]) -> None:
@@ -448,7 +454,8 @@ def build_target(d: LMDistilled, profile: TargetProfile, stage_dir: Path, opts) 
     model_path, trials = quantize_within_budget(exported.model, lm.quantization, lm.budget, d, stage_dir, threads)
     runner = OrtCausalLM(model_path, threads)
     metrics = lm_validation(runner.logits, d)
-    with torch.no_grad():
+    rounding = None if d.fake_quant is None else FakeQuantSpec(**d.fake_quant)
+    with torch.no_grad(), fake_quantized(student, rounding):  # a quantization-aware student is the rounded one
         reference = lm_validation(lambda w: student(input_ids=torch.from_numpy(w), use_cache=False).logits.float().numpy(), d)
     for k in ("perplexity", "perplexity_ratio", "top1_agreement", "kl_teacher_topk_mean"):
         metrics[f"torch_student_{k}"] = reference[k]

@@ -129,11 +129,16 @@ def load_teacher(spec: str | None, task: str | None = None) -> Teacher:
     from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as transformers_logging
 
-    from edgedistill.teachers import causal
+    from edgedistill.teachers import causal, vision
 
     spec = spec or "minilm"
     hint = ("pass a Hugging Face model directory (config.json, weights, tokenizer files), a .gguf file, or a built-in: "
-            f"{', '.join([*BUILTIN_TEACHERS, *causal.BUILTIN_LM_TEACHERS])}")
+            f"{', '.join([*BUILTIN_TEACHERS, *causal.BUILTIN_LM_TEACHERS, *vision.BUILTIN_VISION_TEACHERS])}")
+    if spec in vision.BUILTIN_VISION_TEACHERS:
+        if task not in (None, "image-classification"):
+            raise CheckpointError(f"{spec} is an image classifier: it compiles for --task image-classification, not {task}",
+                                  hint="leave out --task")
+        return vision.load_vision_teacher(spec)
     if spec in causal.BUILTIN_LM_TEACHERS or spec.endswith(".gguf"):
         path = causal.builtin_gguf(spec) if spec in causal.BUILTIN_LM_TEACHERS else Path(spec)
         if not path.is_file():

@@ -119,3 +119,21 @@ def preprocess_image(image, preprocess: Preprocess) -> torch.Tensor:
     x = np.asarray(image, dtype=np.float32) / 255.0
     x = (x - np.asarray(preprocess.mean, dtype=np.float32)) / np.asarray(preprocess.std, dtype=np.float32)
     return torch.from_numpy(x.transpose(2, 0, 1).copy())
+
+
+def load_vision_teacher(name: str):
+    """Return a built-in vision teacher as a Teacher: the network behind its own normalization (pixels in [0, 1])."""
+    from edgedistill.artifact import sha256_file
+    from edgedistill.families.vision import NormalizedClassifier, VisionFamily
+    from edgedistill.teachers.hf import Teacher
+
+    model, info = load_builtin_vision_teacher(name)
+    pre = info.spec.preprocess
+    module = NormalizedClassifier(model, pre.mean, pre.std).eval()
+    fp32_mb = sum(p.numel() for p in module.parameters()) * 4 / 1e6
+    source = {"format": "state_dict", "file": str(info.weights_path), "origin": info.spec.source, "fp32_mb": fp32_mb,
+              "published_top1": info.spec.published_top1,
+              "preprocess": {"resize_px": pre.resize_px, "crop_px": pre.crop_px, "interpolation": "bilinear",
+                             "mean": list(pre.mean), "std": list(pre.std)}}
+    return Teacher(name=name, path=info.weights_path, module=module, tokenizer=None, family=VisionFamily(pre.crop_px),
+                   task="image-classification", sha256=sha256_file(info.weights_path), max_length=0, source=source)

@@ -1,0 +1,127 @@
+"""Image classifiers (ImageNet CNNs such as MobileNetV2 and EfficientNet-Lite0).
+
+Examples are fixed, seeded augmented views of the transfer photos (random-resized crops, flips, colour jitter); the
+teacher's output on a view is its logits, cached once per view. The student is the teacher pruned channel-wise by
+torch-pruning's dependency graph to a share of its MACs, then distilled on the teacher's logits at a temperature.
+The artifact takes float32 NCHW RGB in [0, 1]: the teacher's normalization is inside the graph.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from edgedistill.errors import EdgeDistillError
+from edgedistill.families.base import Family
+
+
+class NormalizedClassifier(nn.Module):
+    """A classifier that takes pixels in [0, 1] and normalizes them itself ((x - mean) / std per channel)."""
+
+    def __init__(self, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model((pixels - self.mean) / self.std)
+
+
+def count_macs(model: nn.Module, size: int) -> int:
+    """Return the multiply-accumulates of one `size` x `size` image through `model` (torch-pruning's counter)."""
+    import torch_pruning as tp
+
+    was_training = model.training
+    macs, _ = tp.utils.count_ops_and_params(model.eval(), torch.zeros(1, 3, size, size))
+    model.train(was_training)
+    return int(macs)
+
+
+def _classifier_head(model: nn.Module) -> nn.Module:
+    """Return the last Linear layer (the class logits): its outputs are the classes and are never pruned."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise EdgeDistillError("the vision teacher has no Linear classifier layer to keep", hint="pass a classifier")
+    return linears[-1]
+
+
+def _pruned(model: nn.Module, size: int, channel_ratio: float) -> nn.Module:
+    import torch_pruning as tp
+
+    student = copy.deepcopy(model).eval()
+    if channel_ratio <= 0:
+        return student
+    pruner = tp.pruner.BasePruner(student, torch.zeros(1, 3, size, size),
+                                  importance=tp.importance.GroupMagnitudeImportance(p=2), pruning_ratio=channel_ratio,
+                                  ignored_layers=[_classifier_head(student)], round_to=8)
+    pruner.step()
+    return student
+
+
+def prune_to_macs(model: nn.Module, size: int, macs_ratio: float) -> tuple[nn.Module, dict]:
+    """Return a copy of `model` with channels pruned (group L2 magnitude, every dependent layer kept consistent by
+    torch-pruning's graph, channel counts multiples of 8) to at most `macs_ratio` of its MACs, and the record."""
+    teacher_macs = count_macs(model, size)
+    if macs_ratio >= 1.0:
+        return copy.deepcopy(model).eval(), {"teacher_macs": teacher_macs, "student_macs": teacher_macs,
+                                             "channel_ratio": 0.0, "macs_ratio": 1.0}
+    lo, hi, best = 0.0, 0.95, None
+    for _ in range(10):  # bisect the channel pruning ratio: MACs fall monotonically (roughly quadratically) with it
+        mid = (lo + hi) / 2
+        candidate = _pruned(model, size, mid)
+        macs = count_macs(candidate, size)
+        if macs <= macs_ratio * teacher_macs:
+            best, hi = (candidate, mid, macs), mid
+        else:
+            lo = mid
+    if best is None:
+        raise EdgeDistillError(f"cannot prune the teacher to {macs_ratio:.0%} of its MACs", hint="pass a larger --macs-ratio")
+    student, ratio, macs = best
+    return student, {"teacher_macs": teacher_macs, "student_macs": macs, "channel_ratio": round(ratio, 4),
+                     "macs_ratio": macs / teacher_macs, "importance": "group L2 magnitude (torch-pruning)"}
+
+
+class VisionFamily(Family):
+    """ImageNet-style classifiers distilled on the teacher's logits over augmented views of photos."""
+
+    name = "vision"
+
+    def __init__(self, input_size: int = 224) -> None:
+        self.input_size = input_size
+
+    def load_data(self, teacher, data_path, opts):
+        from edgedistill.images import load_image_set
+
+        return load_image_set(data_path, opts.max_texts)
+
+    def check_target(self, profile) -> None:
+        from edgedistill.families import vision_stages as stages
+
+        stages.check_target(profile)
+
+    def check_options(self, teacher, opts, profiles) -> None:
+        from edgedistill.families import vision_stages as stages
+
+        stages.check_options(opts)
+
+    def distill_student(self, teacher, data, opts, run_dir, profiles):
+        from edgedistill.families import vision_stages as stages
+
+        return stages.distill_student(self, teacher, data, opts, run_dir)
+
+    def build_target(self, distilled, profile, stage_dir, opts):
+        from edgedistill.families import vision_stages as stages
+
+        return stages.build_target(distilled, profile, stage_dir, opts)
+
+    def render_report(self, manifest, published: bool) -> str:
+        from edgedistill.families.vision_report import render_report
+
+        return render_report(manifest, published)
+
+    def summary_cells(self, manifest) -> dict[str, str]:
+        from edgedistill.families.vision_report import summary_cells
+
+        return summary_cells(manifest)

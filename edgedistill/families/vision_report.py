@@ -1,0 +1,53 @@
+"""What a person reads about an image-classifier artifact: report.md and the CLI/summary cells."""
+from __future__ import annotations
+
+from edgedistill.artifact import Manifest
+
+
+def summary_cells(m: Manifest) -> dict[str, str]:
+    v, lat, budget = m.metrics["values"], m.latency, m.metrics["budget"]
+    latency = (f"{lat['artifact']['p50_ms']:.2f} vs {lat['teacher']['p50_ms']:.2f} ms ({lat['speedup_vs_teacher']:.1f}x), "
+               f"batch {lat['batch']}, {lat['threads_measured']} threads")
+    return {"fidelity": f"top-1 agreement {v['top1_agreement']:.4f} (budget ≥ {budget['min_top1_agreement']:g}); top-5 "
+                        f"{v['top5_agreement']:.4f}; KL {v['kl_teacher']:.4f}; {m.data['num_validation']} held-out views "
+                        f"of {m.data['num_validation_images']} photos",
+            "latency": latency,
+            "latency_short": f"{lat['artifact']['p50_ms']:.2f} ms ({lat['speedup_vs_teacher']:.1f}x)",
+            "size": f"{m.sizes['model_mb']:.2f} vs {m.sizes['teacher_weights_mb']:.2f} MB fp32 ({m.sizes['size_ratio']:.0%})"}
+
+
+def render_report(m: Manifest, published: bool) -> str:
+    """Return report.md of a vision artifact."""
+    v, st, d = m.metrics["values"], m.student, m.data
+    status = "published" if published else "REJECTED (not published)"
+    p = st["pruning"]
+    cells = summary_cells(m)
+    q = m.quantization["chosen"]
+    lines = [
+        f"# {m.target['name']}: {m.teacher['name']} → student at {p['macs_ratio']:.0%} of its MACs", "",
+        f"**Status:** {status}. {m.metrics['verdict']}.", "",
+        f"Teacher `{m.teacher['name']}` ({m.teacher['num_parameters']:,} parameters, {p['teacher_macs'] / 1e6:.0f}M MACs "
+        f"at {d['image_size']}×{d['image_size']}) → student pruned channel-wise ({p.get('importance', 'none')}, "
+        f"channel ratio {p['channel_ratio']}) to {p['student_macs'] / 1e6:.0f}M MACs, {st['num_parameters']:,} parameters.", "",
+        f"Distilled on {d['num_train']:,} views ({d['views_per_train_image']} per photo) of {d['num_train_images']} photos "
+        f"of `{d['source']}` against the teacher's cached logits, temperature {m.distillation['config']['temperature']:g}"
+        + (", with labels" if d["labels"] else "") + f"; best validation top-1 agreement "
+        f"{m.distillation['best_validation_top1_agreement']:.4f} at step {m.distillation['best_step']}. Held out: "
+        f"{d['views']}.", "",
+        f"Quantization: {q.get('recipe')} ({', '.join(f'{k} {val}' for k, val in q.items() if k != 'recipe' and val not in ([], None))}).", "",
+        "| | value |", "|---|---|",
+        f"| fidelity | {cells['fidelity']} |",
+        f"| latency (this machine) | {cells['latency']} |",
+        f"| size | {cells['size']} |", "",
+        "## Metrics on the held-out views", "", "| metric | value |", "|---|---|",
+        *[f"| {k} | {val:.4f} |" for k, val in v.items()], "",
+        "## Distillation curve", "", "| step | validation top-1 agreement | train loss |", "|---|---|---|",
+        *[f"| {step} | {score:.4f} | {'' if loss != loss else f'{loss:.4f}'} |"
+          for step, score, loss in m.distillation["history"]], "",
+        "## Quantization trials (scored on held-out views)", "",
+        "| trial | top-1 agreement | MB | keeps budget |", "|---|---|---|---|",
+        *[f"| {t['description']} | {t['fidelity']:.4f} | {t['size_mb']:.2f} | {'yes' if t['passed'] else 'no'} |"
+          for t in m.quantization["trials"]], "",
+        f"Input: {m.model['input']}. Latency: {m.latency['note']}", "",
+    ]
+    return "\n".join(lines)

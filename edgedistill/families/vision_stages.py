@@ -1,0 +1,332 @@
+"""The vision family's stages: seeded augmented views of the photos (split by photo), the teacher's logits on each
+(cached), a channel-pruned student distilled on them, ONNX export checked against torch, the profile's quantization
+with the accuracy search, validation against the teacher (top-1 / top-5 agreement, KL) and latency."""
+from __future__ import annotations
+
+import math
+import platform
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from edgedistill import __version__, distributed
+from edgedistill.artifact import Manifest
+from edgedistill.bench.timer import measure_interleaved, paired_ratio
+from edgedistill.cache import LabelStore, Rows, array_digests, cache_key, default_cache_dir, label_sharded
+from edgedistill.distill.loop import Checkpointing, DistillResult, Training, distill
+from edgedistill.distill.stage import load_stage, save_stage
+from edgedistill.errors import DataError, EdgeDistillError, ProfileError
+from edgedistill.families.base import TargetBuild
+from edgedistill.families.vision import prune_to_macs
+from edgedistill.images import ImageSet, make_views
+from edgedistill.progress import new_progress
+from edgedistill.runtimes.ort_cpu import cpu_session
+from edgedistill.targets import TargetProfile, builtin_profiles
+from edgedistill.teachers import Teacher
+from edgedistill.teachers.hf import count_parameters
+
+TRAIN_VIEWS = 2048  # augmented training views in all, when the photos are fewer (each photo seen in many crops)
+VAL_VIEWS_PER_IMAGE = 8  # augmented views of each held-out photo, beside its center crop
+SEARCH_VIEWS = 128  # held-out views the quantization search scores on
+MODEL_FILE = "model.onnx"
+INPUT, OUTPUT = "pixels", "logits"
+
+
+@dataclass
+class VisionDistilled:
+    """What every vision target is built from: the distilled student and the views with the teacher's logits."""
+
+    teacher: Teacher
+    data: ImageSet
+    trained: DistillResult
+    train_views: np.ndarray  # (N, 3, S, S) uint8
+    train_logits: np.ndarray
+    val_views: np.ndarray
+    val_logits: np.ndarray
+    val_labels: np.ndarray | None
+    num_train_images: int
+    num_val_images: int
+    views_per_image: int
+    size: int
+    pruning: dict
+
+
+def check_target(profile: TargetProfile) -> None:
+    """Refuse, in one line, a profile that does not build image classifiers."""
+    able = sorted(p.name for p in builtin_profiles().values() if p.vision and not p.vision.unsupported)
+    hint = f"targets that build image classifiers: {', '.join(able)}"
+    if profile.vision is None:
+        raise ProfileError(f"target {profile.name} has no vision section, so it does not say how to build an image "
+                           "classifier", hint=f"add a vision: section (edgedistill targets schema), or use one of the {hint}")
+    if profile.vision.unsupported:
+        raise ProfileError(f"target {profile.name} builds no vision artifact yet: {profile.vision.unsupported}", hint=hint)
+
+
+def check_options(opts) -> None:
+    for flag, value in (("--student", opts.student), ("--generate", opts.generate), ("--ffn-ratio", opts.ffn_ratio != 1.0),
+                        ("--quantization-aware", opts.quantization_aware is True), ("--student-layers", opts.student_layers),
+                        ("--max-length", opts.max_length)):
+        if value:
+            raise EdgeDistillError(f"{flag} does not apply to image classifiers",
+                                   hint=f"leave out {flag}; --macs-ratio sets the student's size")
+    if not 0.0 < opts.macs_ratio <= 1.0:
+        raise EdgeDistillError(f"--macs-ratio {opts.macs_ratio} is out of range", hint="pass a share in (0, 1], e.g. 0.5")
+
+
+def split_images(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Return (train, held-out) photo indices: held out by photo, never by crop (crops of one photo are alike), at
+    least 3 photos held out when there are 8 or more."""
+    if n < 2:
+        raise DataError(f"the transfer set holds {n} image; training and validation need at least 2",
+                        hint="pass a folder or .npz with more images")
+    n_val = min(max(1, round(n * val_fraction), 3 if n >= 8 else 1), n - 1, 2000)
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def teacher_logits(module: torch.nn.Module, views: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """Return float32 logits of `module` on uint8 views (N, 3, S, S)."""
+    device = next(module.parameters()).device
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(views), batch_size):
+            x = torch.from_numpy(views[start : start + batch_size]).to(device).float() / 255.0
+            out.append(module(x).float().cpu().numpy())
+    return np.concatenate(out).astype(np.float32)
+
+
+def label_views(teacher: Teacher, views: np.ndarray, cache_dir: Path) -> np.ndarray:
+    """Return the teacher's logits for every view as a read-only memory map; views seen before are not labelled."""
+    store = LabelStore(cache_dir / "labels" / cache_key("vision-v1", teacher.sha256, views.shape[1:]))
+    digests = array_digests(views)
+    assembled = store.root / f"assembled-{cache_key(digests.tobytes())[:24]}-{len(views)}.npy"
+    with new_progress() as progress:
+        bars = []
+
+        def on_todo(n: int) -> None:
+            if n:
+                bars.append(progress.add_task(f"labelling {n:,} views with the teacher", total=n, status=""))
+
+        return label_sharded(store, list(views), assembled, lambda items: teacher_logits(teacher.module, np.stack(items)),
+                             distributed.rank(), distributed.world(), distributed.barrier, on_todo,
+                             lambda n: bars and progress.update(bars[0], advance=n), digests=digests)
+
+
+def agreement(logits: np.ndarray, teacher: np.ndarray) -> dict[str, float]:
+    """Return top-1 agreement, top-5 agreement (the teacher's top class among ours) and mean KL(teacher || ours)."""
+    t = torch.from_numpy(np.array(teacher, dtype=np.float32))
+    s = torch.from_numpy(np.array(logits, dtype=np.float32))
+    top1 = (s.argmax(-1) == t.argmax(-1)).float().mean().item()
+    k = min(5, s.shape[-1])
+    top5 = (s.topk(k, -1).indices == t.argmax(-1, keepdim=True)).any(-1).float().mean().item()
+    kl = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean").item()
+    return {"top1_agreement": top1, "top5_agreement": top5, "kl_teacher": kl}
+
+
+def vision_training(train_views: np.ndarray, train_logits: np.ndarray, train_labels: np.ndarray | None,
+                    val_views: np.ndarray, val_logits: np.ndarray, cfg) -> Training:
+    """Return the loop's view of logit distillation: KL at temperature T (T² scaled) to the cached teacher logits,
+    plus `label_weight` cross-entropy when labels exist; validation top-1 agreement (higher is better)."""
+    rows = Rows(train_logits, np.arange(len(train_views)))
+    t = cfg.temperature
+    val_x = torch.from_numpy(np.asarray(val_views[:512])).float() / 255.0
+
+    def collate(indices):
+        idx = np.sort(np.asarray(indices))
+        batch = {"pixels": torch.from_numpy(train_views[idx]).float() / 255.0,
+                 "teacher": torch.from_numpy(np.asarray(rows[idx]))}
+        if train_labels is not None:
+            batch["labels"] = torch.from_numpy(train_labels[idx].astype(np.int64))
+        return batch
+
+    def loss(model, batch):
+        logits = model(batch["pixels"]).float()
+        kd = F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(batch["teacher"] / t, -1), log_target=True,
+                      reduction="batchmean") * t * t
+        if "labels" not in batch:
+            return kd
+        return (1 - cfg.label_weight) * kd + cfg.label_weight * F.cross_entropy(logits, batch["labels"])
+
+    def evaluate(model) -> float:
+        model.eval()
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            out = torch.cat([model(x.to(device)).float().cpu() for x in val_x.split(64)]).numpy()
+        return agreement(out, val_logits[: len(out)])["top1_agreement"]
+
+    return Training(lengths=[1] * len(train_views), collate=collate, loss=loss, evaluate=evaluate, maximize=True,
+                    describe=lambda a: f"top-1 agreement {a:.4f}")
+
+
+def distill_student(family, teacher: Teacher, data: ImageSet, opts, run_dir: Path | None) -> VisionDistilled:
+    """Split by photo, make views, label them (cached), prune the teacher to the MACs share, distill (cached)."""
+    cache_dir = opts.cache_dir or default_cache_dir()
+    size = family.input_size
+    seed = opts.distill.seed
+    train_img, val_img = split_images(len(data), opts.val_fraction, seed)
+    per = max(1, math.ceil(TRAIN_VIEWS / len(train_img)))
+    images = [data.images[i] for i in train_img]
+    held = [data.images[i] for i in val_img]
+    train_views, train_src = make_views(images, per, size, seed, train=True)
+    center, _ = make_views(held, 1, size, seed, train=False)
+    augmented, aug_src = make_views(held, VAL_VIEWS_PER_IMAGE, size, seed + 1, train=True)
+    val_views = np.concatenate([center, augmented])
+    val_src = np.concatenate([np.arange(len(held)), aug_src])
+    logits = label_views(teacher, np.concatenate([train_views, val_views]), cache_dir)
+    train_logits, val_logits = logits[: len(train_views)], np.asarray(logits[len(train_views):])
+    labels = None if data.labels is None else np.asarray(data.labels)
+    train_labels = None if labels is None else labels[train_img][train_src]
+    val_labels = None if labels is None else labels[val_img][val_src]
+    student, pruning = prune_to_macs(teacher.module, size, opts.macs_ratio)
+    key = cache_key("vision-student-v1", teacher.sha256, data.sha256, size, per, seed, opts.val_fraction, opts.macs_ratio,
+                    sorted(asdict(opts.distill).items()), distributed.world(), torch.__version__, __version__)
+    trained = load_stage(cache_dir / "students" / key, student)
+    if trained is None:
+        checkpointing = None if run_dir is None else Checkpointing(run_dir / "checkpoint", key, opts.checkpoint_every,
+                                                                    opts.resume)
+        trained = distill(student, vision_training(train_views, train_logits, train_labels, val_views, val_logits,
+                                                   opts.distill), opts.distill, checkpointing)
+        if distributed.is_main():
+            save_stage(cache_dir / "students" / key, trained)
+    return VisionDistilled(teacher, data, trained, train_views, train_logits, val_views, val_logits, val_labels,
+                           len(train_img), len(val_img), per, size, pruning)
+
+
+def export_vision(student: torch.nn.Module, size: int, out: Path, opset: int) -> tuple[Path, dict]:
+    """Export the student to ONNX (input `pixels` (batch, 3, S, S) in [0, 1], output `logits`, dynamic batch) and
+    check onnxruntime against torch on real-looking inputs."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    example = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    student = student.eval()
+    torch.onnx.export(student, (example,), str(out), input_names=[INPUT], output_names=[OUTPUT], opset_version=opset,
+                      dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}}, dynamo=False)
+    with torch.no_grad():
+        expected = student(example).numpy()
+    got = cpu_session(out, threads=1).run(None, {INPUT: example.numpy()})[0]
+    diff = float(np.max(np.abs(got - expected)))
+    if not diff < 1e-3 * max(1.0, float(np.abs(expected).max())):
+        raise EdgeDistillError(f"the exported graph differs from the torch student by {diff:.3g}",
+                               hint="report this model; try another opset in the profile")
+    return out, {"exporter": "torch.onnx.export (TorchScript)", "opset": opset, "max_abs_diff_vs_torch": diff}
+
+
+def run_onnx(session, views: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """Return the logits of an onnxruntime session on uint8 views."""
+    return np.concatenate([session.run(None, {INPUT: views[i : i + batch_size].astype(np.float32) / 255.0})[0]
+                           for i in range(0, len(views), batch_size)])
+
+
+def build_target(d: VisionDistilled, profile: TargetProfile, stage_dir: Path, opts) -> TargetBuild:
+    """Export, quantize per the profile (the accuracy search behind it), validate against the teacher, time."""
+    from edgedistill.quantize.search import quantize_within_budget
+
+    vision = profile.vision
+    threads = profile.effective_threads
+    student = d.trained.student.eval()
+    exported, export_checks = export_vision(student, d.size, stage_dir / "export" / "student.onnx", profile.opset)
+    search_views, search_teacher = d.val_views[:SEARCH_VIEWS], d.val_logits[:SEARCH_VIEWS]
+    n_cal = getattr(vision.quantization, "calibration_texts", 8)
+    calibration = [{INPUT: d.train_views[i : i + 1].astype(np.float32) / 255.0}
+                   for i in np.linspace(0, len(d.train_views) - 1, min(n_cal, len(d.train_views))).astype(int)]
+
+    def evaluate(path: Path) -> float:
+        return agreement(run_onnx(cpu_session(path, threads), search_views), search_teacher)["top1_agreement"]
+
+    (stage_dir / "trials").mkdir(parents=True, exist_ok=True)
+    model_path, config, trials = quantize_within_budget(exported, vision.quantization, stage_dir / "trials", calibration,
+                                                        evaluate, vision.budget.min_top1_agreement)
+    final = stage_dir / MODEL_FILE
+    final.write_bytes(model_path.read_bytes())
+    session = cpu_session(final, threads)
+    metrics = agreement(run_onnx(session, d.val_views), d.val_logits)
+    with torch.no_grad():
+        torch_out = np.concatenate([student(torch.from_numpy(d.val_views[i : i + 64]).float() / 255.0).numpy()
+                                    for i in range(0, len(d.val_views), 64)])
+    for k, v in agreement(torch_out, d.val_logits).items():
+        metrics[f"torch_student_{k}"] = v
+    if d.val_labels is not None:
+        ours = run_onnx(session, d.val_views).argmax(-1)
+        metrics["label_accuracy"] = float((ours == d.val_labels).mean())
+        metrics["teacher_label_accuracy"] = float((d.val_logits.argmax(-1) == d.val_labels).mean())
+    passed = metrics["top1_agreement"] >= vision.budget.min_top1_agreement
+    verdict = (f"top-1 agreement {metrics['top1_agreement']:.4f} {'≥' if passed else '<'} the budget's "
+               f"{vision.budget.min_top1_agreement:g}")
+    latency = measure_vision_latency(d, session, profile)
+    np.save(stage_dir / "validation-views.npy", d.val_views)
+    np.save(stage_dir / "validation-teacher.npy", d.val_logits.astype(np.float32))
+    files = {MODEL_FILE: final, "validation-views.npy": stage_dir / "validation-views.npy",
+             "validation-teacher.npy": stage_dir / "validation-teacher.npy"}
+    manifest = vision_manifest(d, profile, final, config, trials, export_checks, metrics, passed, verdict, latency, opts)
+    return TargetBuild(files, manifest, passed)
+
+
+def measure_vision_latency(d: VisionDistilled, session, profile: TargetProfile) -> dict:
+    """Return the artifact's and the teacher's (torch fp32) latency at the profile's batch, interleaved."""
+    batch = profile.vision.batch
+    views = np.resize(d.val_views, (batch, *d.val_views.shape[1:]))
+    x = views.astype(np.float32) / 255.0
+    tx = torch.from_numpy(x)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(profile.effective_threads)
+    try:
+        with torch.inference_mode():
+            stats = measure_interleaved({"artifact": (lambda _: session.run(None, {INPUT: x}), [0]),
+                                         "teacher": (lambda _: d.teacher.module(tx), [0])},
+                                        warmup=3, min_blocks=5, min_time_s=3.0, block_s=0.3, settle=1)
+    finally:
+        torch.set_num_threads(previous)
+    speedup = 1.0 / paired_ratio(stats["artifact"].block_p50_ms, stats["teacher"].block_p50_ms)
+    return {"batch": batch, "image_size": d.size, "threads_profile": profile.threads,
+            "threads_measured": profile.effective_threads, **{k: v.as_dict() for k, v in stats.items()},
+            "speedup_vs_teacher": speedup,
+            "note": f"batch {batch} x 3 x {d.size} x {d.size}; teacher = torch fp32; interleaved ~0.3 s blocks, the "
+                    "speed-up is the median of paired block ratios."}
+
+
+def vision_manifest(d: VisionDistilled, profile: TargetProfile, model_path: Path, config, trials, export_checks: dict,
+                    metrics: dict, passed: bool, verdict: str, latency: dict, opts) -> Manifest:
+    import onnx
+    import onnxruntime
+
+    teacher, trained = d.teacher, d.trained
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    ops: dict[str, int] = {}
+    for node in graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    model_mb = model_path.stat().st_size / 1e6
+    teacher_mb = teacher.source["fp32_mb"]
+    return Manifest(
+        family="vision",
+        edgedistill_version=__version__,
+        target=profile.model_dump(mode="json"),
+        teacher={"name": teacher.name, "sha256": teacher.sha256, "task": teacher.task,
+                 "num_parameters": count_parameters(teacher.module), "source": teacher.source},
+        student={"num_parameters": count_parameters(trained.student), "pruning": d.pruning},
+        data={"source": d.data.source, "sha256": d.data.sha256, "num_images": len(d.data),
+              "num_train_images": d.num_train_images, "num_validation_images": d.num_val_images,
+              "views_per_train_image": d.views_per_image, "num_train": len(d.train_views),
+              "num_validation": len(d.val_views), "image_size": d.size, "val_fraction": opts.val_fraction,
+              "views": "train: random-resized crop (scale 0.25-1), flip, colour jitter 0.8-1.2, seeded; held out: "
+                       f"the center crop (resize {round(d.size * 256 / 224)}) of each held-out photo plus "
+                       f"{VAL_VIEWS_PER_IMAGE} augmented views",
+              "labels": d.val_labels is not None, "class_names": d.data.class_names},
+        distillation={"config": asdict(opts.distill), "best_validation_top1_agreement": trained.best_fidelity,
+                      "best_step": trained.best_step, "history": trained.history},
+        export=export_checks,
+        optimization={"mode": "onnxruntime session optimizations (ORT_ENABLE_ALL) at load"},
+        quantization={"profile": profile.vision.quantization.model_dump(mode="json"),
+                      "chosen": config.model_dump(mode="json"), "operators": dict(sorted(ops.items())),
+                      "trials": [asdict(t) for t in trials]},
+        model={"file": MODEL_FILE, "format": "onnx", "inputs": [INPUT], "outputs": [OUTPUT],
+               "input": f"float32 (batch, 3, {d.size}, {d.size}) RGB in [0, 1]; normalization is in the graph",
+               "preprocess": teacher.source.get("preprocess")},
+        metrics={"values": metrics, "budget": profile.vision.budget.model_dump(), "passed": passed, "verdict": verdict},
+        latency=latency,
+        sizes={"model_mb": model_mb, "teacher_weights_mb": teacher_mb, "size_ratio": model_mb / teacher_mb},
+        versions={"python": platform.python_version(), "torch": torch.__version__, "onnx": onnx.__version__,
+                  "onnxruntime": onnxruntime.__version__, "platform": platform.platform()},
+        seed=opts.distill.seed,
+    )
