@@ -36,7 +36,7 @@ demo: install
 
 # SmolLM2-135M-Instruct (GGUF) -> a 20-layer distilled int4 decoder for this CPU, on what 2 cores distill in ~30 min
 # (3,000 built-in texts, about 55k tokens, 2 epochs); on a GPU machine pass more, e.g. DEMO_LM_ARGS="--epochs 4"
-DEMO_LM_ARGS ?= --max-texts 3000 --epochs 2 --batch-size 8
+DEMO_LM_ARGS ?= --max-texts 3000 --epochs 2 --batch-size 8 --eval-every 12
 demo-lm: install
 	$(BIN)/edgedistill compile smollm2 --out $(OUT)/lm $(DEMO_LM_ARGS)
 

@@ -3,7 +3,7 @@ Optimum with its KV cache and quantized int4 by onnxruntime's MatMulNBitsQuantiz
 level 4, embeddings fp32: what a user gets without distillation) vs our artifact, measured in one run by the harness
 (edgedistill.bench.lm): the same held-out prompt and threads, interleaved.
 
-    python benchmarks/lm_cpu.py --artifact build/lm/x86-64-avx512 [--threads 2] [--json lm.json]
+    python benchmarks/lm_cpu.py --artifact build/lm/x86-64-avx512 [OTHER_ARTIFACT ...] [--threads 2] [--json lm.json]
 
 Prints ratios: decode tokens/s vs the teacher and the peer, prefill, perplexity vs the teacher's, size vs the
 teacher's fp32 weights, peak RSS of a fresh process per model.
@@ -25,7 +25,7 @@ from edgedistill.bench.lm import run_lm_bench  # noqa: E402
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--artifact", type=Path, required=True)
+    ap.add_argument("--artifact", type=Path, nargs="+", required=True, help="one or more artifacts of one teacher")
     ap.add_argument("--teacher", default=None, help="default: the manifest's teacher")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--prompt-tokens", type=int, default=128)
@@ -34,11 +34,11 @@ def main() -> int:
     ap.add_argument("--min-time", type=float, default=20.0)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    result = run_lm_bench([args.artifact], args.teacher, args.threads, args.prompt_tokens, args.new_tokens,
+    result = run_lm_bench(args.artifact, args.teacher, args.threads, args.prompt_tokens, args.new_tokens,
                           args.windows, args.min_time)
     rows = {r.role: r for r in result.results}
     teacher, peer = rows["teacher"], rows["peer"]
-    table = Table(title=f"{result.teacher['name']} → {args.artifact}: batch 1, {args.threads} threads, "
+    table = Table(title=f"{result.teacher['name']} → {', '.join(map(str, args.artifact))}: batch 1, {args.threads} threads, "
                         f"{args.prompt_tokens}-token held-out prompt, {args.new_tokens} greedy tokens, "
                         f"{result.data['num_windows']} held-out windows")
     for col in ("model", "prefill ms", "decode tok/s", "× teacher", "× peer", "perplexity", "× teacher's",

@@ -27,7 +27,11 @@ def warnings_for(m: Manifest) -> list[str]:
     n_val = m.data["num_validation"]
     lm = m.family == "causal-lm"
     if m.family == "vision":
-        if m.data["num_validation_images"] < 20:
+        if not m.data.get("photos_held_out", True):
+            out.append(f"Only {m.data['num_images']} photos: the held-out views are other crops of the training photos, "
+                       "so the verdict says how well the student matches the teacher on these photos, not on new ones; "
+                       "pass a folder of 50 or more images (--data) for a held-out verdict.")
+        elif m.data["num_validation_images"] < 20:
             out.append(f"The verdict rests on views of only {m.data['num_validation_images']} held-out photos; pass a "
                        "larger image folder (--data) before trusting it.")
     elif (lm and n_val * m.data["window_tokens"] < 10_000) or (not lm and n_val < 200):

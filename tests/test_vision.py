@@ -75,7 +75,8 @@ def test_fp32_artifact_matches_the_pruned_distilled_student(tiny_teacher, photos
     assert m.family == "vision" and m.model["inputs"] == ["pixels"]
     p = m.student["pruning"]
     assert p["student_macs"] <= 0.5 * p["teacher_macs"] and m.student["num_parameters"] < m.teacher["num_parameters"]
-    assert m.data["num_validation_images"] == 3 and m.data["num_train"] == 9 * 6  # ceil(48 / 9) views per photo
+    # 12 photos: too few to hold any out, so the held-out views are other crops of them
+    assert not m.data["photos_held_out"] and m.data["num_train"] == 12 * 4 and m.data["num_validation"] == 12 * 9
     views = np.load(target.path / "validation-views.npy")
     x = views[:4].astype(np.float32) / 255.0
     session = ort.InferenceSession(str(target.path / "model.onnx"), providers=["CPUExecutionProvider"])
@@ -117,3 +118,10 @@ def test_bad_vision_input_one_line_exit_2(case, tiny_teacher, photos, tmp_path):
     assert res.exit_code == 2, res.output
     assert expected in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert not (tmp_path / "out" / "tiny-vision").exists()
+
+
+def test_photos_are_held_out_whole_when_there_are_enough():
+    train, val, held_out = vision_stages.split_images(60, 0.05, 0)
+    assert held_out and len(val) == 3 and not set(train) & set(val) and len(train) + len(val) == 60
+    train, val, held_out = vision_stages.split_images(12, 0.05, 0)
+    assert not held_out and list(train) == list(val) == list(range(12))

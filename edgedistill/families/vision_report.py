@@ -10,7 +10,8 @@ def summary_cells(m: Manifest) -> dict[str, str]:
                f"batch {lat['batch']}, {lat['threads_measured']} threads")
     return {"fidelity": f"top-1 agreement {v['top1_agreement']:.4f} (budget ≥ {budget['min_top1_agreement']:g}); top-5 "
                         f"{v['top5_agreement']:.4f}; KL {v['kl_teacher']:.4f}; {m.data['num_validation']} held-out views "
-                        f"of {m.data['num_validation_images']} photos",
+                        f"of {m.data['num_validation_images']} photos"
+                        + ("" if m.data.get("photos_held_out", True) else " (other crops of the training photos)"),
             "latency": latency,
             "latency_short": f"{lat['artifact']['p50_ms']:.2f} ms ({lat['speedup_vs_teacher']:.1f}x)",
             "size": f"{m.sizes['model_mb']:.2f} vs {m.sizes['teacher_weights_mb']:.2f} MB fp32 ({m.sizes['size_ratio']:.0%})"}

@@ -30,6 +30,7 @@ from edgedistill.teachers.hf import count_parameters
 
 TRAIN_VIEWS = 2048  # augmented training views in all, when the photos are fewer (each photo seen in many crops)
 VAL_VIEWS_PER_IMAGE = 8  # augmented views of each held-out photo, beside its center crop
+MIN_PHOTOS_TO_HOLD_OUT = 50  # below this, held-out views are other crops of the training photos (see split_images)
 SEARCH_VIEWS = 128  # held-out views the quantization search scores on
 MODEL_FILE = "model.onnx"
 INPUT, OUTPUT = "pixels", "logits"
@@ -52,6 +53,7 @@ class VisionDistilled:
     views_per_image: int
     size: int
     pruning: dict
+    photos_held_out: bool  # False: too few photos, the held-out views are other crops of the training photos
 
 
 def check_target(profile: TargetProfile) -> None:
@@ -76,15 +78,20 @@ def check_options(opts) -> None:
         raise EdgeDistillError(f"--macs-ratio {opts.macs_ratio} is out of range", hint="pass a share in (0, 1], e.g. 0.5")
 
 
-def split_images(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Return (train, held-out) photo indices: held out by photo, never by crop (crops of one photo are alike), at
-    least 3 photos held out when there are 8 or more."""
+def split_images(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Return (train, held-out) photo indices and whether whole photos are held out. With MIN_PHOTOS_TO_HOLD_OUT or
+    more, photos are held out (never crops of a training photo: they are alike). With fewer, no photo can be spared
+    (measured: MobileNetV2 distilled on 13 photos agreed with the teacher on 0 of 27 views of 3 other photos): every
+    photo trains, and the held-out views are other crops of them (another seed), which the report says."""
     if n < 2:
         raise DataError(f"the transfer set holds {n} image; training and validation need at least 2",
                         hint="pass a folder or .npz with more images")
-    n_val = min(max(1, round(n * val_fraction), 3 if n >= 8 else 1), n - 1, 2000)
+    if n < MIN_PHOTOS_TO_HOLD_OUT:
+        every = np.arange(n)
+        return every, every, False
+    n_val = min(max(1, round(n * val_fraction)), n - 1, 2000)
     order = np.random.default_rng(seed).permutation(n)
-    return np.sort(order[n_val:]), np.sort(order[:n_val])
+    return np.sort(order[n_val:]), np.sort(order[:n_val]), True
 
 
 def teacher_logits(module: torch.nn.Module, views: np.ndarray, batch_size: int = 32) -> np.ndarray:
@@ -166,13 +173,13 @@ def distill_student(family, teacher: Teacher, data: ImageSet, opts, run_dir: Pat
     cache_dir = opts.cache_dir or default_cache_dir()
     size = family.input_size
     seed = opts.distill.seed
-    train_img, val_img = split_images(len(data), opts.val_fraction, seed)
+    train_img, val_img, photos_held_out = split_images(len(data), opts.val_fraction, seed)
     per = max(1, math.ceil(TRAIN_VIEWS / len(train_img)))
     images = [data.images[i] for i in train_img]
     held = [data.images[i] for i in val_img]
     train_views, train_src = make_views(images, per, size, seed, train=True)
     center, _ = make_views(held, 1, size, seed, train=False)
-    augmented, aug_src = make_views(held, VAL_VIEWS_PER_IMAGE, size, seed + 1, train=True)
+    augmented, aug_src = make_views(held, VAL_VIEWS_PER_IMAGE, size, seed + 1_000_003, train=True)
     val_views = np.concatenate([center, augmented])
     val_src = np.concatenate([np.arange(len(held)), aug_src])
     logits = label_views(teacher, np.concatenate([train_views, val_views]), cache_dir)
@@ -192,7 +199,7 @@ def distill_student(family, teacher: Teacher, data: ImageSet, opts, run_dir: Pat
         if distributed.is_main():
             save_stage(cache_dir / "students" / key, trained)
     return VisionDistilled(teacher, data, trained, train_views, train_logits, val_views, val_logits, val_labels,
-                           len(train_img), len(val_img), per, size, pruning)
+                           len(train_img), len(val_img), per, size, pruning, photos_held_out)
 
 
 def export_vision(student: torch.nn.Module, size: int, out: Path, opset: int) -> tuple[Path, dict]:
@@ -309,9 +316,13 @@ def vision_manifest(d: VisionDistilled, profile: TargetProfile, model_path: Path
               "num_train_images": d.num_train_images, "num_validation_images": d.num_val_images,
               "views_per_train_image": d.views_per_image, "num_train": len(d.train_views),
               "num_validation": len(d.val_views), "image_size": d.size, "val_fraction": opts.val_fraction,
+              "photos_held_out": d.photos_held_out,
               "views": "train: random-resized crop (scale 0.25-1), flip, colour jitter 0.8-1.2, seeded; held out: "
-                       f"the center crop (resize {round(d.size * 256 / 224)}) of each held-out photo plus "
-                       f"{VAL_VIEWS_PER_IMAGE} augmented views",
+                       f"the center crop (resize {round(d.size * 256 / 224)}) of each "
+                       + ("held-out photo" if d.photos_held_out else
+                          f"photo (fewer than {MIN_PHOTOS_TO_HOLD_OUT}: none could be held out, so these are crops "
+                          "of the training photos with another seed)")
+                       + f" plus {VAL_VIEWS_PER_IMAGE} augmented views",
               "labels": d.val_labels is not None, "class_names": d.data.class_names},
         distillation={"config": asdict(opts.distill), "best_validation_top1_agreement": trained.best_fidelity,
                       "best_step": trained.best_step, "history": trained.history},
