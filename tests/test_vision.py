@@ -125,3 +125,35 @@ def test_photos_are_held_out_whole_when_there_are_enough():
     assert held_out and len(val) == 3 and not set(train) & set(val) and len(train) + len(val) == 60
     train, val, held_out = vision_stages.split_images(12, 0.05, 0)
     assert not held_out and list(train) == list(val) == list(range(12))
+
+
+def test_the_readme_jpeg_snippet_classifies_as_the_artifact_was_validated(tiny_teacher, photos, tmp_path):
+    """The README's Pillow + numpy + onnxruntime lines give the artifact's logits on the validated center crop."""
+    import re
+
+    from PIL import Image
+
+    from edgedistill.images import make_views
+
+    result = compile(tiny_teacher, str(photos), [str(profile(tmp_path / "p.yaml", "{recipe: fp32}"))], tmp_path / "out",
+                     opts())
+    art = result.targets[0].path
+    image = np.load(photos)["images"][3]
+    Image.fromarray(image).save(tmp_path / "photo.png")  # lossless: the same pixels the views were made from
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    code = re.search(r"```python\n(import numpy as np, onnxruntime as ort\nfrom PIL import Image\n\nart, photo.*?)```",
+                     readme, re.S).group(1)
+    code = code.replace('"build/vision/x86-64-avx512", "photo.jpg"', f'"{art}", "{tmp_path / "photo.png"}"')
+    code = code.replace("256", "73").replace("224", "64")  # the tiny teacher's resize / crop
+    scope: dict = {}
+    exec(compile_code(code), scope)  # noqa: S102 (our own README)
+    view, _ = make_views([image], 1, 64, 0, train=False)
+    session = ort.InferenceSession(str(art / "model.onnx"), providers=["CPUExecutionProvider"])
+    expected = session.run(None, {"pixels": view.astype(np.float32) / 255.0})[0][0]
+    np.testing.assert_allclose(scope["logits"], expected, atol=1e-5)
+
+
+def compile_code(code: str):
+    import builtins
+
+    return builtins.compile(code, "README.md", "exec")
