@@ -125,3 +125,11 @@ def test_teachers_name_the_cat_and_the_coffee(teacher):
     cat_top1, coffee_top1 = probs.argmax(-1).tolist()
     assert cat_top1 in CAT and coffee_top1 in COFFEE, (info.name, probs.topk(5).indices.tolist())
     assert probs[0, list(CAT)].sum() > 0.8 and probs[1, list(COFFEE)].sum() > 0.8
+
+
+def test_macs_count_convolutions_of_every_kind():
+    from edgedistill.families.vision import count_macs
+
+    # the published figures: MobileNetV2 300M multiply-adds, EfficientNet-Lite0 about 400M (TF's 0.39B FLOPs)
+    assert 295e6 < count_macs(mobilenet_v2(), 224) < 305e6
+    assert 380e6 < count_macs(efficientnet_lite0(), 224) < 420e6
