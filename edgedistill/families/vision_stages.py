@@ -248,14 +248,15 @@ def build_target(d: VisionDistilled, profile: TargetProfile, stage_dir: Path, op
     final = stage_dir / MODEL_FILE
     final.write_bytes(model_path.read_bytes())
     session = cpu_session(final, threads)
-    metrics = agreement(run_onnx(session, d.val_views), d.val_logits)
+    artifact_logits = run_onnx(session, d.val_views)
+    metrics = agreement(artifact_logits, d.val_logits)
     with torch.no_grad():
         torch_out = np.concatenate([student(torch.from_numpy(d.val_views[i : i + 64]).float() / 255.0).numpy()
                                     for i in range(0, len(d.val_views), 64)])
     for k, v in agreement(torch_out, d.val_logits).items():
         metrics[f"torch_student_{k}"] = v
     if d.val_labels is not None:
-        ours = run_onnx(session, d.val_views).argmax(-1)
+        ours = artifact_logits.argmax(-1)
         metrics["label_accuracy"] = float((ours == d.val_labels).mean())
         metrics["teacher_label_accuracy"] = float((d.val_logits.argmax(-1) == d.val_labels).mean())
     passed = metrics["top1_agreement"] >= vision.budget.min_top1_agreement

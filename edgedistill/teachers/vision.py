@@ -107,15 +107,11 @@ def preprocess_image(image, preprocess: Preprocess) -> torch.Tensor:
     """Return a (3, crop, crop) float tensor from a PIL image or an HxWx3 uint8 array, as `preprocess` says."""
     from PIL import Image
 
+    from edgedistill.images import _resize_center_crop  # the eval views' transform: one definition
+
     if not isinstance(image, Image.Image):
         image = Image.fromarray(np.asarray(image, dtype=np.uint8))
-    image = image.convert("RGB")
-    w, h = image.size
-    short, crop = preprocess.resize_px, preprocess.crop_px
-    size = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)  # torchvision's Resize(256)
-    image = image.resize(size, Image.Resampling.BILINEAR)
-    left, top = round((size[0] - crop) / 2), round((size[1] - crop) / 2)  # torchvision's CenterCrop(224)
-    image = image.crop((left, top, left + crop, top + crop))
+    image = _resize_center_crop(image.convert("RGB"), preprocess.resize_px, preprocess.crop_px)
     x = np.asarray(image, dtype=np.float32) / 255.0
     x = (x - np.asarray(preprocess.mean, dtype=np.float32)) / np.asarray(preprocess.std, dtype=np.float32)
     return torch.from_numpy(x.transpose(2, 0, 1).copy())
