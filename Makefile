@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 OUT ?= build
 
-.PHONY: install system-data demo demo-lm test test-fast bench bench-targets bench-search bench-inc bench-scale compile-ci bench-ci clean
+.PHONY: install system-data demo demo-lm demo-vision test test-fast bench bench-targets bench-search bench-inc bench-scale compile-ci bench-ci clean
 
 # torch is pinned in the same pip command as everything else (constraints.txt explains why).
 $(STAMP): pyproject.toml constraints.txt
@@ -39,6 +39,14 @@ demo: install
 DEMO_LM_ARGS ?= --max-texts 3000 --epochs 2 --batch-size 8 --eval-every 12
 demo-lm: install
 	$(BIN)/edgedistill compile smollm2 --out $(OUT)/lm $(DEMO_LM_ARGS)
+
+# MobileNetV2 -> a channel-pruned (half the MACs), quantization-aware distilled static-int8 classifier on the built-in
+# photos, then the vision bench (teacher in torch and onnxruntime, the peer's plain int8, ours). The budget (top-1
+# agreement 0.9) is not reached on 2 cores yet: the compile exits 2 and keeps the rejected artifact, which is benched.
+DEMO_VISION_ARGS ?= --eval-every 32
+demo-vision: install
+	-$(BIN)/edgedistill compile mobilenetv2 --out $(OUT)/vision --keep-rejected $(DEMO_VISION_ARGS)
+	$(BIN)/python benchmarks/vision.py --artifact $$(ls -d $(OUT)/vision/*/ | head -1)
 
 test: install
 	EDGEDISTILL_QUIET=1 $(BIN)/pytest -q -ra

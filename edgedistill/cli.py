@@ -39,6 +39,18 @@ def fail(e: EdgeDistillError) -> None:
     raise typer.Exit(2)
 
 
+def _json_object(text: str | None, option: str) -> dict | None:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        fail(EdgeDistillError(f"{option} is not JSON: {e.msg} at character {e.pos}", hint=f"""pass e.g. {option} '{{"num_classes": 10}}'"""))
+    if not isinstance(value, dict):
+        fail(EdgeDistillError(f"{option} must be a JSON object, got {type(value).__name__}", hint=f"""pass e.g. {option} '{{"num_classes": 10}}'"""))
+    return value
+
+
 @app.command("compile")
 def compile_cmd(
     teacher: Optional[str] = typer.Argument(None, help="Model directory (HF encoder, sentence-transformers or causal LM), a .gguf file, or a built-in: minilm, smollm2, mobilenetv2, efficientnet-lite0 (default: minilm)"),
@@ -66,10 +78,15 @@ def compile_cmd(
     lm_temperature: float = typer.Option(1.0, "--lm-temperature", min=0.05, help="LMs: distillation temperature"),
     ce_weight: float = typer.Option(0.0, "--ce-weight", min=0.0, max=1.0, help="LMs: share of next-token cross-entropy on the data in the loss"),
     jsd_beta: float = typer.Option(0.5, "--jsd-beta", min=0.0, max=1.0, help="LMs: GKD's beta for --divergence jsd"),
-    macs_ratio: float = typer.Option(0.5, "--macs-ratio", help="Vision: the student's share of the teacher's MACs (channel pruning with torch-pruning)"),
+    macs_ratio: Optional[float] = typer.Option(None, "--macs-ratio", help="Vision: the student's share of the teacher's MACs (channel pruning with torch-pruning; default 0.5; 1.0: quantization-aware distillation of the teacher itself)"),
     ffn_ratio: float = typer.Option(1.0, "--ffn-ratio", help="LMs: share of each layer's FFN neurons the student keeps, by measured activation (width pruning)"),
     generate: int = typer.Option(0, "--generate", min=0, metavar="N", help="LMs: the teacher writes N training windows continuing transfer-set prompts (sequence-level KD; sampled, cached)"),
-    quantization_aware: Optional[bool] = typer.Option(None, "--quantization-aware/--no-quantization-aware", help="LMs: distill through the targets' int4/int8 weight rounding (fake quantization, straight-through gradients); default: when all targets round weights the same rtn way"),
+    quantization_aware: Optional[bool] = typer.Option(None, "--quantization-aware/--no-quantization-aware", help="LMs and vision: distill through the targets' rounding (fake quantization, straight-through gradients: LMs int4/int8 rtn weights, CNNs static int8); default: when all targets round the same way"),
+    arch: Optional[str] = typer.Option(None, "--arch", metavar="PKG.MODULE:FACTORY", help="Vision: the architecture a state-dict teacher (.safetensors, .pt, .pth) fits, built by calling FACTORY"),
+    arch_kwargs: Optional[str] = typer.Option(None, "--arch-kwargs", metavar="JSON", help="Vision: keyword arguments for --arch, as a JSON object"),
+    normalize: Optional[str] = typer.Option(None, "--normalize", help="Vision: the normalization your model expects on [0, 1] RGB: imagenet (default), tf, none, or m1,m2,m3/s1,s2,s3; it goes inside the artifact"),
+    image_size: Optional[int] = typer.Option(None, "--image-size", min=8, max=2048, help="Vision: your model's input crop in pixels (default 224)"),
+    keep_rejected: bool = typer.Option(False, "--keep-rejected", help="Also write an artifact that misses its budget, whole, to OUT/<target>.rejected/ (to inspect or bench; its report says REJECTED; the exit code is still 2)"),
     resume: Optional[Path] = typer.Option(None, "--resume", metavar="OUT",
                                           help="Continue the interrupted compile that wrote to OUT, with its original arguments (other options are ignored)"),
 ) -> None:
@@ -93,7 +110,8 @@ def compile_cmd(
                           max_texts=max_texts, text_column=text_column, label_column=label_column, cache_dir=cache_dir,
                           checkpoint_every=checkpoint_every, top_k=top_k, layer_criterion=layer_criterion, student=student,
                           quantization_aware=quantization_aware, generate=generate, ffn_ratio=ffn_ratio, macs_ratio=macs_ratio,
-                          distill=DistillConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, eval_every=eval_every,
+                          arch=arch, arch_kwargs=_json_object(arch_kwargs, "--arch-kwargs"), normalize=normalize,
+                          image_size=image_size, keep_rejected=keep_rejected, distill=DistillConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, eval_every=eval_every,
                                                 divergence=divergence, lm_temperature=lm_temperature,
                                                 ce_weight=ce_weight, jsd_beta=jsd_beta))
     try:
@@ -128,8 +146,9 @@ def compile_cmd(
     out.print(table)
     failed = [r for r in results if not r.published]
     if failed:
+        larger = "a larger --macs-ratio" if failed[0].manifest.family == "vision" else "more --student-layers"
         fail(BudgetError("; ".join(f"{r.profile.name}: {r.manifest.metrics['verdict']}" for r in failed),
-                         hint="see the .rejected.md report; try more --epochs, more --data or more --student-layers"))
+                         hint=f"see the .rejected.md report; try more --epochs, more --data or {larger}"))
 
 
 @targets_app.callback(invoke_without_command=True)

@@ -22,13 +22,13 @@ class OrtFormatModel:
     operators_config: Path
 
 
-def fix_input_shapes(onnx_path: Path, batch: int, sequence: int, out_path: Path) -> Path:
-    """Write a copy of the graph whose 'batch' and 'sequence' dimensions are fixed to the given sizes."""
+def fix_input_shapes(onnx_path: Path, dims: dict[str, int], out_path: Path) -> Path:
+    """Write a copy of the graph whose named dimensions (e.g. {'batch': 1, 'sequence': 128}) are fixed."""
     from onnxruntime.tools.onnx_model_utils import fix_output_shapes, make_dim_param_fixed
 
     model = onnx.load(str(onnx_path))
-    make_dim_param_fixed(model.graph, "batch", batch)
-    make_dim_param_fixed(model.graph, "sequence", sequence)
+    for name, size in dims.items():
+        make_dim_param_fixed(model.graph, name, size)
     fix_output_shapes(model)
     onnx.save(model, str(out_path))
     return out_path

@@ -41,10 +41,15 @@ class CompileOptions:
     cache_dir: Path | None = None
     checkpoint_every: int = 200
     resume: bool = False
+    arch: str | None = None  # vision: 'package.module:factory' building the architecture a state-dict teacher fits
+    arch_kwargs: dict | None = None  # vision: keyword arguments of --arch
+    normalize: str | None = None  # vision: a user model's input normalization (imagenet, tf, none, 'm/s'; None: imagenet)
+    image_size: int | None = None  # vision: a user model's input crop (None: 224)
+    keep_rejected: bool = False  # also write a rejected artifact, whole, to OUT/<target>.rejected/ (to inspect, bench)
     top_k: int = 256  # causal LMs: teacher tokens kept per position in the soft-label cache (README: k measured)
     layer_criterion: str = "perplexity"  # causal LMs: how the student's layers are chosen
     student: str | None = None  # causal LMs: a student checkpoint to distill into, instead of a derived one
-    macs_ratio: float = 0.5  # vision: the student's share of the teacher's MACs (channel pruning)
+    macs_ratio: float | None = None  # vision: the student's share of the teacher's MACs (channel pruning; None: 0.5)
     ffn_ratio: float = 1.0  # causal LMs: share of each layer's FFN neurons the student keeps (activation importance)
     generate: int = 0  # causal LMs: training windows the teacher writes itself (sequence-level KD), cached
     quantization_aware: bool | None = None  # causal LMs: distill through the targets' weight rounding (None: when
@@ -81,6 +86,7 @@ class CompileResult:
     student: torch.nn.Module
     targets: list[TargetResult]
     family: Family | None = None
+    distilled: object | None = None  # what the family's targets were built from (its views, labels, student)
 
 
 def compile(teacher_spec: str | None, data_path: str | None, target_specs: list[str], out_dir: Path,
@@ -95,7 +101,7 @@ def compile(teacher_spec: str | None, data_path: str | None, target_specs: list[
     check_writable(out_dir, "--out")
     check_writable(opts.cache_dir or default_cache_dir(), "--cache-dir")
     with runs.run_lock(out_dir) if distributed.is_main() else contextlib.nullcontext():
-        teacher = load_teacher(teacher_spec, opts.task)
+        teacher = load_teacher(teacher_spec, opts.task, user_vision_model(teacher_spec, opts))
         family: Family = teacher.family
         for profile in profiles:
             family.check_target(profile)
@@ -119,27 +125,51 @@ def compile(teacher_spec: str | None, data_path: str | None, target_specs: list[
             for profile in profiles:
                 (Path(work) / profile.name).mkdir(parents=True)
                 built = family.build_target(distilled, profile, Path(work) / profile.name, opts)
-                results.append(publish(family, built, profile, out_dir))
+                results.append(publish(family, built, profile, out_dir, opts.keep_rejected))
         if len(results) > 1:
             (out_dir / SUMMARY).write_text(render_summary(results, family), encoding="utf-8")
         shutil.rmtree(out_dir / RUN_DIR, ignore_errors=True)  # finished: nothing to resume (the student is cached)
-        return CompileResult(distilled.trained.student, results, family)
+        return CompileResult(distilled.trained.student, results, family, distilled)
 
 
-def publish(family: Family, built: TargetBuild, profile: TargetProfile, out_dir: Path) -> TargetResult:
-    """Write the artifact to OUT/<target>/ if it kept its budget, else its report to OUT/<target>.rejected.md.
+def user_vision_model(teacher_spec: str | None, opts: CompileOptions):
+    """Return how to build a user's image classifier from --arch/--arch-kwargs/--normalize/--image-size, or None;
+    refuse those options for any other teacher."""
+    from edgedistill.teachers.vision import USER_MODEL_SUFFIXES, UserVisionModel
+
+    given = [f for f, v in (("--arch", opts.arch), ("--arch-kwargs", opts.arch_kwargs), ("--normalize", opts.normalize),
+                            ("--image-size", opts.image_size)) if v is not None]
+    if not (teacher_spec or "").endswith(USER_MODEL_SUFFIXES):
+        if given:
+            raise EdgeDistillError(f"{given[0]} is for your own image classifier (a .pt2 program, or a .safetensors / "
+                                   ".pt / .pth state dict), not for {teacher_spec or 'minilm'}", hint=f"leave out {given[0]}")
+        return None
+    return UserVisionModel(opts.arch, opts.arch_kwargs, opts.normalize or "imagenet", opts.image_size or 224)
+
+
+def publish(family: Family, built: TargetBuild, profile: TargetProfile, out_dir: Path,
+            keep_rejected: bool = False) -> TargetResult:
+    """Write the artifact to OUT/<target>/ if it kept its budget, else its report to OUT/<target>.rejected.md (and,
+    with `keep_rejected`, the whole rejected artifact to OUT/<target>.rejected/, its report saying REJECTED).
 
     This compile's verdict supersedes an older one: never leave a stale artifact beside a new rejection, or back."""
     report = family.render_report(built.manifest, published=built.passed)
     published, rejected = out_dir / profile.name, out_dir / f"{profile.name}.rejected.md"
+    kept = out_dir / f"{profile.name}.rejected"
     if built.passed:
         path = write_artifact(published, built.files, built.manifest, report)
         rejected.unlink(missing_ok=True)
+        if kept.is_dir():
+            shutil.rmtree(kept)
     else:
         rejected.write_text(report, encoding="utf-8")
         path = rejected
         if published.is_dir():
             shutil.rmtree(published)
+        if keep_rejected:
+            write_artifact(kept, built.files, built.manifest, report)
+        elif kept.is_dir():
+            shutil.rmtree(kept)
     return TargetResult(profile, built.passed, path, built.manifest)
 
 

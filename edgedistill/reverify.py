@@ -133,7 +133,14 @@ def revalidate_vision(artifact_dir: Path, m: Manifest) -> Revalidation:
         raise ArtifactError(f"{artifact_dir} carries no validation set", hint="re-run compile")
     views = np.load(artifact_dir / VAL_VIEWS, allow_pickle=False)
     teacher = np.load(artifact_dir / VAL_TEACHER, allow_pickle=False)
-    measured = agreement(run_onnx(cpu_session(artifact_dir / m.model["file"], 1), views), teacher)
+    path = artifact_dir / m.model["file"]
+    if path.suffix == ".pte":
+        from edgedistill.families.vision_stages import PteSession
+
+        session = PteSession(path, tuple(m.model["input_shape"]))
+    else:
+        session = cpu_session(path, 1)
+    measured = agreement(run_onnx(session, views), teacher)
     recorded = {k: v for k, v in m.metrics["values"].items() if k in measured}
     floor = m.metrics["budget"]["min_top1_agreement"]
     passed = measured["top1_agreement"] >= floor

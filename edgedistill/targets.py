@@ -10,7 +10,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edgedistill.errors import ProfileError
-from edgedistill.quantize.configs import RUNTIME_RECIPES, LMQuantizationConfig, QuantizationConfig, WeightOnlyConfig
+from edgedistill.quantize.configs import (
+    RUNTIME_RECIPES,
+    VISION_RUNTIME_RECIPES,
+    LMQuantizationConfig,
+    QuantizationConfig,
+    VisionQuantizationConfig,
+    WeightOnlyConfig,
+)
 
 ORT_PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider")
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
@@ -62,7 +69,7 @@ class VisionBudget(BaseModel):
 def _vision_int8():
     from edgedistill.quantize.configs import StaticQdqInt8Config
 
-    return StaticQdqInt8Config(op_types=["Conv", "Gemm"], calibration_texts=64)
+    return StaticQdqInt8Config(op_types=["Conv", "Gemm", "Clip"], calibration_texts=64)
 
 
 class VisionTarget(BaseModel):
@@ -70,7 +77,7 @@ class VisionTarget(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     unsupported: str | None = Field(None, description="why this target builds no vision artifact yet (then nothing else)")
-    quantization: QuantizationConfig = Field(default_factory=_vision_int8)
+    quantization: VisionQuantizationConfig = Field(default_factory=_vision_int8)
     budget: VisionBudget = Field(default_factory=VisionBudget)
     batch: int = Field(1, ge=1, le=256, description="images per call latency is measured at")
 
@@ -109,6 +116,11 @@ class TargetProfile(BaseModel):
         if self.quantization.recipe not in recipes:
             raise ValueError(f"runtime {self.runtime} cannot run quantization recipe '{self.quantization.recipe}' "
                              f"(it runs: {', '.join(recipes)})")
+        if self.vision is not None and not self.vision.unsupported:
+            ok = VISION_RUNTIME_RECIPES[self.runtime]
+            if self.vision.quantization.recipe not in ok:
+                raise ValueError(f"runtime {self.runtime} cannot build image classifiers with quantization recipe "
+                                 f"'{self.vision.quantization.recipe}' (it builds: {', '.join(ok)})")
         wants = {"onnxruntime": (ORT_PROVIDERS, ("onnx", "ort")), "executorch": (("XNNPACK",), ("pte",))}
         providers, formats = wants[self.runtime]
         if self.execution_provider not in providers or self.model_format not in formats:

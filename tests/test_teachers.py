@@ -119,7 +119,7 @@ def test_file_instead_of_directory(tmp_path):
     f.write_bytes(b"not a dir")
     with pytest.raises(CheckpointError) as exc:
         load_teacher(str(f))
-    assert "is a file" in exc.value.message
+    assert "is a file of weights, not a model" in exc.value.message and "its directory" in exc.value.hint
 
 
 def test_directory_without_config(tmp_path):

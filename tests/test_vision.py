@@ -101,6 +101,96 @@ def test_int8_artifact_is_quantized_and_its_trials_recorded(tiny_teacher, photos
     assert 0.0 <= m.metrics["values"]["top1_agreement"] <= 1.0
 
 
+QAT_INT8 = "{recipe: static-qdq-int8, op_types: [Conv, Gemm, Clip], calibration_texts: 8, search: false}"
+
+
+def test_quantization_aware_student_is_what_its_int8_artifact_computes(tiny_teacher, photos, tmp_path):
+    """Asked for, a pruned student distils in float for half the steps, then through the simulated int8 rounding,
+    BatchNorm folded; the artifact's logits are far closer to the rounded student's than to its float weights'."""
+    from edgedistill.distill.qat_conv import ConvQuantSim
+
+    result = compile(tiny_teacher, str(photos), [str(profile(tmp_path / "p.yaml", QAT_INT8))], tmp_path / "out",
+                     opts(quantization_aware=True))
+    m = verify_files(result.targets[0].path)
+    qat = m.distillation["quantization_aware"]
+    assert qat["calibration_views"] == 8 and qat["from_step"] == 1  # 48 views / 16 per batch, 1 epoch: step 1 of 3
+    assert m.student["pruning"]["batchnorm_folded"] > 10
+    student = result.student.eval()
+    assert not any(isinstance(x, torch.nn.BatchNorm2d) for x in student.modules())
+    views = np.load(result.targets[0].path / "validation-views.npy")[:32]
+    x = torch.from_numpy(views).float() / 255.0
+    session = ort.InferenceSession(str(result.targets[0].path / "model.onnx"), providers=["CPUExecutionProvider"])
+    artifact = session.run(None, {"pixels": x.numpy()})[0]
+    with torch.no_grad():
+        floating = student(x).numpy()
+    train_views = result.distilled.train_views
+    sim = ConvQuantSim(student, x[:1])
+    sim.calibrate(torch.from_numpy(vision_stages.calibration_views(train_views, 8)).float() / 255.0)
+    with torch.no_grad():
+        rounded = student(x).numpy()
+    sim.remove()
+    assert np.abs(artifact - rounded).mean() < 0.5 * np.abs(artifact - floating).mean()
+
+
+def test_quantization_aware_can_be_turned_off_and_refuses_a_target_it_cannot_simulate(tiny_teacher, photos, tmp_path):
+    result = compile(tiny_teacher, str(photos), [str(profile(tmp_path / "p.yaml", QAT_INT8))], tmp_path / "out",
+                     opts(quantization_aware=False))
+    m = verify_files(result.targets[0].path)
+    assert m.distillation["quantization_aware"] is None and "batchnorm_folded" not in m.student["pruning"]
+    # by default: on for the teacher's own shape (from the first step), off for a pruned student (measured)
+    pruned = compile(tiny_teacher, str(photos), [str(profile(tmp_path / "p.yaml", QAT_INT8))], tmp_path / "o1", opts())
+    assert verify_files(pruned.targets[0].path).distillation["quantization_aware"] is None
+    whole = compile(tiny_teacher, str(photos), [str(profile(tmp_path / "p.yaml", QAT_INT8))], tmp_path / "o3",
+                    opts(macs_ratio=1.0))
+    assert verify_files(whole.targets[0].path).distillation["quantization_aware"]["from_step"] == 0
+    res = runner.invoke(app, ["compile", tiny_teacher, "--data", str(photos), "--out", str(tmp_path / "o2"),
+                              "--target", str(profile(tmp_path / "f.yaml", "{recipe: fp32}")), "--quantization-aware"])
+    assert res.exit_code == 2 and "--quantization-aware trains for static int8" in res.stderr, res.output
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_mobile_target_ships_a_fixed_shape_ort_model_validated_as_run(tiny_teacher, photos, tmp_path):
+    path = tmp_path / "m.yaml"
+    path.write_text(f"""name: tiny-mobile
+threads: 1
+arch: arm64
+model_format: ort
+fixed_shape: true
+quantization: {{recipe: fp32}}
+vision:
+  quantization: {QAT_INT8}
+  budget: {{min_top1_agreement: 0.0}}
+""")
+    result = compile(tiny_teacher, str(photos), [str(path)], tmp_path / "out", opts())
+    art = result.targets[0].path
+    m = verify_files(art)
+    assert m.model["file"] == "model.ort" and m.model["format"] == "ort" and (art / "required_operators.config").is_file()
+    assert m.export["fixed_batch"] == 1 and m.export["ort_format_max_abs_diff_vs_onnx"] < 1e-4
+    session = ort.InferenceSession(str(art / "model.ort"), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape == [1, 3, 64, 64]
+    assert m.sizes["model_mb"] == pytest.approx((art / "model.ort").stat().st_size / 1e6)
+    views = np.load(art / "validation-views.npy")
+    logits = np.concatenate([session.run(None, {"pixels": v[None].astype(np.float32) / 255.0})[0] for v in views])
+    teacher = np.load(art / "validation-teacher.npy")
+    agree = float((logits.argmax(-1) == teacher.argmax(-1)).mean())
+    assert agree == pytest.approx(m.metrics["values"]["top1_agreement"], abs=1e-6)
+    verified = runner.invoke(app, ["verify", str(art)])
+    assert verified.exit_code == 0, verified.output
+
+
+def test_keep_rejected_writes_the_whole_rejected_artifact(tiny_teacher, photos, tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("name: tiny-vision\nthreads: 1\nquantization: {recipe: fp32}\nvision:\n  quantization: {recipe: fp32}\n"
+                    "  budget: {min_top1_agreement: 1.0}\n")
+    res = runner.invoke(app, ["compile", tiny_teacher, "--data", str(photos), "--out", str(tmp_path / "out"),
+                              "--target", str(path), "--epochs", "1", "--batch-size", "16", "--keep-rejected"])
+    assert res.exit_code == 2 and "a larger --macs-ratio" in res.stderr, res.output
+    kept = tmp_path / "out" / "tiny-vision.rejected"
+    m = verify_files(kept)  # hashes match: whole, not half-written
+    assert not m.metrics["passed"] and "REJECTED" in (kept / "report.md").read_text()
+    assert (tmp_path / "out" / "tiny-vision.rejected.md").is_file() and not (tmp_path / "out" / "tiny-vision").exists()
+
+
 @pytest.mark.parametrize("case", ["lm-option", "no-vision-section", "macs-ratio"])
 def test_bad_vision_input_one_line_exit_2(case, tiny_teacher, photos, tmp_path):
     args = ["compile", tiny_teacher, "--data", str(photos), "--out", str(tmp_path / "out")]
@@ -157,3 +247,125 @@ def compile_code(code: str):
     import builtins
 
     return builtins.compile(code, "README.md", "exec")
+
+
+FACTORY = '''
+from edgedistill.teachers.vision_archs import mobilenet_v2
+
+
+def build(num_classes=10, width=0.25):
+    return mobilenet_v2(num_classes=num_classes, width_mult=width)
+'''
+
+
+@pytest.fixture
+def user_weights(tmp_path, monkeypatch) -> dict[str, Path]:
+    """A user's tiny CNN as a state dict (.pt, .safetensors), its factory module, and a torch.export program."""
+    from safetensors.torch import save_file
+
+    (tmp_path / "usermodels.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    torch.manual_seed(0)
+    model = mobilenet_v2(num_classes=10, width_mult=0.25).eval()
+    paths = {"pt": tmp_path / "cnn.pt", "safetensors": tmp_path / "cnn.safetensors", "pt2": tmp_path / "cnn.pt2"}
+    torch.save(model.state_dict(), paths["pt"])
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(paths["safetensors"]))
+    program = torch.export.export(model, (torch.rand(2, 3, 64, 64),), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, str(paths["pt2"]))
+    paths["model"] = model
+    return paths
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "pt2"])
+def test_a_users_model_compiles_with_its_normalization_inside(kind, user_weights, photos, tmp_path):
+    o = opts(normalize="0.5,0.5,0.5/0.25,0.25,0.25", image_size=64, quantization_aware=False,
+             arch="usermodels:build" if kind != "pt2" else None, arch_kwargs={"num_classes": 10} if kind != "pt2" else None)
+    result = compile(str(user_weights[kind]), str(photos), [str(profile(tmp_path / "p.yaml", "{recipe: fp32}"))],
+                     tmp_path / "out", o)
+    art = result.targets[0].path
+    m = verify_files(art)
+    assert m.teacher["source"]["format"] == ("torch.export program" if kind == "pt2" else "state_dict")
+    if kind == "pt2":  # quantized as it is: no pruning, no training
+        assert m.student["pruning"]["macs_ratio"] == 1.0 and m.distillation["history"] == []
+        assert m.metrics["values"]["top1_agreement"] == 1.0  # fp32 export of the program itself
+    else:
+        assert m.student["pruning"]["student_macs"] <= 0.5 * m.student["pruning"]["teacher_macs"]
+    x = torch.rand(3, 3, 64, 64)
+    session = ort.InferenceSession(str(art / "model.onnx"), providers=["CPUExecutionProvider"])
+    if kind == "pt2":  # the artifact takes [0, 1] pixels and normalizes them as --normalize said
+        with torch.no_grad():
+            expected = user_weights["model"]((x - 0.5) / 0.25).numpy()
+        np.testing.assert_allclose(session.run(None, {"pixels": x.numpy()})[0], expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["unsafe-pickle", "no-arch", "bad-import", "mismatch", "arch-for-builtin",
+                                  "static-batch", "bad-kwargs", "prune-program"])
+def test_bad_user_models_one_line_exit_2(case, user_weights, photos, tmp_path):
+    args = ["compile", "--data", str(photos), "--out", str(tmp_path / "out"),
+            "--target", str(profile(tmp_path / "p.yaml", "{recipe: fp32}")), "--image-size", "64"]
+    if case == "unsafe-pickle":
+        bad = tmp_path / "model.pth"
+        torch.save(user_weights["model"], bad)  # the whole module: loading it needs arbitrary unpickling
+        args += [str(bad), "--arch", "usermodels:build"]
+        expected = "needs unpickling arbitrary Python objects, which edgedistill refuses"
+    elif case == "no-arch":
+        args += [str(user_weights["pt"])]
+        expected = "is a file of weights, not a model: it needs the architecture"
+    elif case == "bad-import":
+        args += [str(user_weights["pt"]), "--arch", "no_such_pkg.models:build"]
+        expected = "cannot import no_such_pkg.models"
+    elif case == "mismatch":
+        args += [str(user_weights["pt"]), "--arch", "usermodels:build", "--arch-kwargs", '{"num_classes": 7}']
+        expected = "does not fit --arch usermodels:build: shape (2): classifier.1.weight (10, 1280) vs (7, 1280)"
+    elif case == "arch-for-builtin":
+        args = [a for a in args if a not in ("--image-size", "64")] + ["mobilenetv2", "--arch", "usermodels:build"]
+        expected = "--arch is for your own image classifier"
+    elif case == "static-batch":
+        fixed = tmp_path / "fixed.pt2"
+        torch.export.save(torch.export.export(user_weights["model"], (torch.rand(1, 3, 64, 64),)), str(fixed))
+        args += [str(fixed)]
+        expected = "was exported for one batch size only"
+    elif case == "bad-kwargs":
+        args += [str(user_weights["pt"]), "--arch", "usermodels:build", "--arch-kwargs", "[1, 2]"]
+        expected = "--arch-kwargs must be a JSON object"
+    else:
+        args += [str(user_weights["pt2"]), "--macs-ratio", "0.5"]
+        expected = "a torch.export program (.pt2) has no module structure to prune"
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2, res.output
+    assert expected in " ".join(res.stderr.split()) and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert not (tmp_path / "out" / "tiny-vision").exists()
+
+
+def test_executorch_target_ships_a_static_int8_pte_validated_in_the_executorch_runtime(tiny_teacher, photos, tmp_path):
+    path = tmp_path / "et.yaml"
+    path.write_text("""name: tiny-et
+runtime: executorch
+execution_provider: XNNPACK
+arch: arm64
+model_format: pte
+fixed_shape: true
+threads: 1
+quantization: {recipe: fp32}
+vision:
+  quantization: {recipe: xnnpack-static-int8, per_channel: true, calibration_texts: 8}
+  budget: {min_top1_agreement: 0.0}
+""")
+    result = compile(tiny_teacher, str(photos), [str(path)], tmp_path / "out", opts())
+    art = result.targets[0].path
+    m = verify_files(art)
+    assert m.model["file"] == "model.pte" and m.model["input_shape"] == [1, 3, 64, 64]
+    assert m.distillation["quantization_aware"] is None  # the ExecuTorch quantizer's rounding is not simulated
+    from executorch.runtime import Runtime
+
+    method = Runtime.get().load_program(str(art / "model.pte")).load_method("forward")
+    views = np.load(art / "validation-views.npy")
+    logits = np.concatenate([method.execute([torch.from_numpy(v[None].astype(np.float32) / 255.0)])[0].numpy()
+                             for v in views])
+    agree = float((logits.argmax(-1) == np.load(art / "validation-teacher.npy").argmax(-1)).mean())
+    assert agree == pytest.approx(m.metrics["values"]["top1_agreement"], abs=1e-6)
+    with torch.no_grad():  # int8: near the float student, not equal to it
+        floating = result.student(torch.from_numpy(views[:8]).float() / 255.0).numpy()
+    assert 0 < np.abs(logits[:8] - floating).max() < 0.5 * np.abs(floating).max() + 1e-6
+    verified = runner.invoke(app, ["verify", str(art)])
+    assert verified.exit_code == 0, verified.output

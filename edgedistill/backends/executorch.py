@@ -28,6 +28,21 @@ def load_pte(path: Path):
     return run
 
 
+def quantize_for_xnnpack(exported, example: tuple, calibration, per_channel: bool, dynamic: bool):
+    """Return `exported` (a torch.export program) quantized by PT2E with XNNPACKQuantizer's symmetric int8 config
+    (dynamic: activations quantized at run time; static: ranges observed on `calibration`, an iterable of input
+    tuples), re-exported at `example`."""
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=per_channel,
+                                                                                is_dynamic=dynamic))
+    prepared = prepare_pt2e(exported.module(), quantizer)
+    for inputs in calibration:
+        prepared(*inputs)
+    return torch.export.export(convert_pt2e(prepared), example)
+
+
 @register_backend("executorch")
 def build_executorch(profile, ctx: BuildContext, stage_dir: Path) -> Built:
     try:
@@ -46,18 +61,8 @@ def build_executorch(profile, ctx: BuildContext, stage_dir: Path) -> Built:
         exported = torch.export.export(module, example)
         cfg = profile.quantization
         if isinstance(cfg, XnnpackDynamicInt8Config):
-            from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
-                XNNPACKQuantizer,
-                get_symmetric_quantization_config,
-            )
-            from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-
-            quantizer = XNNPACKQuantizer().set_global(
-                get_symmetric_quantization_config(is_per_channel=cfg.per_channel, is_dynamic=True))
-            prepared = prepare_pt2e(exported.module(), quantizer)
-            for feeds in batches[:8]:
-                prepared(*(torch.from_numpy(v) for v in feeds.values()))
-            exported = torch.export.export(convert_pt2e(prepared), example)
+            exported = quantize_for_xnnpack(exported, example, ([torch.from_numpy(v) for v in feeds.values()]
+                                                                for feeds in batches[:8]), cfg.per_channel, dynamic=True)
         program = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()]).to_executorch()
     path = stage_dir / MODEL_FILE
     path.write_bytes(program.buffer)

@@ -60,7 +60,8 @@ def build_onnxruntime(profile, ctx: BuildContext, stage_dir: Path) -> Built:
     onnx_model = export_onnx(ctx.student, ctx.family, ctx.input_names, profile.opset, stage_dir / "student.onnx")
     graph = onnx_model.path
     if profile.fixed_shape:
-        graph = fix_input_shapes(graph, profile.input_shape.batch, profile.input_shape.sequence, stage_dir / "fixed.onnx")
+        graph = fix_input_shapes(graph, {"batch": profile.input_shape.batch, "sequence": profile.input_shape.sequence},
+                                 stage_dir / "fixed.onnx")
     optimized = optimize_graph(graph, ctx.family, ctx.student.model.config, profile.optimization, stage_dir / "optimized.onnx")
     if provider != "CPUExecutionProvider":
         unusable = provider_unusable(optimized.path, provider)

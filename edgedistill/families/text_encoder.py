@@ -104,10 +104,11 @@ class TextEncoderFamily(Family):
         for flag, value, why in (("--student", opts.student, "an encoder's student is derived from the teacher"),
                                  ("--generate", opts.generate, "encoders distill on the transfer set's texts"),
                                  ("--ffn-ratio", opts.ffn_ratio != 1.0, "encoder students are narrowed by depth only"),
+                                 ("--macs-ratio", opts.macs_ratio is not None, "encoder students are narrowed by depth only"),
                                  ("--quantization-aware", opts.quantization_aware is True,
                                   "encoder targets choose their quantization by an accuracy-aware search")):
             if value:
-                raise EdgeDistillError(f"{flag} is for causal LMs so far: {why}", hint=f"leave out {flag}")
+                raise EdgeDistillError(f"{flag} does not apply to text encoders: {why}", hint=f"leave out {flag}")
         stages.student_depth(teacher, opts.student_layers)
         stages.check_max_length(teacher, opts.max_length or teacher.max_length)
 

@@ -54,6 +54,43 @@ def count_macs(model: nn.Module, size: int) -> int:
     return int(total[0])
 
 
+def check_classifier(module: nn.Module, size: int, path) -> int:
+    """Return the number of classes `module` predicts for one (1, 3, size, size) image, or raise one clear line."""
+    try:
+        with torch.no_grad():
+            out = module(torch.zeros(1, 3, size, size))
+    except Exception as e:  # noqa: BLE001  a user's model can raise anything on a wrong input size
+        raise EdgeDistillError(f"{path} fails on a (1, 3, {size}, {size}) image: {type(e).__name__}: "
+                               f"{' '.join(str(e).split())[:160]}", hint="pass the size it takes with --image-size") from None
+    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != 1:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise EdgeDistillError(f"{path} returns {shape} for one image, not logits (1, classes)",
+                               hint="pass a classifier whose forward returns one tensor of class logits")
+    return int(out.shape[1])
+
+
+class ExportedProgramClassifier(nn.Module):
+    """A torch.export program's graph as a module. Its graph is fixed in eval semantics (BatchNorm uses its running
+    statistics) and has no Conv2d / Linear modules, so it is quantized as it is: not pruned, trained or simulated.
+    `train()` only sets the flag: the program's own module refuses train() and eval()."""
+
+    def __init__(self, graph: nn.Module) -> None:
+        super().__init__()
+        self.program = graph
+
+    def train(self, mode: bool = True):
+        self.training = mode
+        return self
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.program(pixels)
+
+
+def is_program(module: nn.Module) -> bool:
+    """Whether `module` holds a torch.export program (see ExportedProgramClassifier)."""
+    return any(isinstance(m, ExportedProgramClassifier) for m in module.modules())
+
+
 def _classifier_head(model: nn.Module) -> nn.Module:
     """Return the last Linear layer (the class logits): its outputs are the classes and are never pruned."""
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
@@ -119,12 +156,12 @@ class VisionFamily(Family):
     def check_options(self, teacher, opts, profiles) -> None:
         from edgedistill.families import vision_stages as stages
 
-        stages.check_options(opts)
+        stages.check_options(teacher, opts, profiles)
 
     def distill_student(self, teacher, data, opts, run_dir, profiles):
         from edgedistill.families import vision_stages as stages
 
-        return stages.distill_student(self, teacher, data, opts, run_dir)
+        return stages.distill_student(self, teacher, data, opts, run_dir, profiles)
 
     def build_target(self, distilled, profile, stage_dir, opts):
         from edgedistill.families import vision_stages as stages

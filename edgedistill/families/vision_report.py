@@ -24,17 +24,25 @@ def render_report(m: Manifest, published: bool) -> str:
     p = st["pruning"]
     cells = summary_cells(m)
     q = m.quantization["chosen"]
+    qat = m.distillation.get("quantization_aware")
+    if not m.distillation["history"]:
+        trained = (f"Not distilled: {p.get('importance')}; calibrated on views of {d['num_train_images']} photos of "
+                   f"`{d['source']}`. Held out: {d['views']}.")
+    else:
+        trained = (f"Distilled on {d['num_train']:,} views ({d['views_per_train_image']} per photo) of "
+                   f"{d['num_train_images']} photos of `{d['source']}` against the teacher's cached logits, temperature "
+                   f"{m.distillation['config']['temperature']:g}" + (", with labels" if d["labels"] else "")
+                   + (f", quantization-aware (through {qat['simulated']}; ranges from {qat['calibration_views']} "
+                      "calibration views)" if qat else "")
+                   + f"; best validation top-1 agreement {m.distillation['best_validation_top1_agreement']:.4f} at step "
+                   f"{m.distillation['best_step']}. Held out: {d['views']}.")
     lines = [
         f"# {m.target['name']}: {m.teacher['name']} → student at {p['macs_ratio']:.0%} of its MACs", "",
         f"**Status:** {status}. {m.metrics['verdict']}.", "",
         f"Teacher `{m.teacher['name']}` ({m.teacher['num_parameters']:,} parameters, {p['teacher_macs'] / 1e6:.0f}M MACs "
         f"at {d['image_size']}×{d['image_size']}) → student pruned channel-wise ({p.get('importance', 'none')}, "
         f"channel ratio {p['channel_ratio']}) to {p['student_macs'] / 1e6:.0f}M MACs, {st['num_parameters']:,} parameters.", "",
-        f"Distilled on {d['num_train']:,} views ({d['views_per_train_image']} per photo) of {d['num_train_images']} photos "
-        f"of `{d['source']}` against the teacher's cached logits, temperature {m.distillation['config']['temperature']:g}"
-        + (", with labels" if d["labels"] else "") + f"; best validation top-1 agreement "
-        f"{m.distillation['best_validation_top1_agreement']:.4f} at step {m.distillation['best_step']}. Held out: "
-        f"{d['views']}.", "",
+        trained, "",
         f"Quantization: {q.get('recipe')} ({', '.join(f'{k} {val}' for k, val in q.items() if k != 'recipe' and val not in ([], None))}).", "",
         "| | value |", "|---|---|",
         f"| fidelity | {cells['fidelity']} |",

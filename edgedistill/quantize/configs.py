@@ -89,6 +89,17 @@ class XnnpackDynamicInt8Config(BaseModel):
     per_channel: bool = True
 
 
+class XnnpackStaticInt8Config(BaseModel):
+    """ExecuTorch, image classifiers: PT2E static int8 for the XNNPACK delegate (XNNPACKQuantizer's symmetric config:
+    int8 weights per output channel, int8 activations with ranges observed on calibration views), Conv + BatchNorm +
+    ReLU fused by the quantizer. Fields: per_channel weight scales; calibration_texts: training views observed."""
+
+    model_config = ConfigDict(extra="forbid")
+    recipe: Literal["xnnpack-static-int8"] = "xnnpack-static-int8"
+    per_channel: bool = True
+    calibration_texts: int = Field(64, ge=1, le=10000, description="calibration inputs (views, for images)")
+
+
 class WeightOnlyConfig(BaseModel):
     """Weight-only integer quantization for language models (onnxruntime `MatMulNBitsQuantizer`): MatMul weights
     become 4- or 8-bit blocks run by the MatMulNBits kernel; activations stay float. Decoding one token is bound by
@@ -132,8 +143,15 @@ QuantizationConfig = Annotated[Union[DynamicInt8Config, StaticQdqInt8Config, Xnn
                                      Fp32Config],
                                Field(discriminator="recipe")]
 
-# which recipes each runtime can run
+VisionQuantizationConfig = Annotated[Union[StaticQdqInt8Config, XnnpackStaticInt8Config, DynamicInt8Config, Fp16Config,
+                                           Fp32Config], Field(discriminator="recipe")]
+
+# which recipes each runtime can run (image classifiers: VISION_RUNTIME_RECIPES)
 RUNTIME_RECIPES = {
     "onnxruntime": ("dynamic-int8", "static-qdq-int8", "fp16", "fp32"),
     "executorch": ("xnnpack-dynamic-int8", "fp32"),
+}
+VISION_RUNTIME_RECIPES = {
+    "onnxruntime": ("static-qdq-int8", "dynamic-int8", "fp16", "fp32"),
+    "executorch": ("xnnpack-static-int8", "fp32"),
 }

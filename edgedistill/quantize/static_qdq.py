@@ -37,8 +37,11 @@ def quantize_static_qdq(model_path: Path, config: StaticQdqInt8Config, out_path:
                         hint="pass a larger --data; calibration uses the training split")
     logging.getLogger("root").setLevel(logging.ERROR)
     # activation ranges depend on the model, the inputs and the method, not on which nodes are excluded: the
-    # accuracy search re-quantizes many times, so ranges are computed once per method and cached beside the output
-    cache = out_path.parent / f".calibration-{model_path.stem}-{config.calibration}-{config.activation_type}-{len(calibration)}.json"
+    # accuracy search re-quantizes many times, so ranges are computed once per method and cached beside the output;
+    # the calibrator records the tensors of the quantized operator types, so those are part of the key
+    ops = "-".join(sorted(config.op_types))
+    cache = out_path.parent / (f".calibration-{model_path.stem}-{config.calibration}-{config.activation_type}-"
+                               f"{len(calibration)}-{ops}.json")
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         # symbolic shape inference fails on these graphs (and is not needed with fixed or plain dims)

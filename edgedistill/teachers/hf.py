@@ -123,7 +123,7 @@ def _check_generation_task(task: str | None, spec: str) -> None:
                               hint="leave out --task")
 
 
-def load_teacher(spec: str | None, task: str | None = None) -> Teacher:
+def load_teacher(spec: str | None, task: str | None = None, vision_model=None) -> Teacher:
     """Return the teacher named by `spec`: a model directory, a .gguf file, or a built-in name ('minilm',
     'smollm2'); None means 'minilm'. The checkpoint decides the family (encoder or causal LM)."""
     from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
@@ -134,6 +134,11 @@ def load_teacher(spec: str | None, task: str | None = None) -> Teacher:
     spec = spec or "minilm"
     hint = ("pass a Hugging Face model directory (config.json, weights, tokenizer files), a .gguf file, or a built-in: "
             f"{', '.join([*BUILTIN_TEACHERS, *causal.BUILTIN_LM_TEACHERS, *vision.BUILTIN_VISION_TEACHERS])}")
+    if spec.endswith(vision.USER_MODEL_SUFFIXES):
+        if task not in (None, "image-classification"):
+            raise CheckpointError(f"{spec} is read as an image classifier; it compiles for --task image-classification, "
+                                  f"not {task}", hint="leave out --task")
+        return vision.load_user_vision_teacher(Path(spec), vision_model or vision.UserVisionModel())
     if spec in vision.BUILTIN_VISION_TEACHERS:
         if task not in (None, "image-classification"):
             raise CheckpointError(f"{spec} is an image classifier: it compiles for --task image-classification, not {task}",

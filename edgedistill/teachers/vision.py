@@ -133,3 +133,153 @@ def load_vision_teacher(name: str):
                              "mean": list(pre.mean), "std": list(pre.std)}}
     return Teacher(name=name, path=info.weights_path, module=module, tokenizer=None, family=VisionFamily(pre.crop_px),
                    task="image-classification", sha256=sha256_file(info.weights_path), max_length=0, source=source)
+
+
+USER_MODEL_SUFFIXES = (".pt2", ".safetensors", ".pt", ".pth")
+NORMALIZATIONS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "none": ((0.0,) * 3, (1.0,) * 3),
+                  "tf": ((127 / 255,) * 3, (128 / 255,) * 3)}
+
+
+@dataclass(frozen=True)
+class UserVisionModel:
+    """How to build a user's image classifier: `arch` is 'package.module:factory' (with `arch_kwargs`), needed for
+    a state dict and unused for a .pt2 program; `normalize` names the normalization the model expects on [0, 1]
+    pixels (imagenet, tf, none, or 'm1,m2,m3/s1,s2,s3'); `image_size` is the crop it takes."""
+
+    arch: str | None = None
+    arch_kwargs: dict | None = None
+    normalize: str = "imagenet"
+    image_size: int = 224
+
+
+def parse_normalize(text: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Return (mean, std) for --normalize: a known name or 'm1,m2,m3/s1,s2,s3'."""
+    if text in NORMALIZATIONS:
+        return NORMALIZATIONS[text]
+    try:
+        mean, std = (tuple(float(v) for v in part.split(",")) for part in text.split("/"))
+    except ValueError:
+        mean = std = ()
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise CheckpointError(f"--normalize '{text}' is neither {', '.join(NORMALIZATIONS)} nor 'm1,m2,m3/s1,s2,s3'",
+                              hint="e.g. --normalize imagenet, or --normalize 0.5,0.5,0.5/0.5,0.5,0.5")
+    return mean, std
+
+
+def import_factory(arch: str) -> Callable[..., nn.Module]:
+    """Return the callable named by 'package.module:factory', or raise one clear line."""
+    import importlib
+
+    module_name, _, attr = arch.partition(":")
+    if not module_name or not attr:
+        raise CheckpointError(f"--arch '{arch}' is not 'package.module:factory'", hint="e.g. --arch mymodels.cnn:build")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise CheckpointError(f"--arch {arch}: cannot import {module_name} ({e})",
+                              hint="install the package or put its directory on PYTHONPATH") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise CheckpointError(f"--arch {arch}: {module_name} has no callable {attr}", hint="name a function or class")
+    return factory
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from .safetensors, or .pt/.pth with weights_only=True (never unpickling arbitrary objects)."""
+    import pickle
+
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as e:  # noqa: BLE001  safetensors raises SafetensorError / OSError on a bad file
+            raise CheckpointError(f"cannot read {path}: {str(e).splitlines()[0][:160]}", hint="pass a valid .safetensors") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).split("\n\n")[-1].strip().splitlines()[0][:160] if str(e) else "unsafe pickle"
+        raise CheckpointError(f"{path} needs unpickling arbitrary Python objects, which edgedistill refuses "
+                              f"(torch.load weights_only=True: {first})",
+                              hint="save model.state_dict() with torch.save, or as .safetensors, and pass --arch") from None
+    except Exception as e:  # noqa: BLE001  RuntimeError / EOFError on a damaged file
+        raise CheckpointError(f"cannot read {path} ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})",
+                              hint="pass a state dict saved with torch.save(model.state_dict(), path)") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]  # a training checkpoint's weights
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a state dict of tensors",
+                              hint="save model.state_dict(), not the model or a checkpoint of other objects")
+    return state
+
+
+def _mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> str | None:
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    parts = [f"{label} ({len(keys)}): {', '.join(keys[:3])}{' …' if len(keys) > 3 else ''}"
+             for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)) if keys]
+    return "; ".join(parts) or None
+
+
+def load_user_vision_teacher(path: Path, user: UserVisionModel):
+    """Return a user's image classifier as a Teacher: a torch.export program (.pt2), or a state dict plus --arch."""
+    from edgedistill.artifact import sha256_file
+    from edgedistill.families.vision import NormalizedClassifier, VisionFamily, check_classifier
+    from edgedistill.teachers.hf import Teacher
+
+    if not path.is_file():
+        raise CheckpointError(f"teacher {path} does not exist", hint="pass a .pt2 program or a state dict with --arch")
+    mean, std = parse_normalize(user.normalize)
+    if path.suffix == ".pt2":
+        if user.arch:
+            raise CheckpointError("--arch is for state dicts; a .pt2 program carries its own graph", hint="leave out --arch")
+        try:
+            program = torch.export.load(str(path))
+        except Exception as e:  # noqa: BLE001  torch raises many types on a bad archive
+            raise CheckpointError(f"cannot load {path} as a torch.export program ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:120] if str(e) else ''})",
+                                  hint="save it with torch.export.save(torch.export.export(model, (x,)), 'model.pt2')") from None
+        from edgedistill.families.vision import ExportedProgramClassifier
+
+        model, fmt = ExportedProgramClassifier(program.module()), "torch.export program"
+        try:
+            with torch.no_grad():
+                model(torch.zeros(2, 3, user.image_size, user.image_size))
+        except Exception as e:  # noqa: BLE001  a guard on the batch size, or a wrong image size
+            if "size()[0]" in str(e):
+                raise CheckpointError(f"{path} was exported for one batch size only ({' '.join(str(e).split())[:80]})",
+                                      hint="export with a dynamic batch: torch.export.export(model, (x,), "
+                                           "dynamic_shapes=({0: torch.export.Dim('batch')},))") from None
+    else:
+        if not user.arch:
+            raise CheckpointError(f"{path.name} is a file of weights, not a model: it needs the architecture that it fits",
+                                  hint="for an image classifier pass --arch package.module:factory (and --arch-kwargs "
+                                       "'{...}'); for a Hugging Face model pass its directory")
+        state = read_state_dict(path)
+        factory = import_factory(user.arch)
+        try:
+            model = factory(**(user.arch_kwargs or {}))
+        except TypeError as e:
+            raise CheckpointError(f"--arch {user.arch} did not build with --arch-kwargs {user.arch_kwargs or {}}: {e}",
+                                  hint="pass the keyword arguments it takes as JSON in --arch-kwargs") from None
+        if not isinstance(model, nn.Module):
+            raise CheckpointError(f"--arch {user.arch} returned a {type(model).__name__}, not a torch.nn.Module",
+                                  hint="name a factory that returns the model")
+        problem = _mismatch(model, state)
+        if problem:
+            raise CheckpointError(f"{path.name} does not fit --arch {user.arch}: {problem}",
+                                  hint="pass the architecture (and --arch-kwargs) the weights were trained with")
+        model.load_state_dict(state, strict=True)
+        fmt = "state_dict"
+    module = NormalizedClassifier(model.eval(), mean, std).eval()
+    check_classifier(module, user.image_size, path)
+    size = user.image_size
+    fp32_mb = sum(p.numel() for p in module.parameters()) * 4 / 1e6
+    source = {"format": fmt, "file": str(path), "arch": user.arch, "arch_kwargs": user.arch_kwargs, "fp32_mb": fp32_mb,
+              "preprocess": {"resize_px": round(size * 256 / 224), "crop_px": size, "interpolation": "bilinear",
+                             "mean": list(mean), "std": list(std)}}
+    return Teacher(name=path.stem, path=path, module=module, tokenizer=None, family=VisionFamily(size),
+                   task="image-classification", sha256=sha256_file(path), max_length=0, source=source)
