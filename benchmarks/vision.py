@@ -68,8 +68,8 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         models = peer_models(teacher, size, Path(tmp), calibration[:64])
-        for a in args.artifact:
-            models[f"ours: {a.name}"] = a / "model.onnx"
+        for a in args.artifact:  # OUT/target: artifacts of one target from several compiles differ by OUT
+            models[f"ours: {a.parent.name}/{a.name}"] = a / "model.onnx"
         sessions = {name: cpu_session(p, args.threads) for name, p in models.items()}
         fidelity = {name: agreement(run_onnx(s, views), reference) for name, s in sessions.items()}
         sizes = {name: p.stat().st_size / 1e6 for name, p in models.items()}
