@@ -142,7 +142,7 @@ def user_vision_model(teacher_spec: str | None, opts: CompileOptions):
     if not (teacher_spec or "").endswith(USER_MODEL_SUFFIXES):
         if given:
             raise EdgeDistillError(f"{given[0]} is for your own image classifier (a .pt2 program, or a .safetensors / "
-                                   ".pt / .pth state dict), not for {teacher_spec or 'minilm'}", hint=f"leave out {given[0]}")
+                                   f".pt / .pth state dict), not for {teacher_spec or 'minilm'}", hint=f"leave out {given[0]}")
         return None
     return UserVisionModel(opts.arch, opts.arch_kwargs, opts.normalize or "imagenet", opts.image_size or 224)
 

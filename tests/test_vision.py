@@ -319,7 +319,7 @@ def test_bad_user_models_one_line_exit_2(case, user_weights, photos, tmp_path):
         expected = "does not fit --arch usermodels:build: shape (2): classifier.1.weight (10, 1280) vs (7, 1280)"
     elif case == "arch-for-builtin":
         args = [a for a in args if a not in ("--image-size", "64")] + ["mobilenetv2", "--arch", "usermodels:build"]
-        expected = "--arch is for your own image classifier"
+        expected = "--arch is for your own image classifier (a .pt2 program, or a .safetensors / .pt / .pth state dict), not for mobilenetv2"
     elif case == "static-batch":
         fixed = tmp_path / "fixed.pt2"
         torch.export.save(torch.export.export(user_weights["model"], (torch.rand(1, 3, 64, 64),)), str(fixed))
