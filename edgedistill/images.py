@@ -211,13 +211,21 @@ def _largest_landscape(folder: Path) -> Path | None:
     return max(sizes, key=lambda p: (sizes[p][0] >= sizes[p][1], sizes[p][0] * sizes[p][1]), default=None)
 
 
-def make_views(images: list[np.ndarray], views_per_image: int, size: int, seed: int,
-               train: bool) -> tuple[np.ndarray, np.ndarray]:
+DEFAULT_CROP_SCALE = 0.25  # the smallest share of an image a random training crop covers (torchvision's is 0.08)
+
+
+def eval_resize(size: int, resize_px: int | None = None) -> int:
+    """Return the short side held-out images are resized to before the center crop: ImageNet's 256 for 224."""
+    return resize_px if resize_px is not None else round(size * 256 / 224)
+
+
+def make_views(images: list[np.ndarray], views_per_image: int, size: int, seed: int, train: bool,
+               crop_scale: float = DEFAULT_CROP_SCALE, resize_px: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Return (uint8 (M, 3, size, size) views, the source image index of each view).
 
-    train: `views_per_image` random views per image (torchvision's RandomResizedCrop(scale 0.25-1, ratio 3/4-4/3),
-    horizontal flip p 0.5, brightness/contrast/saturation jitter 0.8-1.2); image i's views depend only on (seed, i).
-    Eval: one view per image, short side resized to round(size * 256 / 224), center crop `size`.
+    train: `views_per_image` random views per image (torchvision's RandomResizedCrop(scale crop_scale-1, ratio
+    3/4-4/3), horizontal flip p 0.5, brightness/contrast/saturation jitter 0.8-1.2); image i's views depend only on
+    (seed, i). Eval: one view per image, short side resized to `eval_resize(size, resize_px)`, center crop `size`.
     """
     per = views_per_image if train else 1
     views = np.empty((len(images) * per, 3, size, size), dtype=np.uint8)
@@ -227,7 +235,7 @@ def make_views(images: list[np.ndarray], views_per_image: int, size: int, seed: 
         rng = np.random.default_rng((seed, i))
         for k in range(per):
             if train:
-                top, left, h, w = _random_resized_crop(rng, im.height, im.width)
+                top, left, h, w = _random_resized_crop(rng, im.height, im.width, (crop_scale, 1.0))
                 view = im.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
                 if rng.random() < 0.5:
                     view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
@@ -235,7 +243,7 @@ def make_views(images: list[np.ndarray], views_per_image: int, size: int, seed: 
                 for enhancer in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
                     view = enhancer(view).enhance(rng.uniform(0.8, 1.2))
             else:
-                view = _resize_center_crop(im, round(size * 256 / 224), size)
+                view = _resize_center_crop(im, eval_resize(size, resize_px), size)
             views[i * per + k] = np.asarray(view, dtype=np.uint8).transpose(2, 0, 1)
     return views, index
 

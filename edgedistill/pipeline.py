@@ -45,6 +45,8 @@ class CompileOptions:
     arch_kwargs: dict | None = None  # vision: keyword arguments of --arch
     normalize: str | None = None  # vision: a user model's input normalization (imagenet, tf, none, 'm/s'; None: imagenet)
     image_size: int | None = None  # vision: a user model's input crop (None: 224)
+    crop_scale: float | None = None  # vision: smallest share of an image a training crop covers (None: 0.25)
+    resize: int | None = None  # vision: held-out images' short side before the center crop (None: size * 256/224)
     keep_rejected: bool = False  # also write a rejected artifact, whole, to OUT/<target>.rejected/ (to inspect, bench)
     top_k: int = 256  # causal LMs: teacher tokens kept per position in the soft-label cache (README: k measured)
     layer_criterion: str = "perplexity"  # causal LMs: how the student's layers are chosen

@@ -317,3 +317,15 @@ def test_tokenizer_is_part_of_the_cache_identity(tiny_encoder):
     assert tokenizer_fingerprint(tok) == before
     tok.add_tokens(["zebra"])  # a different vocabulary labels differently
     assert tokenizer_fingerprint(tok) != before
+
+
+def test_profile_sequence_longer_than_the_teachers_positions_is_cut_to_them(tiny_plain_encoder, text_file, tmp_path):
+    """The tiny teacher has 64 position embeddings; a profile timing 128 tokens builds at 64 (before: a traceback
+    from onnxruntime's QEmbedLayerNormalization, 'input index out of range', in the first quantization trial)."""
+    profile = write_profile(tmp_path / "long.yaml", name="long", min_cosine=0.99999)
+    profile.write_text(profile.read_text().replace("sequence: 16", "sequence: 128"))
+    result = compile(str(tiny_plain_encoder), str(text_file), [str(profile)], tmp_path / "out", CompileOptions(distill=FAST))
+    [target] = result.targets
+    m = target.manifest
+    assert m.target["input_shape"]["sequence"] == 64 and m.latency["sequence"] == 64
+    assert m.quantization["trials"][0]["fidelity"] > 0.99 and m.latency["speedup_vs_teacher"] > 0

@@ -247,6 +247,17 @@ def test_eval_views_are_resize_then_center_crop():
     assert again.tobytes() == views.tobytes()  # eval views ignore the seed
 
 
+def test_crop_scale_and_resize_set_the_views():
+    image = _photo(28, 28, 3)
+    whole, _ = make_views([image], 1, 28, 0, train=False, resize_px=28)
+    np.testing.assert_array_equal(whole[0], image.transpose(2, 0, 1))  # --resize N: nothing cropped
+    cropped, _ = make_views([image], 1, 28, 0, train=False)
+    assert cropped.tobytes() != whole.tobytes()  # default: resize 32, center crop 28
+    for _ in range(50):
+        top, left, h, w = _random_resized_crop(np.random.default_rng(_), 120, 160, (0.8, 1.0))
+        assert 0.8 * 120 * 160 * 0.9 <= h * w <= 120 * 160
+
+
 def test_eval_views_match_the_teachers_preprocessing():
     from edgedistill.teachers.vision import Preprocess, preprocess_image
 

@@ -140,9 +140,10 @@ def fake_quant_spec(profiles: list[TargetProfile], requested: bool | None) -> Fa
 def check_options(family: CausalLMFamily, teacher: Teacher, opts, profiles: list[TargetProfile]) -> None:
     student_layers(family, teacher, opts.student_layers)
     window_length(teacher, opts.max_length)
-    if opts.macs_ratio is not None:
-        raise EdgeDistillError("--macs-ratio is for image classifiers", hint="leave it out; --student-layers and "
-                               "--ffn-ratio set a language model's student")
+    for flag, value in (("--macs-ratio", opts.macs_ratio), ("--crop-scale", opts.crop_scale), ("--resize", opts.resize)):
+        if value is not None:
+            raise EdgeDistillError(f"{flag} is for image classifiers", hint=f"leave it out; --student-layers and "
+                                   "--ffn-ratio set a language model's student")
     if opts.student and not (Path(opts.student) / "config.json").is_file():
         raise EdgeDistillError(f"--student {opts.student} is not a model directory (no config.json)",
                                hint="pass a causal-LM directory saved with save_pretrained()")

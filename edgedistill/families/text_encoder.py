@@ -105,6 +105,8 @@ class TextEncoderFamily(Family):
                                  ("--generate", opts.generate, "encoders distill on the transfer set's texts"),
                                  ("--ffn-ratio", opts.ffn_ratio != 1.0, "encoder students are narrowed by depth only"),
                                  ("--macs-ratio", opts.macs_ratio is not None, "encoder students are narrowed by depth only"),
+                                 ("--crop-scale", opts.crop_scale is not None, "it sets image classifiers' training crops"),
+                                 ("--resize", opts.resize is not None, "it sets image classifiers' held-out crops"),
                                  ("--quantization-aware", opts.quantization_aware is True,
                                   "encoder targets choose their quantization by an accuracy-aware search")):
             if value:

@@ -167,9 +167,20 @@ def distill_student(teacher: Teacher, data: TransferSet, num_layers: int, max_le
                      np.asarray(teacher_outputs[val_idx]), val_student)
 
 
+def fit_sequence(profile: TargetProfile, teacher: Teacher) -> TargetProfile:
+    """Return the profile with its input sequence cut to the teacher's position embeddings, when it has fewer (a
+    fixed-shape artifact then takes that many tokens; timing and the quantization search run at that length)."""
+    limit = getattr(teacher.config, "max_position_embeddings", None)
+    if limit is None or profile.input_shape.sequence <= limit:
+        return profile
+    shape = profile.input_shape.model_copy(update={"sequence": int(limit)})
+    return profile.model_copy(update={"input_shape": shape})
+
+
 def build_target(d: Distilled, profile: TargetProfile, stage_dir: Path, opts) -> TargetBuild:
     """Build the profile's model (its runtime's backend), validate and time what ships, in `stage_dir`."""
     teacher = d.teacher
+    profile = fit_sequence(profile, teacher)
     metric, floor = primary_metric(teacher.task, profile.accuracy_budget)
     search_texts, search_teacher = d.val_texts[:SEARCH_TEXTS], d.val_teacher[:SEARCH_TEXTS]
 

@@ -99,7 +99,7 @@ def _classifier_head(model: nn.Module) -> nn.Module:
     return linears[-1]
 
 
-def _pruned(model: nn.Module, size: int, channel_ratio: float) -> nn.Module:
+def _pruned(model: nn.Module, size: int, channel_ratio: float, round_to: int | None = 8) -> nn.Module:
     import torch_pruning as tp
 
     student = copy.deepcopy(model).eval()
@@ -107,32 +107,46 @@ def _pruned(model: nn.Module, size: int, channel_ratio: float) -> nn.Module:
         return student
     pruner = tp.pruner.BasePruner(student, torch.zeros(1, 3, size, size),
                                   importance=tp.importance.GroupMagnitudeImportance(p=2), pruning_ratio=channel_ratio,
-                                  ignored_layers=[_classifier_head(student)], round_to=8)
+                                  ignored_layers=[_classifier_head(student)], round_to=round_to)
     pruner.step()
     return student
 
 
 def prune_to_macs(model: nn.Module, size: int, macs_ratio: float) -> tuple[nn.Module, dict]:
     """Return a copy of `model` with channels pruned (group L2 magnitude, every dependent layer kept consistent by
-    torch-pruning's graph, channel counts multiples of 8) to at most `macs_ratio` of its MACs, and the record."""
+    torch-pruning's graph, channel counts multiples of 8 unless that lands far under the budget) to at most
+    `macs_ratio` of its MACs, and the record."""
     teacher_macs = count_macs(model, size)
     if macs_ratio >= 1.0:
         return copy.deepcopy(model).eval(), {"teacher_macs": teacher_macs, "student_macs": teacher_macs,
                                              "channel_ratio": 0.0, "macs_ratio": 1.0}
-    lo, hi, best = 0.0, 0.95, None
-    for _ in range(10):  # bisect the channel pruning ratio: MACs fall monotonically (roughly quadratically) with it
-        mid = (lo + hi) / 2
-        candidate = _pruned(model, size, mid)
-        macs = count_macs(candidate, size)
-        if macs <= macs_ratio * teacher_macs:
-            best, hi = (candidate, mid, macs), mid
-        else:
-            lo = mid
+    budget = macs_ratio * teacher_macs
+
+    def bisect(round_to):
+        lo, hi, best = 0.0, 0.95, None
+        for _ in range(10):  # bisect the channel pruning ratio: MACs fall monotonically (roughly quadratically) with it
+            mid = (lo + hi) / 2
+            candidate = _pruned(model, size, mid, round_to)
+            macs = count_macs(candidate, size)
+            if macs <= budget:
+                best, hi = (candidate, mid, macs, round_to), mid
+            else:
+                lo = mid
+        return best
+
+    best = bisect(8)
+    # channel counts in multiples of 8 suit SIMD kernels, but in a narrow network (16-64 channels) one step of 8 can
+    # halve the MACs: then counts of any size are tried too, and the one closer to the budget is kept
+    if best is None or best[2] < 0.9 * budget:
+        finer = bisect(None)
+        if finer is not None and (best is None or finer[2] > best[2]):
+            best = finer
     if best is None:
         raise EdgeDistillError(f"cannot prune the teacher to {macs_ratio:.0%} of its MACs", hint="pass a larger --macs-ratio")
-    student, ratio, macs = best
+    student, ratio, macs, round_to = best
     return student, {"teacher_macs": teacher_macs, "student_macs": macs, "channel_ratio": round(ratio, 4),
-                     "macs_ratio": macs / teacher_macs, "importance": "group L2 magnitude (torch-pruning)"}
+                     "channels_rounded_to": round_to or 1, "macs_ratio": macs / teacher_macs,
+                     "importance": "group L2 magnitude (torch-pruning)"}
 
 
 class VisionFamily(Family):
