@@ -105,3 +105,63 @@ def test_entropy_calibration_clips_what_minmax_keeps(tmp_path):
     lo_en, hi_en = (float(np.asarray(v).ravel()[0]) for v in ranges["entropy"]["xs"].range_value)
     assert hi_mm - lo_mm > 1000  # the 1e4 outlier
     assert hi_en - lo_en < (hi_mm - lo_mm) / 4, (lo_en, hi_en, lo_mm, hi_mm)
+
+
+def ffn_model(path):
+    """out = ((x @ W1) * spike) @ W2 + b2: the spike gives the hidden layer a 1e4 outlier (GELU's long tail,
+    exaggerated; W2 ignores it). 2-D, so onnxruntime's quantization pre-processing fuses the down MatMul+Add into a
+    Gemm named '/down/MatMul/MatMulAddFusion'."""
+    rng = np.random.default_rng(1)
+    w1, w2 = rng.normal(size=(32, 64)).astype(np.float32), rng.normal(size=(64, 16)).astype(np.float32) / 8
+    spike = np.ones(64, np.float32)
+    spike[0] = 1e4
+    w2[0, :] = 0.0
+    inits = [numpy_helper.from_array(a, n) for a, n in ((w1, "W1"), (spike, "spike"), (w2, "W2"),
+                                                         (np.zeros(16, np.float32), "b2"))]
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h0"], name="/up/MatMul"),
+             helper.make_node("Mul", ["h0", "spike"], ["h"], name="/act/Mul"),
+             helper.make_node("MatMul", ["h", "W2"], ["o0"], name="/down/MatMul"),
+             helper.make_node("Add", ["o0", "b2"], ["out"], name="/down/Add")]
+    graph = helper.make_graph(nodes, "ffn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 32])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [4, 16])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.save(model, path)
+    return path
+
+
+def test_weight_only_nodes_store_int8_weights_over_float_activations(tmp_path):
+    from edgedistill.quantize import quantize
+
+    model = ffn_model(tmp_path / "ffn.onnx")
+    rng = np.random.default_rng(2)
+    feeds = [{"x": rng.normal(size=(4, 32)).astype(np.float32)} for _ in range(8)]
+    ref = ort.InferenceSession(str(model)).run(None, feeds[0])[0]
+
+    def run(cfg):
+        out = quantize(model, cfg, tmp_path / f"q{len(list(tmp_path.iterdir()))}.onnx", feeds)
+        graph = onnx.load(str(out)).graph
+        return graph, ort.InferenceSession(str(out)).run(None, feeds[0])[0]
+
+    def err(y):
+        return float(np.abs(y - ref).max() / np.abs(ref).max())
+
+    # both layers static int8: the spike's uint8 range wipes out the down-projection's input
+    _, plain = run(StaticQdqInt8Config(op_types=["MatMul", "Gemm"], calibration_texts=8, search=False))
+    # the fused Gemm is found by the MatMul's name it grew from; its weight int8 behind a DequantizeLinear
+    graph, wo = run(StaticQdqInt8Config(op_types=["MatMul", "Gemm"], calibration_texts=8, search=False,
+                                        weight_only=["^/down/MatMul$"]))
+    down = next(n for n in graph.node if n.name == "/down/MatMul/MatMulAddFusion")
+    producers = {o: n for n in graph.node for o in n.output}
+    weight_dq = producers[down.input[1]]  # stored (N, K), so onnxruntime does not turn it into MatMulNBits
+    assert weight_dq.op_type == "DequantizeLinear" and next(a.i for a in weight_dq.attribute if a.name == "axis") == 0
+    assert next(a.i for a in down.attribute if a.name == "transB") == 1
+    assert {t.name: t.data_type for t in graph.initializer}[weight_dq.input[0]] == TensorProto.INT8
+    assert down.input[0] not in producers or producers[down.input[0]].op_type != "DequantizeLinear", "float input"
+    assert "W2" not in {t.name for t in graph.initializer}, "the float weight is gone"
+    assert err(wo) < 0.02 < err(plain), (err(wo), err(plain))
+    # exclude (float weights too) also finds the fused node by its original name
+    graph, _ = run(StaticQdqInt8Config(op_types=["MatMul", "Gemm"], calibration_texts=8, search=False,
+                                       exclude=["^/down/MatMul$"]))
+    down = next(n for n in graph.node if n.name == "/down/MatMul/MatMulAddFusion")
+    assert down.input[1] == "W2"

@@ -2,7 +2,10 @@
 XNNPACK delegate -> .pte. ExecuTorch's Python runtime runs the .pte here with the same XNNPACK kernels a phone uses."""
 from __future__ import annotations
 
+import os
+import sys
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +19,31 @@ from edgedistill.runtimes import iter_batches
 MODEL_FILE = "model.pte"
 
 
+@contextmanager
+def _quiet_stderr():
+    """Send file descriptor 2 to /dev/null: ExecuTorch's runtime prints five cpuinfo lines from C++ when its first
+    program loads on a machine that is not an arm phone, which a user's terminal should not show."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def load_pte(path: Path):
-    """Return a runner for a .pte file: feeds (numpy, in input order) -> first output as numpy."""
+    """Return a runner for a .pte file: feeds (numpy, in input order) -> first output as numpy.
+
+    ExecuTorch's quantized kernels (embedding_byte, for the uint8 embedding tables) are registered first: the
+    runtime finds them only once `executorch.kernels.quantized` is imported; a phone app links the same library."""
+    import executorch.kernels.quantized  # noqa: F401
     from executorch.runtime import Runtime
 
-    method = Runtime.get().load_program(str(path)).load_method("forward")
+    with _quiet_stderr():
+        method = Runtime.get().load_program(str(path)).load_method("forward")
 
     def run(feeds: dict[str, np.ndarray]) -> np.ndarray:
         return method.execute([torch.from_numpy(v) for v in feeds.values()])[0].numpy()
@@ -28,27 +51,53 @@ def load_pte(path: Path):
     return run
 
 
-def quantize_for_xnnpack(exported, example: tuple, calibration, per_channel: bool, dynamic: bool):
+def quantize_for_xnnpack(exported, example: tuple, calibration, per_channel: bool, dynamic: bool,
+                         embeddings: bool = False):
     """Return `exported` (a torch.export program) quantized by PT2E with XNNPACKQuantizer's symmetric int8 config
     (dynamic: activations quantized at run time; static: ranges observed on `calibration`, an iterable of input
-    tuples), re-exported at `example`."""
+    tuples), re-exported at `example`. embeddings: also torchao's EmbeddingQuantizer (uint8 tables, a scale per
+    row), which `lower_to_pte` then fuses into ExecuTorch's embedding_byte kernel."""
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=per_channel,
                                                                                 is_dynamic=dynamic))
+    if embeddings:
+        import executorch.kernels.quantized  # noqa: F401  registers quantized_decomposed.embedding_byte for export
+        from torchao.quantization.pt2e.quantizer import ComposableQuantizer
+        from torchao.quantization.pt2e.quantizer.embedding_quantizer import EmbeddingQuantizer
+
+        quantizer = ComposableQuantizer([EmbeddingQuantizer(), quantizer])
     prepared = prepare_pt2e(exported.module(), quantizer)
     for inputs in calibration:
         prepared(*inputs)
     return torch.export.export(convert_pt2e(prepared), example)
 
 
+def pte_operators(path: Path) -> list[str]:
+    """Return the operators a .pte calls outside its delegates (the kernels the runtime must be built with)."""
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    program = deserialize_pte_binary(path.read_bytes())
+    program = getattr(program, "program", program)
+    return sorted({op.name for plan in program.execution_plan for op in plan.operators})
+
+
+def lower_to_pte(exported) -> bytes:
+    """Return the .pte bytes of a torch.export program: XNNPACK delegate, then ExecuTorch's quantized-op fusion
+    (dequantize -> embedding becomes embedding_byte; a no-op for graphs without quantized embeddings)."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes.quant_fusion_pass import QuantFusionPass
+
+    edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
+    return edge.to_executorch(ExecutorchBackendConfig(passes=[QuantFusionPass()])).buffer
+
+
 @register_backend("executorch")
 def build_executorch(profile, ctx: BuildContext, stage_dir: Path) -> Built:
     try:
         from executorch import version as et_version
-        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-        from executorch.exir import to_edge_transform_and_lower
     except ImportError:
         raise ExportError("the ExecuTorch target needs the executorch package", hint="run `make install`") from None
     shape = profile.input_shape
@@ -62,10 +111,11 @@ def build_executorch(profile, ctx: BuildContext, stage_dir: Path) -> Built:
         cfg = profile.quantization
         if isinstance(cfg, XnnpackDynamicInt8Config):
             exported = quantize_for_xnnpack(exported, example, ([torch.from_numpy(v) for v in feeds.values()]
-                                                                for feeds in batches[:8]), cfg.per_channel, dynamic=True)
-        program = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()]).to_executorch()
+                                                                for feeds in batches[:8]), cfg.per_channel, dynamic=True,
+                                            embeddings=cfg.embeddings)
+        buffer = lower_to_pte(exported)
     path = stage_dir / MODEL_FILE
-    path.write_bytes(program.buffer)
+    path.write_bytes(buffer)
     run = load_pte(path)
     with torch.no_grad():
         expected = module(*example).numpy()
@@ -83,6 +133,7 @@ def build_executorch(profile, ctx: BuildContext, stage_dir: Path) -> Built:
         "optimization": {"mode": "XNNPACK partitioner", "fused_ops": {}},
         "quantization": {"profile": cfg.model_dump(mode="json"), "chosen": cfg.model_dump(mode="json"), "trials": [trial]},
         "model": {"file": MODEL_FILE, "format": "pte", "device_execution_providers": ["XNNPACK"],
+                  "operators": pte_operators(path),
                   "inputs": [{"name": n, "elem_type": "INT64", "shape": list(fixed)} for n in ctx.input_names],
                   "outputs": [{"name": "output", "elem_type": "FLOAT", "shape": list(expected.shape)}]},
     }

@@ -456,8 +456,6 @@ def build_pte(d: VisionDistilled, profile: TargetProfile, stage_dir: Path):
 
     try:
         from executorch import version as et_version
-        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-        from executorch.exir import to_edge_transform_and_lower
     except ImportError:
         raise ExportError("the ExecuTorch target needs the executorch package", hint="run `make install`") from None
     cfg, batch = profile.vision.quantization, profile.vision.batch
@@ -466,16 +464,16 @@ def build_pte(d: VisionDistilled, profile: TargetProfile, stage_dir: Path):
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.export / pytree deprecation chatter
         exported = torch.export.export(student, (example,))
-        if isinstance(cfg, XnnpackStaticInt8Config):
-            from edgedistill.backends.executorch import quantize_for_xnnpack
+        from edgedistill.backends.executorch import lower_to_pte, quantize_for_xnnpack
 
+        if isinstance(cfg, XnnpackStaticInt8Config):
             views = calibration_views(d.train_views, cfg.calibration_texts)
             exported = quantize_for_xnnpack(exported, (example,), ((_pixels(views[i : i + batch]),)
                                                                    for i in range(0, len(views) - batch + 1, batch)),
                                             cfg.per_channel, dynamic=False)
-        program = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()]).to_executorch()
+        buffer = lower_to_pte(exported)
     path = stage_dir / "model.pte"
-    path.write_bytes(program.buffer)
+    path.write_bytes(buffer)
     session = PteSession(path, tuple(example.shape))
     with torch.no_grad():
         diff = float(np.max(np.abs(session.run(None, {INPUT: example.numpy()})[0] - student(example).numpy())))

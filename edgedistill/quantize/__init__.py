@@ -34,12 +34,20 @@ def quantize(model_path: Path, config: BaseModel, out_path: Path, calibration: S
 
 
 def excluded_nodes(model_path: Path, patterns: list[str]) -> list[str]:
-    """Return the names of the graph's nodes that match any of the regexes."""
+    """Return the names of the graph's nodes that match any of the regexes. A node onnxruntime's optimizer fused
+    (named 'X/MatMulAddFusion' after the node 'X' it grew from) matches where its original name does, so patterns
+    written against the exported graph (as the accuracy search's are) still find it after quantization's
+    pre-processing."""
     if not patterns:
         return []
     compiled = [re.compile(p) for p in patterns]
     graph = onnx.load(str(model_path), load_external_data=False).graph
-    return [n.name for n in graph.node if any(c.search(n.name) for c in compiled)]
+
+    def names(node) -> tuple[str, ...]:
+        base, _, last = node.name.rpartition("/")
+        return (node.name, base) if base and last.endswith("Fusion") else (node.name,)
+
+    return [n.name for n in graph.node if any(c.search(name) for c in compiled for name in names(n))]
 
 
 from edgedistill.quantize import dynamic, fp16, fp32, static_qdq, weight_only  # noqa: E402,F401  (registers the handlers)

@@ -43,6 +43,10 @@ class StaticQdqInt8Config(BaseModel):
         calibration: minmax, entropy or percentile range estimation.
         calibration_texts: transfer-set texts used for calibration.
         exclude: regexes of node names kept in float (the accuracy search adds the most sensitive ones).
+        weight_only: regexes of MatMul/Gemm node names whose activations stay float while their constant weights
+            are stored int8 (per output channel, symmetric) behind a DequantizeLinear: for layers whose inputs do
+            not survive a per-tensor uint8 range (a transformer's FFN down-projection, fed by GELU's long tail),
+            at a quarter of the float weights' size.
         search: when the budget is missed, exclude node groups in order of measured sensitivity until it holds.
     """
 
@@ -55,6 +59,8 @@ class StaticQdqInt8Config(BaseModel):
     calibration: Literal["minmax", "entropy", "percentile"] = "minmax"
     calibration_texts: int = Field(128, ge=4, le=10000)
     exclude: list[str] = Field(default_factory=list, description="regexes of node names kept in float")
+    weight_only: list[str] = Field(default_factory=list,
+                                   description="regexes of MatMul/Gemm node names with int8 weights, float activations")
     search: bool = True
 
 
@@ -81,12 +87,16 @@ class XnnpackDynamicInt8Config(BaseModel):
     """ExecuTorch: PT2E dynamic int8 for the XNNPACK delegate (int8 weights, activations quantized at run time).
 
     Measured on a MiniLM student: cosine to the fp32 student 0.9994, 4.3 ms vs 9.0 ms fp32 at 1 x 128 here; static
-    int8 of every op collapsed to 0.68, so dynamic is the recipe. Fields: per_channel weight scales.
+    int8 of every op collapsed to 0.68, so dynamic is the recipe.
+
+    Fields: per_channel weight scales; embeddings: the token/position embedding tables stored uint8 (one scale per
+    row, ExecuTorch's quantized embedding_byte kernel; the table is 11.7M of a 3-layer MiniLM student's 17M weights).
     """
 
     model_config = ConfigDict(extra="forbid")
     recipe: Literal["xnnpack-dynamic-int8"] = "xnnpack-dynamic-int8"
     per_channel: bool = True
+    embeddings: bool = True
 
 
 class XnnpackStaticInt8Config(BaseModel):
