@@ -17,17 +17,23 @@ class OptimizedModel:
     fused_ops: dict[str, int]
 
 
-def optimize_graph(onnx_path: Path, family: TextEncoderFamily, config, mode: str, out_path: Path) -> OptimizedModel:
-    """Return the graph with onnxruntime's transformer fusions applied (mode 'transformer-fusion') or a copy ('none')."""
+def optimize_graph(onnx_path: Path, family: TextEncoderFamily, config, mode: str, out_path: Path,
+                   fuse_embeddings: bool = True) -> OptimizedModel:
+    """Return the graph with onnxruntime's transformer fusions applied (mode 'transformer-fusion') or a copy ('none').
+    fuse_embeddings=False leaves the embedding lookups and their LayerNorm unfused (EmbedLayerNormalization takes
+    whole float or uint8 tables, so 4-bit tables need the plain Gathers)."""
     if mode == "none":
         shutil.copyfile(onnx_path, out_path)
         return OptimizedModel(out_path, {})
+    from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
+    options = FusionOptions(family.type.ort_model_type)
+    options.enable_embed_layer_norm = fuse_embeddings
     # the fusion modules log under their bare module names (fusion_embedlayer, ...): silence warnings for the call
     logging.disable(logging.WARNING)
     try:
-        model = optimize_model(str(onnx_path), model_type=family.type.ort_model_type,
+        model = optimize_model(str(onnx_path), model_type=family.type.ort_model_type, optimization_options=options,
                                num_heads=family.num_heads(config), hidden_size=family.hidden_size(config))
     finally:
         logging.disable(logging.NOTSET)

@@ -329,3 +329,21 @@ def test_profile_sequence_longer_than_the_teachers_positions_is_cut_to_them(tiny
     m = target.manifest
     assert m.target["input_shape"]["sequence"] == 64 and m.latency["sequence"] == 64
     assert m.quantization["trials"][0]["fidelity"] > 0.99 and m.latency["speedup_vs_teacher"] > 0
+
+
+def test_four_bit_embedding_tables_are_looked_up_by_gather_block_quantized(tiny_encoder, text_file, tmp_path):
+    profile = write_profile(tmp_path / "e4.yaml", name="e4",
+                            quantization="recipe: dynamic-int8\n  per_channel: true\n  embedding_bits: 4\n  embedding_block_size: 16")
+    result = compile(str(tiny_encoder), str(text_file), [str(profile)], tmp_path / "out", CompileOptions(distill=FAST))
+    [target] = result.targets
+    graph = onnx.load(str(target.path / "model.onnx")).graph
+    ops = {n.op_type for n in graph.node}
+    assert "GatherBlockQuantized" in ops and "EmbedLayerNormalization" not in ops, ops
+    assert ops & {"MatMulInteger", "DynamicQuantizeMatMul"}, "the rest is int8 as before"
+    assert next(o.version for o in onnx.load(str(target.path / "model.onnx")).opset_import if o.domain == "") == 21
+    tables = {t.name: t for t in graph.initializer}
+    gbq = next(n for n in graph.node if n.op_type == "GatherBlockQuantized")
+    assert tables[gbq.input[0]].data_type in (onnx.TensorProto.UINT8, onnx.TensorProto.INT4), "packed 4-bit table"
+    texts = make_texts(12, seed=9)
+    got, expected = run_artifact(target.path, texts), torch_outputs(result.student, target.path, texts)
+    assert cosines(got, expected).min() > 0.97

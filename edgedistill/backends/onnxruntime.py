@@ -62,7 +62,8 @@ def build_onnxruntime(profile, ctx: BuildContext, stage_dir: Path) -> Built:
     if profile.fixed_shape:
         graph = fix_input_shapes(graph, {"batch": profile.input_shape.batch, "sequence": profile.input_shape.sequence},
                                  stage_dir / "fixed.onnx")
-    optimized = optimize_graph(graph, ctx.family, ctx.student.model.config, profile.optimization, stage_dir / "optimized.onnx")
+    optimized = optimize_graph(graph, ctx.family, ctx.student.model.config, profile.optimization, stage_dir / "optimized.onnx",
+                               fuse_embeddings=getattr(profile.quantization, "embedding_bits", 8) != 4)
     if provider != "CPUExecutionProvider":
         unusable = provider_unusable(optimized.path, provider)
     here = "CPUExecutionProvider" if unusable else provider

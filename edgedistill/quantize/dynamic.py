@@ -11,18 +11,50 @@ from edgedistill.quantize import excluded_nodes, register_recipe
 from edgedistill.quantize.configs import DynamicInt8Config
 
 
+def token_table_gathers(model: onnx.ModelProto, exclude: list[str]) -> list[str]:
+    """Return the Gather nodes that look rows up in the largest constant 2-D table (the token embeddings); the
+    position and token-type tables (every row used by every input) stay with the int8 quantizer."""
+    tables = {t.name: t.dims[0] * t.dims[1] for t in model.graph.initializer if len(t.dims) == 2}
+    gathers = [n for n in model.graph.node if n.op_type == "Gather" and n.input[0] in tables and n.name not in exclude
+               and not any(a.name == "axis" and a.i != 0 for a in n.attribute)]
+    largest = max((tables[n.input[0]] for n in gathers), default=0)
+    return [n.name for n in gathers if tables[n.input[0]] == largest]
+
+
 @register_recipe(DynamicInt8Config)
 def quantize_dynamic_int8(model_path: Path, config: DynamicInt8Config, out_path: Path, calibration=()) -> Path:
     logging.getLogger("root").setLevel(logging.ERROR)  # the quantizer logs every skipped node at WARNING
+    exclude = excluded_nodes(model_path, config.exclude)
+    four_bit = token_table_gathers(onnx.load(str(model_path), load_external_data=False), exclude) \
+        if config.embedding_bits == 4 else []
     quantize_dynamic(
         model_path, out_path,
         weight_type=QuantType.QInt8,
         per_channel=config.per_channel,
         reduce_range=config.reduce_range,
         op_types_to_quantize=config.op_types,
-        nodes_to_exclude=excluded_nodes(model_path, config.exclude),
+        nodes_to_exclude=exclude + four_bit,
         # fused contrib ops (Attention, SkipLayerNormalization...) have no type info for the quantizer's
         # shape inference; without a default it refuses to quantize their consumers
         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
     )
+    if four_bit:
+        from edgedistill.quantize.configs import WeightOnlyConfig
+        from edgedistill.quantize.weight_only import _quantize_pass
+
+        # 4-bit tables are INT4 tensors, which need opset 21; onnxruntime's quantizer only relabels the opset (its
+        # own warning: "may not be a valid model" — ReduceL2's axes attribute became an input at 18), so convert
+        from onnx import version_converter
+
+        model = onnx.load(str(out_path))
+        if next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) < 21:
+            model = version_converter.convert_version(model, 21)
+        others = [n.name for n in model.graph.node if n.op_type == "Gather" and n.name not in set(four_bit)]
+        cfg = WeightOnlyConfig(bits=4, block_size=config.embedding_block_size, symmetric=True, accuracy_level=0)
+        logging.disable(logging.WARNING)  # the 4-bit quantizer logs every node through a handler of its own
+        try:
+            result = _quantize_pass(model, 4, cfg, ("Gather",), exclude + others, None)
+        finally:
+            logging.disable(logging.NOTSET)
+        result.save_model_to_file(str(out_path), use_external_data_format=False)
     return out_path
