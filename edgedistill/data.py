@@ -191,6 +191,26 @@ def _stdlib_docstring_sentences() -> list[str]:
     return out
 
 
+OUT_OF_DOMAIN_NAME = "Python's reference documentation (pydoc_data.topics), paragraphs of 300-1,500 characters"
+
+
+def out_of_domain_texts(limit: int = 256) -> list[str]:
+    """Return up to `limit` long paragraphs of technical prose shipped with every Python (the language reference
+    behind `help()`): another source, register and length than the built-in glosses (median 405 characters vs ~50),
+    never trained on, so fidelity on them says how the student does beyond its transfer set. Fixed order."""
+    from pydoc_data.topics import topics
+
+    paragraphs = []
+    for key in sorted(topics):
+        for block in topics[key].split("\n\n"):
+            text = " ".join(block.split())
+            # prose only: no code (>>>), tables (| +) or bullet fragments, at least ~40 words
+            if 300 <= len(text) <= 1500 and not text.startswith((">>>", "*", "|", "+")) and text.count(" ") > 40:
+                paragraphs.append(text)
+    order = np.random.default_rng(0).permutation(len(paragraphs))[:limit]
+    return [paragraphs[i] for i in sorted(order)]
+
+
 def split_indices(n: int, val_fraction: float, seed: int, max_val: int = 2000) -> tuple[np.ndarray, np.ndarray]:
     """Return (train, validation) index arrays: a seeded permutation, the validation part at least one item."""
     if not 0.0 < val_fraction < 1.0:

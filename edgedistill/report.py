@@ -114,6 +114,10 @@ def render_report(m: Manifest, published: bool) -> str:
         "",
         "`torch_student_*` rows are the fp32 student before export; the gap to the rows above is what export, graph "
         "optimization and quantization cost.",
+        *([] if not m.data.get("out_of_domain") else [
+            "", f"`ood_*` rows: {m.data['out_of_domain']['num_texts']} out-of-domain texts, {m.data['out_of_domain']['source']}: "
+            "another source, register and length than the transfer set, never trained on. They say how the artifact "
+            "does beyond its transfer set; the budget is judged on the held-out split alone."]),
         "",
         "## Recipe",
         "",
@@ -160,8 +164,10 @@ def encoder_summary_cells(m: Manifest) -> dict[str, str]:
                f"{lat['artifact']['p50_ms']:.2f} vs {lat['teacher_torch_fp32']['p50_ms']:.2f} ms "
                f"({lat['speedup_vs_teacher']:.1f}x faster; batch {lat['batch']} × seq {lat['sequence']}, "
                f"{lat['threads_measured']} thread{'s' if lat['threads_measured'] > 1 else ''})")
+    ood = m.metrics["values"].get("ood_cosine_mean")
     return {"fidelity": f"{metric} {m.metrics['values'][metric]:.4f} (budget ≥ {floor:g}, "
-                        f"{m.data['num_validation']} held-out texts)",
+                        f"{m.data['num_validation']} held-out texts)"
+                        + ("" if ood is None else f"; out of domain {ood:.4f}"),
             "latency": latency, "latency_short": latency_cell(lat),
             "size": f"{m.sizes['model_mb']:.2f} vs {m.sizes['teacher_weights_mb']:.2f} MB ({m.sizes['size_ratio']:.0%})"}
 

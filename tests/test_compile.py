@@ -347,3 +347,23 @@ def test_four_bit_embedding_tables_are_looked_up_by_gather_block_quantized(tiny_
     texts = make_texts(12, seed=9)
     got, expected = run_artifact(target.path, texts), torch_outputs(result.student, target.path, texts)
     assert cosines(got, expected).min() > 0.97
+
+
+def test_embedding_artifacts_report_out_of_domain_fidelity_beside_the_held_out_split(tiny_encoder, text_file,
+                                                                                   profile_file, tmp_path):
+    from edgedistill.data import out_of_domain_texts
+
+    result = compile(str(tiny_encoder), str(text_file), [str(profile_file)], tmp_path / "out", CompileOptions(distill=FAST))
+    [target] = result.targets
+    m = target.manifest
+    texts = out_of_domain_texts()
+    assert len(texts) == m.data["out_of_domain"]["num_texts"] >= 200
+    assert min(len(t) for t in texts) >= 300 and texts == out_of_domain_texts(), "long, and the same every run"
+    # recomputed here from the teacher and the artifact as shipped (run as the README runs it)
+    got = run_artifact(target.path, texts)
+    teacher = torch_outputs(result.distilled.teacher.module, target.path, texts)
+    values = m.metrics["values"]
+    assert abs(float(cosines(got, teacher).mean()) - values["ood_cosine_mean"]) < 2e-3, values
+    assert "torch_student_ood_cosine_mean" in values and "cosine_mean" in values
+    report = (target.path / "report.md").read_text()
+    assert "| ood_cosine_mean |" in report and "out-of-domain texts" in report

@@ -99,8 +99,9 @@ def test_two_processes_with_gloo_match_one(workspace, tmp_path):
     one = subprocess.run([sys.executable, "-m", "edgedistill.cli", *args, "--out", str(tmp_path / "one"), "--cache-dir",
                           str(tmp_path / "cache1")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
-    # labelling was split: 1600 texts in shards of 256 -> 7 shards, written by both processes
-    assert len(list((tmp_path / "cache2" / "labels").glob("*/shard-*.keys.npy"))) == 7
+    # labelling was split: 1600 texts in shards of 256 -> 7 shards, written by both processes (+1: the 256
+    # out-of-domain paragraphs)
+    assert len(list((tmp_path / "cache2" / "labels").glob("*/shard-*.keys.npy"))) == 7 + 1
     m1 = json.loads((tmp_path / "one" / "tiny-cpu" / "manifest.json").read_text())
     m2 = json.loads((tmp_path / "two" / "tiny-cpu" / "manifest.json").read_text())
     f1, f2 = m1["distillation"]["best_fidelity"], m2["distillation"]["best_fidelity"]

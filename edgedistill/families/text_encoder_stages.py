@@ -3,7 +3,7 @@ validate and time each target. The pipeline calls them through TextEncoderFamily
 from __future__ import annotations
 
 import platform
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +14,7 @@ from edgedistill.artifact import Manifest
 from edgedistill.backends import BuildContext, Built, build_model
 from edgedistill.bench.timer import measure_interleaved, paired_ratio
 from edgedistill.cache import LabelStore, Rows, cache_key, default_cache_dir, label_sharded
-from edgedistill.data import TransferSet, split_indices
+from edgedistill.data import OUT_OF_DOMAIN_NAME, TransferSet, out_of_domain_texts, split_indices
 from edgedistill.distill.loop import Checkpointing, DistillResult, Training, distill
 from edgedistill.distill.losses import classification_loss, embedding_loss, fidelity
 from edgedistill.distill.stage import load_stage, save_stage
@@ -95,6 +95,9 @@ class Distilled:
     val_idx: np.ndarray
     val_teacher: np.ndarray  # teacher outputs on the held-out split
     val_student: np.ndarray  # fp32 torch student outputs on the held-out split
+    ood_texts: list[str] = field(default_factory=list)  # embeddings: out-of-domain held-out texts (data.py)
+    ood_teacher: np.ndarray | None = None
+    ood_student: np.ndarray | None = None
 
     @property
     def val_texts(self) -> list[str]:
@@ -163,8 +166,14 @@ def distill_student(teacher: Teacher, data: TransferSet, num_layers: int, max_le
         if distributed.is_main():
             save_stage(cache_dir / "students" / key, trained)
     val_student = torch_cpu.predict(trained.student, teacher.tokenizer, texts(val_idx), input_names, max_length)
+    ood_texts, ood_teacher, ood_student = [], None, None
+    if teacher.task == "feature-extraction":
+        ood_texts = [t for t in out_of_domain_texts() if t not in set(data.texts)]
+        ood = TransferSet(OUT_OF_DOMAIN_NAME, ood_texts, None, cache_key("ood", *ood_texts))
+        ood_teacher = np.asarray(label_with_teacher(teacher, ood, max_length, cache_dir))
+        ood_student = torch_cpu.predict(trained.student, teacher.tokenizer, ood_texts, input_names, max_length)
     return Distilled(teacher, data, trained, kept_layers, input_names, max_length, train_idx, val_idx,
-                     np.asarray(teacher_outputs[val_idx]), val_student)
+                     np.asarray(teacher_outputs[val_idx]), val_student, ood_texts, ood_teacher, ood_student)
 
 
 def fit_sequence(profile: TargetProfile, teacher: Teacher) -> TargetProfile:
@@ -194,6 +203,11 @@ def build_target(d: Distilled, profile: TargetProfile, stage_dir: Path, opts) ->
     built = build_model(profile, ctx, stage_dir)
     val_artifact = predict_with(built.run, teacher.tokenizer, d.val_texts, d.input_names, d.max_length, built.fixed_shape)
     validation = validate(val_artifact, d.val_teacher, d.val_student, teacher.task, profile.accuracy_budget, d.val_labels)
+    if d.ood_texts:  # reported beside the in-domain figures, not part of the budget
+        ood = predict_with(built.run, teacher.tokenizer, d.ood_texts, d.input_names, d.max_length, built.fixed_shape)
+        validation.metrics["ood_cosine_mean"] = fidelity_metrics(ood, d.ood_teacher, teacher.task)["cosine_mean"]
+        validation.metrics["torch_student_ood_cosine_mean"] = fidelity_metrics(d.ood_student, d.ood_teacher,
+                                                                              teacher.task)["cosine_mean"]
     latency = (unmeasured_latency(profile, built.not_measured) if built.not_measured
                else measure_latency(teacher, built.run, profile, d.val_texts, d.input_names))
     save_tokenizer(teacher.tokenizer, d.max_length, stage_dir / "tokenizer")
@@ -295,7 +309,8 @@ def build_manifest(d: Distilled, profile: TargetProfile, built: Built, validatio
                  "num_parameters": count_parameters(trained.student), "config": student_config.to_diff_dict()},
         data={"source": data.source, "sha256": data.sha256, "num_texts": len(data), "num_train": len(d.train_idx),
               "num_validation": len(d.val_idx), "labelled": data.labels is not None, "max_length": d.max_length,
-              "val_fraction": opts.val_fraction},
+              "val_fraction": opts.val_fraction,
+              "out_of_domain": {"source": OUT_OF_DOMAIN_NAME, "num_texts": len(d.ood_texts)} if d.ood_texts else None},
         distillation={"config": asdict(opts.distill), "best_fidelity": trained.best_fidelity,
                       "best_step": trained.best_step, "history": trained.history},
         export=built.record["export"],
