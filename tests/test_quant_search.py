@@ -28,8 +28,13 @@ def planted_model(path):
         helper.make_node("MatMul", ["x", "Wc"], ["c"], name="/c/MatMul"),
         helper.make_node("Concat", ["a", "b", "c"], ["out"], axis=1, name="/concat"),
     ]
-    graph = helper.make_graph(nodes, "planted", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
-                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 96])], inits)
+    return save_graph(path, nodes, inits, [1, 64], [1, 96])
+
+
+def save_graph(path, nodes, inits, x_shape, out_shape):
+    """Write a float graph from input 'x' to output 'out' at opset 17 and return its path."""
+    graph = helper.make_graph(nodes, path.stem, [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, out_shape)], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 9
     onnx.save(model, path)
@@ -122,12 +127,7 @@ def ffn_model(path):
              helper.make_node("Mul", ["h0", "spike"], ["h"], name="/act/Mul"),
              helper.make_node("MatMul", ["h", "W2"], ["o0"], name="/down/MatMul"),
              helper.make_node("Add", ["o0", "b2"], ["out"], name="/down/Add")]
-    graph = helper.make_graph(nodes, "ffn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 32])],
-                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [4, 16])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 9
-    onnx.save(model, path)
-    return path
+    return save_graph(path, nodes, inits, [4, 32], [4, 16])
 
 
 def test_weight_only_nodes_store_int8_weights_over_float_activations(tmp_path):

@@ -168,7 +168,8 @@ def distill_student(teacher: Teacher, data: TransferSet, num_layers: int, max_le
     val_student = torch_cpu.predict(trained.student, teacher.tokenizer, texts(val_idx), input_names, max_length)
     ood_texts, ood_teacher, ood_student = [], None, None
     if teacher.task == "feature-extraction":
-        ood_texts = [t for t in out_of_domain_texts() if t not in set(data.texts)]
+        seen = set(data.texts)
+        ood_texts = [t for t in out_of_domain_texts() if t not in seen]
         ood = TransferSet(OUT_OF_DOMAIN_NAME, ood_texts, None, cache_key("ood", *ood_texts))
         ood_teacher = np.asarray(label_with_teacher(teacher, ood, max_length, cache_dir))
         ood_student = torch_cpu.predict(trained.student, teacher.tokenizer, ood_texts, input_names, max_length)

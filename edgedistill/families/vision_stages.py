@@ -110,6 +110,10 @@ def macs_ratio(opts, teacher: Teacher | None = None) -> float:
     return opts.macs_ratio
 
 
+def crop_scale_of(opts) -> float:
+    return DEFAULT_CROP_SCALE if opts.crop_scale is None else opts.crop_scale
+
+
 def quantization_aware(profiles: list[TargetProfile], requested: bool | None) -> int | None:
     """Return the number of calibration views of the static int8 rounding the student is distilled through, or None.
 
@@ -290,7 +294,7 @@ def distill_student(family, teacher: Teacher, data: ImageSet, opts, run_dir: Pat
     per = max(1, math.ceil(TRAIN_VIEWS / len(train_img)))
     images = [data.images[i] for i in train_img]
     held = [data.images[i] for i in val_img]
-    crop_scale = DEFAULT_CROP_SCALE if opts.crop_scale is None else opts.crop_scale
+    crop_scale = crop_scale_of(opts)
     train_views, train_src = make_views(images, per, size, seed, True, crop_scale)
     center, _ = make_views(held, 1, size, seed, False, resize_px=opts.resize)
     augmented, aug_src = make_views(held, val_views_per_image(len(held)), size, seed + 1_000_003, True, crop_scale)
@@ -587,7 +591,7 @@ def vision_manifest(d: VisionDistilled, profile: TargetProfile, model_path: Path
     import onnxruntime
 
     teacher, trained = d.teacher, d.trained
-    crop_scale = DEFAULT_CROP_SCALE if opts.crop_scale is None else opts.crop_scale
+    crop_scale = crop_scale_of(opts)
     ops: dict[str, int] = {}
     if model_path.suffix == ".onnx":
         for node in onnx.load(str(model_path), load_external_data=False).graph.node:

@@ -46,8 +46,8 @@ def quantize_static_qdq(model_path: Path, config: StaticQdqInt8Config, out_path:
         prepared = Path(tmp) / "prepared.onnx"
         # symbolic shape inference fails on these graphs (and is not needed with fixed or plain dims)
         quant_pre_process(str(model_path), str(prepared), skip_symbolic_shape=True)
-        weight_only = [n for n in excluded_nodes(prepared, config.weight_only)
-                       if n not in excluded_nodes(prepared, config.exclude)]
+        excluded = excluded_nodes(prepared, config.exclude)
+        weight_only = [n for n in excluded_nodes(prepared, config.weight_only) if n not in set(excluded)]
         if config.calibration == "entropy" and not cache.is_file():
             _entropy_ranges(prepared, config, calibration, cache, Path(tmp))
         with contextlib.redirect_stdout(io.StringIO()):  # the entropy/percentile calibrators print progress
@@ -59,7 +59,7 @@ def quantize_static_qdq(model_path: Path, config: StaticQdqInt8Config, out_path:
                 activation_type=_TYPES[config.activation_type],
                 weight_type=_TYPES[config.weight_type],
                 calibrate_method=_METHODS[config.calibration],
-                nodes_to_exclude=excluded_nodes(prepared, config.exclude) + weight_only,
+                nodes_to_exclude=excluded + weight_only,
                 extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT,
                                "ActivationSymmetric": config.activation_type == "int8"},
                 calibration_cache_path=cache,
