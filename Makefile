@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 OUT ?= build
 
-.PHONY: install system-data demo demo-lm demo-vision bench-vision-fashion test test-fast bench bench-targets bench-search bench-inc bench-scale compile-ci bench-ci clean
+.PHONY: install system-data system-browser demo demo-lm demo-vision bench-vision-fashion test test-fast bench bench-targets bench-search bench-inc bench-scale compile-ci bench-ci clean
 
 # torch is pinned in the same pip command as everything else (constraints.txt explains why).
 $(STAMP): pyproject.toml constraints.txt
@@ -29,7 +29,21 @@ system-data:
 	  else echo "note: $(DEBIAN_DATA) not installed; the built-in transfer sets fall back to Python's docstrings and scikit-image's photos"; fi; \
 	fi
 
-install: $(STAMP) system-data
+# The browser target (browser-wasm / browser-webgpu, `bench --runtime ort-web`): Debian's chromium (headless) and
+# nodejs, then the pinned npm packages of package-lock.json (onnxruntime-web, playwright-core; no browser download)
+DEBIAN_BROWSER = chromium nodejs npm
+system-browser:
+	@if ! command -v chromium >/dev/null || ! command -v node >/dev/null || ! command -v npm >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq --no-install-recommends $(DEBIAN_BROWSER) >/dev/null; \
+	  elif command -v sudo >/dev/null; then sudo apt-get update -qq && sudo apt-get install -y -qq --no-install-recommends $(DEBIAN_BROWSER) >/dev/null; \
+	  else echo "note: $(DEBIAN_BROWSER) not installed; the browser targets and the ort-web runtime will say so"; fi; \
+	fi
+
+node_modules/.installed-stamp: package.json package-lock.json
+	@if command -v npm >/dev/null; then npm ci --no-audit --no-fund --ignore-scripts --loglevel=error && touch $@; \
+	else echo "note: npm not found; the browser targets and the ort-web runtime will say so"; fi
+
+install: $(STAMP) system-data system-browser node_modules/.installed-stamp
 
 demo: install
 	$(BIN)/edgedistill compile --out $(OUT)
@@ -99,4 +113,4 @@ bench-ci-baseline: compile-ci
 	$(BIN)/edgedistill bench --suite benchmarks/ci.yaml --json benchmarks/ci-baseline.json --no-baseline
 
 clean:
-	rm -rf $(VENV) .venv-inc $(OUT) .pytest_cache
+	rm -rf $(VENV) .venv-inc $(OUT) .pytest_cache node_modules

@@ -20,6 +20,13 @@ from edgedistill.quantize.configs import (
 )
 
 ORT_PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider")
+WEB_PROVIDERS = ("wasm", "webgpu")  # onnxruntime-web's execution providers (its `executionProviders` names)
+# onnxruntime-web builds its graph with the onnxruntime recipes; README "Browser targets" has what runs in Chromium
+WEB_RECIPES = ("fp32", "dynamic-int8", "static-qdq-int8", "fp16")
+# what each runtime runs: (execution providers, model formats, encoder recipes)
+RUNTIME_WANTS = {"onnxruntime": (ORT_PROVIDERS, ("onnx", "ort"), RUNTIME_RECIPES["onnxruntime"]),
+                 "executorch": (("XNNPACK",), ("pte",), RUNTIME_RECIPES["executorch"]),
+                 "onnxruntime-web": (WEB_PROVIDERS, ("onnx",), WEB_RECIPES)}
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 TARGETS_DIR = Path(os.environ.get("EDGEDISTILL_TARGETS", Path(__file__).resolve().parents[1] / "targets"))
 
@@ -88,10 +95,14 @@ class TargetProfile(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="used as the artifact's directory name")
     description: str = ""
-    runtime: Literal["onnxruntime", "executorch"] = "onnxruntime"
-    execution_provider: Literal["CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider", "XNNPACK"] = Field(
+    runtime: Literal["onnxruntime", "executorch", "onnxruntime-web"] = Field(
+        "onnxruntime", description="onnxruntime, executorch, or onnxruntime-web (the browser: validated and timed in "
+        "headless Chromium)")
+    execution_provider: Literal["CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider", "XNNPACK",
+                                "wasm", "webgpu"] = Field(
         "CPUExecutionProvider", description="onnxruntime: CPUExecutionProvider, CUDAExecutionProvider or "
-        "TensorrtExecutionProvider (the graph is checked against the provider's operators); executorch: XNNPACK")
+        "TensorrtExecutionProvider (the graph is checked against the provider's operators); executorch: XNNPACK; "
+        "onnxruntime-web: wasm (WebAssembly, SIMD, `threads` web workers) or webgpu")
     device_execution_providers: list[Literal["XNNPACK", "NNAPI", "CoreML", "CPU"]] = Field(
         default_factory=list, description="providers the device's onnxruntime build would use (recorded, for mobile)")
     arch: Literal["x86_64", "arm64"] = Field("x86_64", description="the device's CPU architecture")
@@ -112,17 +123,15 @@ class TargetProfile(BaseModel):
 
     @model_validator(mode="after")
     def _runtime_can_run_it(self) -> TargetProfile:
-        recipes = RUNTIME_RECIPES[self.runtime]
+        providers, formats, recipes = RUNTIME_WANTS[self.runtime]
         if self.quantization.recipe not in recipes:
             raise ValueError(f"runtime {self.runtime} cannot run quantization recipe '{self.quantization.recipe}' "
                              f"(it runs: {', '.join(recipes)})")
         if self.vision is not None and not self.vision.unsupported:
-            ok = VISION_RUNTIME_RECIPES[self.runtime]
+            ok = VISION_RUNTIME_RECIPES.get(self.runtime, ())
             if self.vision.quantization.recipe not in ok:
                 raise ValueError(f"runtime {self.runtime} cannot build image classifiers with quantization recipe "
                                  f"'{self.vision.quantization.recipe}' (it builds: {', '.join(ok)})")
-        wants = {"onnxruntime": (ORT_PROVIDERS, ("onnx", "ort")), "executorch": (("XNNPACK",), ("pte",))}
-        providers, formats = wants[self.runtime]
         if self.execution_provider not in providers or self.model_format not in formats:
             raise ValueError(f"runtime {self.runtime} needs execution_provider {' or '.join(providers)} and model_format "
                              f"{' or '.join(formats)}")

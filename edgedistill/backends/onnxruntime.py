@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 
 from edgedistill.backends import BuildContext, Built, register_backend, trial_latency
+from edgedistill.bench.timer import time_block
 from edgedistill.coverage import require_coverage
 from edgedistill.errors import ExportError
 from edgedistill.export import export_onnx
@@ -53,7 +54,9 @@ def _io(model_path: Path) -> dict:
 
 
 @register_backend("onnxruntime")
-def build_onnxruntime(profile, ctx: BuildContext, stage_dir: Path) -> Built:
+def build_onnxruntime(profile, ctx: BuildContext, stage_dir: Path, runner=None) -> Built:
+    """Export, fuse and quantize for onnxruntime; `runner(path) -> (run, fixed)` runs a graph where it is validated
+    and timed (default: an onnxruntime session on the profile's provider, the CPU standing in for an absent GPU)."""
     threads = profile.effective_threads
     provider = profile.execution_provider
     unusable = None
@@ -64,9 +67,10 @@ def build_onnxruntime(profile, ctx: BuildContext, stage_dir: Path) -> Built:
                                  stage_dir / "fixed.onnx")
     optimized = optimize_graph(graph, ctx.family, ctx.student.model.config, profile.optimization, stage_dir / "optimized.onnx",
                                fuse_embeddings=getattr(profile.quantization, "embedding_bits", 8) != 4)
-    if provider != "CPUExecutionProvider":
+    if profile.gpu:
         unusable = provider_unusable(optimized.path, provider)
     here = "CPUExecutionProvider" if unusable else provider
+    runner = runner or (lambda p: _runner(p, threads, here))
     shape = profile.input_shape
     calibration = [feeds for _, feeds in iter_batches(ctx.tokenizer, ctx.calibration_texts, ctx.input_names,
                                                       shape.sequence, shape.batch, fixed=True)]
@@ -76,12 +80,12 @@ def build_onnxruntime(profile, ctx: BuildContext, stage_dir: Path) -> Built:
     def trial_runner(p: Path):  # one session per trial, shared by its fidelity and its timing
         if p not in session:
             session.clear()
-            session[p] = _runner(p, threads, here)
+            session[p] = runner(p)
         return session[p]
 
     model_path, chosen, trials = quantize_within_budget(
         optimized.path, profile.quantization, stage_dir, calibration, lambda p: ctx.fidelity(*trial_runner(p)),
-        ctx.floor, lambda p: trial_latency(trial_runner(p)[0], calibration[0]) if timed else None)
+        ctx.floor, lambda p: _trial_ms(trial_runner(p)[0], calibration[0]) if timed else None)
     session.clear()
     files = {MODEL_FILE: model_path}
     record = {
@@ -99,7 +103,7 @@ def build_onnxruntime(profile, ctx: BuildContext, stage_dir: Path) -> Built:
         if unusable:
             not_measured = unusable
             record["model"]["validated_with"] = "CPUExecutionProvider (the same graph on onnxruntime's CPU kernels)"
-    run, fixed = _runner(model_path, threads, here)
+    run, fixed = runner(model_path)
     device_file = MODEL_FILE
     if profile.model_format == "ort":
         ort_model = convert_to_ort(model_path, stage_dir / "ort")
@@ -113,6 +117,47 @@ def build_onnxruntime(profile, ctx: BuildContext, stage_dir: Path) -> Built:
         run, _ = _runner(ort_model.model, threads)  # validate and time what the device runs
         device_file = ort_model.model.name
     return Built(files, run, fixed, device_file, record, not_measured)
+
+
+def _trial_ms(run, feeds: dict[str, np.ndarray]) -> float:
+    """Return a quick median ms of one trial (trial_latency; timed inside the runtime when it times itself)."""
+    if hasattr(run, "time_calls"):
+        return float(np.median(time_block(run, [feeds], 0, 10, settle=2)))
+    return trial_latency(run, feeds)
+
+
+@register_backend("onnxruntime-web")
+def build_onnxruntime_web(profile, ctx: BuildContext, stage_dir: Path) -> Built:
+    """The onnxruntime recipes' graph, every trial validated (and the artifact timed) by onnxruntime-web in headless
+    Chromium; the page that runs it (index.html, onnxruntime-web's files, the JS tokenizer) ships beside the model,
+    and runs once, screenshotted, before the artifact is accepted. A profile whose provider has no device here
+    (webgpu without an adapter) is validated on the same browser's wasm provider and not timed."""
+    from edgedistill.runtimes import ort_web
+
+    browser = ort_web.shared_browser()  # before any work: a missing browser is one line naming the package
+    ep, not_measured = profile.execution_provider, None
+    if ep == "webgpu":
+        adapter = ort_web.webgpu_adapter(browser)
+        if adapter != "adapter":
+            ep, not_measured = "wasm", f"no WebGPU adapter ({adapter})"
+    pages: list = []
+
+    def page_runner(path: Path):
+        while pages:  # one page per graph: a trial's page is closed when the next one opens
+            pages.pop().close()
+        pages.append(ort_web.PageRunner(browser, path, ep, profile.effective_threads))
+        return pages[-1], (profile.input_shape.batch, profile.input_shape.sequence) if profile.fixed_shape else None
+
+    built = build_onnxruntime(profile, ctx, stage_dir, runner=page_runner)
+    page = ort_web.build_page(built.files[MODEL_FILE], ctx.tokenizer, ctx.max_length, ctx.input_names, ctx.student.task,
+                              ctx.student.model.config, profile, stage_dir / "page")
+    record = built.record["model"]
+    record["browser"] = {**built.run.settings, "page": page.record}
+    record["validated_with"] = (f"onnxruntime-web {built.run.settings['onnxruntime_web']} ({ep}, "
+                                f"{built.run.settings['wasm_threads']} threads) in {built.run.settings['browser']}")
+    built.files.update(page.files)
+    built.not_measured = not_measured
+    return built
 
 
 def _max_diff(a, b, ctx: BuildContext, fixed) -> float:

@@ -180,6 +180,9 @@ def run_bench(artifact_dirs: list[Path], teacher_spec: str | None, data_path: st
         for i, r in enumerate(results):
             if i not in runners:
                 continue
+            if r.role == "artifact" and not getattr(RUNTIMES[r.runtime], "rss_in_process", True):
+                r.notes.append("peak memory not measured: the model runs in the browser's processes, not in a probe process")
+                continue
             kind, target = ("teacher", str(teacher.path)) if r.role == "teacher" else ("onnx", str(Path(r.artifact_dir) / r.model_file))
             fixed = r.runtime_settings.get("fixed_input_shape", [None, None])
             try:

@@ -91,10 +91,15 @@ class ExecutorchRuntime:
                      "delegate": "XNNPACK", "threads": "runtime default", "fixed_input_shape": fixed}
 
 
-RUNTIMES: dict[str, OrtRuntime | ExecutorchRuntime] = {
+from edgedistill.runtimes.ort_web import OrtWebRuntime  # noqa: E402
+
+RUNTIMES: dict[str, OrtRuntime | ExecutorchRuntime | OrtWebRuntime] = {
     "executorch": ExecutorchRuntime(),
     "ort-cpu": OrtRuntime("ort-cpu", "CPUExecutionProvider"),
     "ort-mobile": OrtRuntime("ort-mobile", "CPUExecutionProvider", model_suffix=".ort"),
     "ort-cuda": OrtRuntime("ort-cuda", "CUDAExecutionProvider"),
     "ort-tensorrt": OrtRuntime("ort-tensorrt", "TensorrtExecutionProvider"),
+    # onnxruntime-web in headless Chromium (runtimes/ort_web.py): WebAssembly, and WebGPU where an adapter exists
+    "ort-web": OrtWebRuntime("ort-web", "wasm"),
+    "ort-webgpu": OrtWebRuntime("ort-webgpu", "webgpu"),
 }
