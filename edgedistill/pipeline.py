@@ -52,6 +52,7 @@ class CompileOptions:
     layer_criterion: str = "perplexity"  # causal LMs: how the student's layers are chosen
     student: str | None = None  # causal LMs: a student checkpoint to distill into, instead of a derived one
     macs_ratio: float | None = None  # vision: the student's share of the teacher's MACs (channel pruning; None: 0.5)
+    drop_blocks: int = 0  # vision: residual blocks the student goes without (least output change first), before pruning
     ffn_ratio: float = 1.0  # causal LMs: share of each layer's FFN neurons the student keeps (activation importance)
     generate: int = 0  # causal LMs: training windows the teacher writes itself (sequence-level KD), cached
     quantization_aware: bool | None = None  # causal LMs: distill through the targets' weight rounding (None: when

@@ -220,7 +220,7 @@ def test_crop_options_are_refused_outside_vision(tmp_path):
     from conftest import tiny_workspace
 
     teacher, data = tiny_workspace(tmp_path)
-    for flag in ("--crop-scale", "--resize"):
+    for flag in ("--crop-scale", "--resize", "--drop-blocks"):
         res = runner.invoke(app, ["compile", str(teacher), "--data", str(data), "--out", str(tmp_path / "out"),
                                   flag, "1"])
         assert res.exit_code == 2 and f"{flag} does not apply to text encoders" in res.stderr, res.output
@@ -242,6 +242,80 @@ def test_pruning_a_narrow_network_lands_near_the_macs_share():
     assert 0.9 * 0.25 <= record["macs_ratio"] <= 0.25 and record["channels_rounded_to"] == 1, record
     _, mobile = prune_to_macs(mobilenet_v2(num_classes=10, width_mult=0.5), 64, 0.5)
     assert mobile["channels_rounded_to"] == 8 and 0.45 <= mobile["macs_ratio"] <= 0.5, mobile
+
+
+def test_drop_blocks_leaves_out_the_residual_blocks_that_matter_least():
+    from torch import nn
+
+    from edgedistill.errors import EdgeDistillError
+    from edgedistill.families.vision import count_macs, drop_blocks, droppable_blocks
+    from edgedistill.teachers.vision_archs import InvertedResidual
+
+    torch.manual_seed(0)
+    model = mobilenet_v2(num_classes=10, width_mult=0.25)
+    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+        bn.momentum = None  # the cumulative average: one batch sets the statistics
+    nn.init.normal_(model.classifier[1].weight, std=1.0)  # logits that differ between images (init's are near zero)
+    with torch.no_grad():  # BatchNorm statistics of real activations, else ReLU6 saturates and every output is alike
+        model.train()(torch.rand(32, 3, 64, 64))
+    model.eval()
+    names = droppable_blocks(model, 64)
+    residual = [m for m in model.modules() if isinstance(m, InvertedResidual) and m.use_residual]
+    assert len(names) == len(residual) and all(model.get_submodule(n).use_residual for n in names), names
+    planted = names[3]  # its residual branch made exactly zero: leaving it out changes nothing, so it goes first
+    nn.init.zeros_(model.get_submodule(planted).conv[-1].weight)
+    nn.init.zeros_(model.get_submodule(planted).conv[-1].bias)
+    x = torch.rand(8, 3, 64, 64)
+    student, record = drop_blocks(model, 64, x, 2)
+    first, second = record["dropped_blocks"]
+    assert first["block"] == planted and first["kl_after"] < 1e-6 and second["block"] != planted, record
+    assert isinstance(student.get_submodule(planted), nn.Identity)
+    assert not isinstance(model.get_submodule(planted), nn.Identity)  # the teacher is untouched
+    assert count_macs(student, 64) < count_macs(model, 64)
+    with torch.no_grad():
+        kl = torch.nn.functional.kl_div(student(x).log_softmax(-1), model(x).log_softmax(-1), log_target=True,
+                                        reduction="batchmean")
+    assert abs(float(kl) - second["kl_after"]) < 1e-4
+    with pytest.raises(EdgeDistillError, match=f"has {len(names)} residual blocks"):
+        drop_blocks(model, 64, x, len(names) + 1)
+
+
+def test_only_residual_blocks_are_droppable():
+    from torch import nn
+
+    from edgedistill.families.vision import droppable_blocks
+
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x):
+            return x + self.conv(x)
+
+    same_shape = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())  # not residual
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), same_shape, Residual(), nn.Sequential(Residual(), Residual()),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+    assert droppable_blocks(net, 16) == ["2", "3.0", "3.1"]
+
+
+def test_a_depth_pruned_student_compiles_and_records_its_dropped_blocks(tiny_teacher, photos, tmp_path):
+    result = compile(tiny_teacher, str(photos), [str(profile(tmp_path / "p.yaml", "{recipe: fp32}"))], tmp_path / "out",
+                     opts(macs_ratio=0.6, drop_blocks=3))
+    target = result.targets[0]
+    p = verify_files(target.path).student["pruning"]
+    assert len(p["dropped_blocks"]) == 3 and p["student_macs"] <= 0.6 * p["teacher_macs"], p
+    dropped = [b["block"] for b in p["dropped_blocks"]]
+    assert all(isinstance(result.student.get_submodule(b), torch.nn.Identity) for b in dropped)
+    x = np.load(target.path / "validation-views.npy")[:4].astype(np.float32) / 255.0
+    session = ort.InferenceSession(str(target.path / "model.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        np.testing.assert_allclose(session.run(None, {"pixels": x})[0], result.student(torch.from_numpy(x)).numpy(),
+                                   atol=1e-4)
+    res = runner.invoke(app, ["compile", tiny_teacher, "--data", str(photos), "--out", str(tmp_path / "out2"),
+                              "--target", str(profile(tmp_path / "p.yaml", "{recipe: fp32}")), "--drop-blocks", "40"])
+    assert res.exit_code == 2 and "residual blocks that can be dropped" in res.stderr, res.output
+    assert len(res.stderr.strip().splitlines()) == 1
 
 
 def test_photos_are_held_out_whole_when_there_are_enough():

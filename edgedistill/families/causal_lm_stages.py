@@ -140,7 +140,8 @@ def fake_quant_spec(profiles: list[TargetProfile], requested: bool | None) -> Fa
 def check_options(family: CausalLMFamily, teacher: Teacher, opts, profiles: list[TargetProfile]) -> None:
     student_layers(family, teacher, opts.student_layers)
     window_length(teacher, opts.max_length)
-    for flag, value in (("--macs-ratio", opts.macs_ratio), ("--crop-scale", opts.crop_scale), ("--resize", opts.resize)):
+    for flag, value in (("--macs-ratio", opts.macs_ratio), ("--crop-scale", opts.crop_scale), ("--resize", opts.resize),
+                        ("--drop-blocks", opts.drop_blocks or None)):
         if value is not None:
             raise EdgeDistillError(f"{flag} is for image classifiers", hint=f"leave it out; --student-layers and "
                                    "--ffn-ratio set a language model's student")

@@ -106,6 +106,7 @@ class TextEncoderFamily(Family):
                                  ("--ffn-ratio", opts.ffn_ratio != 1.0, "encoder students are narrowed by depth only"),
                                  ("--macs-ratio", opts.macs_ratio is not None, "encoder students are narrowed by depth only"),
                                  ("--crop-scale", opts.crop_scale is not None, "it sets image classifiers' training crops"),
+                                 ("--drop-blocks", opts.drop_blocks, "--student-layers sets an encoder's depth"),
                                  ("--resize", opts.resize is not None, "it sets image classifiers' held-out crops"),
                                  ("--quantization-aware", opts.quantization_aware is True,
                                   "encoder targets choose their quantization by an accuracy-aware search")):

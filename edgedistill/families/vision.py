@@ -112,15 +112,17 @@ def _pruned(model: nn.Module, size: int, channel_ratio: float, round_to: int | N
     return student
 
 
-def prune_to_macs(model: nn.Module, size: int, macs_ratio: float) -> tuple[nn.Module, dict]:
+def prune_to_macs(model: nn.Module, size: int, macs_ratio: float,
+                  teacher_macs: int | None = None) -> tuple[nn.Module, dict]:
     """Return a copy of `model` with channels pruned (group L2 magnitude, every dependent layer kept consistent by
     torch-pruning's graph, channel counts multiples of 8 unless that lands far under the budget) to at most
-    `macs_ratio` of its MACs, and the record."""
-    teacher_macs = count_macs(model, size)
-    if macs_ratio >= 1.0:
-        return copy.deepcopy(model).eval(), {"teacher_macs": teacher_macs, "student_macs": teacher_macs,
-                                             "channel_ratio": 0.0, "macs_ratio": 1.0}
+    `macs_ratio` of `teacher_macs` (default: `model`'s own MACs), and the record."""
+    own_macs = count_macs(model, size)
+    teacher_macs = teacher_macs or own_macs
     budget = macs_ratio * teacher_macs
+    if own_macs <= budget:
+        return copy.deepcopy(model).eval(), {"teacher_macs": teacher_macs, "student_macs": own_macs,
+                                             "channel_ratio": 0.0, "macs_ratio": own_macs / teacher_macs}
 
     def bisect(round_to):
         lo, hi, best = 0.0, 0.95, None
@@ -147,6 +149,95 @@ def prune_to_macs(model: nn.Module, size: int, macs_ratio: float) -> tuple[nn.Mo
     return student, {"teacher_macs": teacher_macs, "student_macs": macs, "channel_ratio": round(ratio, 4),
                      "channels_rounded_to": round_to or 1, "macs_ratio": macs / teacher_macs,
                      "importance": "group L2 magnitude (torch-pruning)"}
+
+
+def _replace(root: nn.Module, name: str, module: nn.Module) -> nn.Module:
+    """Put `module` at the dotted `name` in `root`; return what was there."""
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    old = parent.get_submodule(child)
+    setattr(parent, child, module) if not child.isdigit() else parent.__setitem__(int(child), module)
+    return old
+
+
+def is_residual(block: nn.Module) -> bool:
+    """Whether `block` computes input + f(input): its traced graph returns an addition one of whose terms is the input
+    itself (a block torch.fx cannot trace is taken as not residual)."""
+    import operator
+
+    from torch import fx
+
+    try:
+        graph = fx.symbolic_trace(block).graph
+    except Exception:  # noqa: BLE001  a user's block may have data-dependent control flow
+        return False
+    inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    out = next(n for n in graph.nodes if n.op == "output").args[0]
+    is_add = (out.op == "call_function" and out.target in (operator.add, operator.iadd, torch.add)) or (
+        out.op == "call_method" and out.target in ("add", "add_"))
+    return len(inputs) == 1 and isinstance(out, fx.Node) and is_add and inputs[0] in out.args
+
+
+def droppable_blocks(model: nn.Module, size: int) -> list[str]:
+    """Return the names of the residual blocks (input + f(input), same shape out as in) among the children of
+    `model`'s nn.Sequential / nn.ModuleList containers, outermost only: a student can go without f, the identity
+    path standing in. Which of them matter is measured (drop_blocks), not assumed."""
+    shapes: dict[str, tuple] = {}
+    containers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Sequential, nn.ModuleList))]
+    names = {id(c): f"{n}.{i}".lstrip(".") for n, m in containers for i, (_, c) in enumerate(m.named_children())}
+
+    def hook(module, args, output):
+        if args and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
+            shapes[names[id(module)]] = (tuple(args[0].shape), tuple(output.shape))
+
+    handles = [c.register_forward_hook(hook) for _, m in containers for c in m.children()]
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, size, size))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    found = sorted((n for n, (i, o) in shapes.items() if i == o and is_residual(model.get_submodule(n))),
+                   key=lambda n: n.count("."))
+    outermost: list[str] = []
+    for n in found:
+        if not any(n.startswith(o + ".") for o in outermost):
+            outermost.append(n)
+    return sorted(outermost, key=lambda n: [int(p) if p.isdigit() else p for p in n.split(".")])
+
+
+def _kl(teacher_logits: torch.Tensor, logits: torch.Tensor) -> float:
+    return float(torch.nn.functional.kl_div(logits.log_softmax(-1), teacher_logits.log_softmax(-1), log_target=True,
+                                            reduction="batchmean"))
+
+
+def drop_blocks(model: nn.Module, size: int, pixels: torch.Tensor, count: int) -> tuple[nn.Module, dict]:
+    """Return a copy of `model` without `count` of its droppable blocks, each replaced by an identity, and the record.
+
+    Greedy by measurement: at each step every remaining block is left out in turn and the one whose absence moves the
+    network's outputs on `pixels` least (KL divergence from the full network's) goes."""
+    student = copy.deepcopy(model).eval()
+    candidates = droppable_blocks(student, size)
+    if count > len(candidates):
+        raise EdgeDistillError(f"--drop-blocks {count}: the teacher has {len(candidates)} residual blocks that can be "
+                               "dropped (input + f(input) in a Sequential or ModuleList)",
+                               hint=f"pass --drop-blocks {len(candidates)} or fewer")
+    with torch.no_grad():
+        reference = student(pixels)
+        dropped: list[dict] = []
+        for _ in range(count):
+            scores = {}
+            for name in candidates:
+                old = _replace(student, name, nn.Identity())
+                scores[name] = _kl(reference, student(pixels))
+                _replace(student, name, old)
+            name = min(scores, key=scores.get)
+            _replace(student, name, nn.Identity())
+            dropped.append({"block": name, "kl_after": round(scores[name], 5)})
+            candidates.remove(name)
+    return student, {"dropped_blocks": dropped, "depth_importance": f"greedy, output KL on {len(pixels)} training views"}
 
 
 class VisionFamily(Family):

@@ -24,7 +24,7 @@ from edgedistill.distill.qat_conv import ConvQuantSim, fold_batchnorm
 from edgedistill.distill.stage import load_stage, save_stage
 from edgedistill.errors import DataError, EdgeDistillError, ProfileError
 from edgedistill.families.base import TargetBuild
-from edgedistill.families.vision import is_program, prune_to_macs
+from edgedistill.families.vision import count_macs, drop_blocks, is_program, prune_to_macs
 from edgedistill.images import DEFAULT_CROP_SCALE, ImageSet, eval_resize, make_views
 from edgedistill.progress import new_progress
 from edgedistill.runtimes.ort_cpu import cpu_session
@@ -38,8 +38,9 @@ VERDICT_VIEWS = 512  # held-out images from which the verdict is on center crops
 MIN_PHOTOS_TO_HOLD_OUT = 50  # below this, held-out views are other crops of the training photos (see split_images)
 SEARCH_VIEWS = 128  # held-out views the quantization search scores on
 DEFAULT_MACS_RATIO = 0.5  # --macs-ratio when not given
-RECALIBRATE_EVERY = 16
-QAT_FLOAT_SHARE = 0.5  # a pruned student distils in float for this share of the steps, then through the rounding  # quantization-aware training re-measures the activation ranges this often (steps)
+RECALIBRATE_EVERY = 16  # quantization-aware training re-measures the activation ranges this often (steps)
+QAT_FLOAT_SHARE = 0.5  # a pruned student distils in float for this share of the steps, then through the rounding
+DEPTH_VIEWS = 32  # training views --drop-blocks measures each block's importance on
 MODEL_FILE = "model.onnx"
 INPUT, OUTPUT = "pixels", "logits"
 
@@ -82,6 +83,10 @@ def check_options(teacher: Teacher, opts, profiles) -> None:
             raise EdgeDistillError(f"--macs-ratio {opts.macs_ratio}: a torch.export program (.pt2) has no module "
                                    "structure to prune, so it is quantized as it is",
                                    hint="leave out --macs-ratio, or pass the state dict with --arch to prune and distill")
+        if opts.drop_blocks:
+            raise EdgeDistillError(f"--drop-blocks {opts.drop_blocks}: a torch.export program (.pt2) has no module "
+                                   "structure to drop blocks from", hint="leave out --drop-blocks, or pass the state "
+                                   "dict with --arch")
         if opts.quantization_aware:
             raise EdgeDistillError("--quantization-aware needs the model's Conv modules; a torch.export program (.pt2) "
                                    "is quantized after training, as it is", hint="leave out --quantization-aware, or "
@@ -312,14 +317,18 @@ def distill_student(family, teacher: Teacher, data: ImageSet, opts, run_dir: Pat
         trained = DistillResult(student=teacher.module, best_fidelity=1.0, best_step=0, history=[])
         return VisionDistilled(teacher, data, trained, train_views, train_logits, val_views, val_logits, val_labels,
                                len(train_img), len(val_img), per, size, pruning, photos_held_out, None)
-    student, pruning = prune_to_macs(teacher.module, size, macs_ratio(opts, teacher))
+    student, depth = teacher.module, {}
+    if opts.drop_blocks:
+        student, depth = drop_blocks(teacher.module, size, _pixels(train_views[:DEPTH_VIEWS]), opts.drop_blocks)
+    student, pruning = prune_to_macs(student, size, macs_ratio(opts, teacher), count_macs(teacher.module, size))
+    pruning.update(depth)
     qat = quantization_aware(profiles, opts.quantization_aware)
     if opts.quantization_aware is None and macs_ratio(opts, teacher) < 1.0:
         qat = None  # by default only for the teacher's own shape: see qat_start for what was measured
     if qat:  # the simulation trains the weights the artifact stores: BatchNorm folded, as the exporter folds it
         pruning["batchnorm_folded"] = fold_batchnorm(student, _example(size))
     key = cache_key("vision-student-v1", teacher.sha256, data.sha256, size, per, seed, opts.val_fraction, macs_ratio(opts, teacher),
-                    (crop_scale, eval_resize(size, opts.resize)),
+                    (crop_scale, eval_resize(size, opts.resize)), opts.drop_blocks or None,
                     sorted(asdict(opts.distill).items()), qat and (qat, qat_start(len(train_views), opts.distill,
                                                                                   macs_ratio(opts, teacher)),
                                                                    RECALIBRATE_EVERY),
