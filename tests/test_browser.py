@@ -65,7 +65,8 @@ def test_artifact_is_a_static_site_validated_in_chromium(browser_artifact):
     assert manifest["model"]["validated_with"].startswith("onnxruntime-web 1.31.1 (wasm, 2 threads) in Chromium")
     assert browser["cross_origin_isolated"] and browser["wasm_threads"] == 2
     demo = browser["page"]["demo"]
-    assert demo["js_tokenizer_ids_match_python"] and demo["max_abs_diff_vs_native_onnxruntime"] < 1e-4
+    assert demo["js_tokenizer_ids_match_python"] and demo["max_abs_diff_vs_validated_runtime"] < 1e-5
+    assert demo["max_abs_diff_vs_native_onnxruntime"] < 1e-4  # fp32: the same kernels' arithmetic
     assert (d / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (d / "demo.png").stat().st_size > 10_000
     assert manifest["latency"]["artifact"]["p50_ms"] > 0 and manifest["metrics"]["passed"]
 

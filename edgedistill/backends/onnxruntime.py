@@ -149,7 +149,7 @@ def build_onnxruntime_web(profile, ctx: BuildContext, stage_dir: Path) -> Built:
         return pages[-1], (profile.input_shape.batch, profile.input_shape.sequence) if profile.fixed_shape else None
 
     built = build_onnxruntime(profile, ctx, stage_dir, runner=page_runner)
-    page = ort_web.build_page(built.files[MODEL_FILE], ctx.tokenizer, ctx.max_length, ctx.input_names, ctx.student.task,
+    page = ort_web.build_page(built.files[MODEL_FILE], built.run, ctx.tokenizer, ctx.max_length, ctx.input_names, ctx.student.task,
                               ctx.student.model.config, profile, stage_dir / "page")
     record = built.record["model"]
     record["browser"] = {**built.run.settings, "page": page.record}

@@ -177,6 +177,15 @@ def distill_student(teacher: Teacher, data: TransferSet, num_layers: int, max_le
                      np.asarray(teacher_outputs[val_idx]), val_student, ood_texts, ood_teacher, ood_student)
 
 
+def check_target(profile: TargetProfile) -> None:
+    """Raise before any model work when the profile's runtime cannot run here to validate what it builds (the
+    browser runtime without Chromium, node or its npm packages: one line naming the missing one)."""
+    if profile.runtime == "onnxruntime-web":
+        from edgedistill.runtimes.ort_web import find_setup
+
+        find_setup()
+
+
 def fit_sequence(profile: TargetProfile, teacher: Teacher) -> TargetProfile:
     """Return the profile with its input sequence cut to the teacher's position embeddings, when it has fewer (a
     fixed-shape artifact then takes that many tokens; timing and the quantization search run at that length)."""
