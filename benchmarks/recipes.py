@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edgedistill.bench.timer import measure
-from edgedistill.data import builtin_english_texts
+from edgedistill.data import BUILTIN_VARIED, builtin_texts
 from edgedistill.export import export_onnx
 from edgedistill.optimize import optimize_graph
 from edgedistill.quantize import quantize
@@ -41,7 +41,7 @@ def main() -> int:
     console = Console(width=160)
     teacher = load_teacher("minilm")
     tok, names = teacher.tokenizer, teacher.family.input_names(teacher.tokenizer)
-    texts = builtin_english_texts(limit=25000)[24000:]  # never in the default compile's transfer set
+    texts = builtin_texts(BUILTIN_VARIED, 25000)[24000:]  # never in the default compile's transfer set
     enc = tok(texts, padding=True, truncation=True, max_length=SEQ, return_tensors="np")
     feeds = {k: enc[k].astype(np.int64) for k in names}
     with torch.inference_mode():

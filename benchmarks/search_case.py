@@ -17,7 +17,6 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from edgedistill.data import load_transfer_set
 from edgedistill.distill.loop import DistillConfig
 from edgedistill.families.text_encoder_stages import build_target, distill_student
 from edgedistill.pipeline import CompileOptions
@@ -43,7 +42,7 @@ def main() -> int:
     console = Console(width=170)
     opts = CompileOptions(max_texts=args.max_texts, max_length=128, distill=DistillConfig(epochs=args.epochs))
     teacher = load_teacher("minilm", None)
-    data = load_transfer_set(None, "text", "label", None, args.max_texts)
+    data = teacher.family.load_data(teacher, None, opts)
     distilled = distill_student(teacher, data, 3, 128, opts)
     args.out.mkdir(parents=True, exist_ok=True)
     met = []

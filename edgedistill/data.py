@@ -14,7 +14,9 @@ import numpy as np
 from edgedistill.errors import DataError
 
 WORDNET_DIR = Path("/usr/share/wordnet")
-BUILTIN_NAME = "builtin:english"
+FORTUNES_DIR = Path("/usr/share/games/fortunes")
+BUILTIN_NAME = "builtin:english"  # WordNet glosses (else Python's docstrings): short, alike definitions
+BUILTIN_VARIED = "builtin:varied"  # glosses, fortunes and docstring paragraphs in turn: varied in source and length
 
 
 @dataclass
@@ -77,18 +79,21 @@ def load_transfer_set(
     label_column: str = "label",
     label_names: list[str] | None = None,
     max_texts: int | None = None,
+    builtin: str = BUILTIN_NAME,
 ) -> TransferSet:
-    """Return the transfer set in a .txt / .jsonl / .csv file, or the built-in English set when `path` is None."""
-    if path is None:
-        texts = builtin_english_texts()
+    """Return the transfer set in a .txt / .jsonl / .csv file, or a built-in set (`builtin` when `path` is None;
+    `path` may also name one, e.g. 'builtin:varied')."""
+    if path is None or str(path) in BUILTIN_SETS:
+        source = builtin if path is None else str(path)
+        texts = builtin_texts(source, max_texts)
         labels_raw = None
-        source = BUILTIN_NAME
     else:
         path = Path(path)
         if path.is_dir():
             raise DataError(f"data path {path} is a directory", hint="pass --data PATH to a .txt, .jsonl or .csv file")
         if not path.is_file():
-            raise DataError(f"data file {path} does not exist", hint="pass --data PATH to a .txt, .jsonl or .csv file")
+            raise DataError(f"data file {path} does not exist", hint="pass --data PATH to a .txt, .jsonl or .csv file, "
+                            f"or a built-in set ({', '.join(BUILTIN_SETS)})")
         source = str(path)
         lines = _decode_lines(path)
         suffix = path.suffix.lower()
@@ -155,6 +160,71 @@ def builtin_english_texts(limit: int = 24000) -> list[str]:
     rng = np.random.default_rng(0)
     order = rng.permutation(len(texts))[:limit]
     return [texts[i] for i in order]
+
+
+def builtin_varied_texts(limit: int = 24000) -> list[str]:
+    """Return up to `limit` English texts of three registers and lengths, taken in turn (each source in a fixed
+    shuffled order, so a longer set starts with a shorter one): WordNet glosses (definitions, median ~50 characters),
+    Debian's fortunes (quotations, jokes, verse, dialogue; median ~100) and paragraphs of the standard library's
+    docstrings (technical prose, 100-1,200 characters). A source that is missing here is left out."""
+    sources = [s for s in (_wordnet_glosses() if WORDNET_DIR.is_dir() else [], _fortunes(), _stdlib_docstring_paragraphs()) if s]
+    if not sources:
+        raise DataError("no built-in English text found on this machine",
+                        hint="install Debian's wordnet-base and fortunes (make install) or pass --data")
+    shuffled = [[s[i] for i in np.random.default_rng(n).permutation(len(s))] for n, s in enumerate(sources)]
+    out, seen = [], set()
+    for row in range(max(len(s) for s in shuffled)):
+        for s in shuffled:
+            if row < len(s) and s[row] not in seen:
+                seen.add(s[row])
+                out.append(s[row])
+                if len(out) == limit:
+                    return out
+    return out
+
+
+BUILTIN_SETS = {BUILTIN_NAME: "builtin_english_texts", BUILTIN_VARIED: "builtin_varied_texts"}
+
+
+def builtin_texts(name: str, limit: int | None = None) -> list[str]:
+    """Return the first `limit` texts (default: the set's own size) of the built-in set `name`; a longer set starts
+    with a shorter one."""
+    make = globals()[BUILTIN_SETS[name]]
+    return make() if limit is None else make(limit=limit)
+
+
+def _fortunes() -> list[str]:
+    """Debian's fortunes (package fortunes / fortunes-min): every file's '%'-separated items, whitespace joined;
+    ASCII art and items under 20 characters or mostly non-letters are left out."""
+    out = []
+    for f in sorted(FORTUNES_DIR.glob("*")) if FORTUNES_DIR.is_dir() else ():
+        if f.suffix in (".dat", ".u8") or f.is_symlink() or not f.is_file() or f.name == "ascii-art":
+            continue
+        for item in f.read_text(encoding="utf-8", errors="replace").split("\n%\n"):
+            text = " ".join(item.split())
+            if 20 <= len(text) <= 1500 and sum(c.isalpha() for c in text) > 0.6 * len(text):
+                out.append(text)
+    return out
+
+
+def _stdlib_docstring_paragraphs() -> list[str]:
+    """Paragraphs of prose (100-1,200 characters, no doctest or indented code) of the standard library's docstrings."""
+    stdlib = Path(sys.modules["os"].__file__).parent
+    out = []
+    for f in sorted(stdlib.glob("*.py")):
+        try:
+            tree = ast.parse(f.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, OSError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)):
+                for block in (ast.get_docstring(node) or "").split("\n\n"):
+                    if ">>>" in block or block.startswith((" ", "\t")):
+                        continue
+                    text = " ".join(block.split())
+                    if 100 <= len(text) <= 1200:
+                        out.append(text)
+    return out
 
 
 def _wordnet_glosses() -> list[str]:

@@ -339,3 +339,26 @@ def test_sha256_text_boundaries_matter():
     assert _content_sha256(["ab", "c"], None) != _content_sha256(["a", "bc"], None)
     assert _content_sha256(["a", "b"], [1, 2]) != _content_sha256(["a", "b"], [2, 1])
     assert _content_sha256(["a", "b"], [0, 0]) != _content_sha256(["a", "b"], None)
+
+
+def test_builtin_varied_texts_mix_sources_and_lengths():
+    from edgedistill.data import BUILTIN_VARIED, builtin_texts
+
+    a = builtin_texts(BUILTIN_VARIED, 900)
+    assert a == builtin_texts(BUILTIN_VARIED, 900) and a[:300] == builtin_texts(BUILTIN_VARIED, 300)  # prefix-stable
+    assert len(a) == len(set(a)) == 900 and all(t.strip() == t and t for t in a)
+    lengths = sorted(len(t) for t in a)
+    assert lengths[450] > 60 and lengths[-90] > 250, lengths[::90]  # longer and more varied than the glosses alone
+    from edgedistill.data import out_of_domain_texts
+
+    ood = set(out_of_domain_texts())
+    assert not ood & set(a)
+
+
+def test_a_builtin_set_can_be_named_as_data():
+    from edgedistill.data import BUILTIN_VARIED
+
+    ts = load_transfer_set(BUILTIN_VARIED, max_texts=50)
+    assert ts.source == BUILTIN_VARIED and len(ts) == 50 and ts.labels is None
+    with pytest.raises(DataError, match="builtin:varied"):
+        load_transfer_set("builtin:nothing")

@@ -37,12 +37,14 @@ class Family(ABC):
     """
 
     name: ClassVar[str]
+    builtin_data: ClassVar[str] = "builtin:english"  # the built-in text set (data.BUILTIN_SETS) when --data is not given
 
     def load_data(self, teacher: Teacher, data_path: str | None, opts: Any) -> Any:
-        """Return the transfer set (default: texts from .txt/.jsonl/.csv or the built-in English set)."""
+        """Return the transfer set (default: texts from .txt/.jsonl/.csv, or the built-in set `builtin_data`)."""
         from edgedistill.data import load_transfer_set
 
-        return load_transfer_set(data_path, opts.text_column, opts.label_column, teacher.label_names, opts.max_texts)
+        return load_transfer_set(data_path, opts.text_column, opts.label_column, teacher.label_names, opts.max_texts,
+                                 builtin=self.builtin_data)
 
     def check_target(self, profile: TargetProfile) -> None:
         """Raise ProfileError if this family cannot build an artifact for `profile` (default: every profile)."""

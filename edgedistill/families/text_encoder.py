@@ -93,6 +93,9 @@ class TextEncoderFamily(Family):
     teacher layers; fidelity is cosine (embeddings) or top-1 agreement (classification)."""
 
     name = "text-encoder"
+    # glosses, fortunes and docstring paragraphs in turn: a 3-layer MiniLM student's out-of-domain cosine rose from
+    # 0.692 (glosses alone) to 0.830 at 3,000 texts (README, "The built-in transfer set")
+    builtin_data = "builtin:varied"
 
     def __init__(self, encoder_type: EncoderType) -> None:
         self.type = encoder_type
