@@ -32,12 +32,15 @@ system-data:
 
 # The browser target (browser-wasm / browser-webgpu, `bench --runtime ort-web`): Debian's chromium (headless) and
 # nodejs, then the pinned npm packages of package-lock.json (onnxruntime-web, playwright-core; no browser download)
-DEBIAN_BROWSER = chromium nodejs npm
+# Only what is missing is installed: a machine whose node came from elsewhere (NodeSource's nodejs bundles npm and
+# conflicts with Debian's npm package) keeps it.
 system-browser:
-	@if ! command -v chromium >/dev/null || ! command -v node >/dev/null || ! command -v npm >/dev/null; then \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq --no-install-recommends $(DEBIAN_BROWSER) >/dev/null; \
-	  elif command -v sudo >/dev/null; then sudo apt-get update -qq && sudo apt-get install -y -qq --no-install-recommends $(DEBIAN_BROWSER) >/dev/null; \
-	  else echo "note: $(DEBIAN_BROWSER) not installed; the browser targets and the ort-web runtime will say so"; fi; \
+	@pkgs=""; command -v chromium >/dev/null || pkgs="chromium"; command -v node >/dev/null || pkgs="$$pkgs nodejs"; \
+	command -v npm >/dev/null || pkgs="$$pkgs npm"; \
+	if [ -n "$$pkgs" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq --no-install-recommends $$pkgs >/dev/null; \
+	  elif command -v sudo >/dev/null; then sudo apt-get update -qq && sudo apt-get install -y -qq --no-install-recommends $$pkgs >/dev/null; \
+	  else echo "note: $$pkgs not installed; the browser targets and the ort-web runtime will say so"; fi; \
 	fi
 
 node_modules/.installed-stamp: package.json package-lock.json

@@ -105,7 +105,8 @@ class TargetProfile(BaseModel):
         "onnxruntime-web: wasm (WebAssembly, SIMD, `threads` web workers) or webgpu")
     device_execution_providers: list[Literal["XNNPACK", "NNAPI", "CoreML", "CPU"]] = Field(
         default_factory=list, description="providers the device's onnxruntime build would use (recorded, for mobile)")
-    arch: Literal["x86_64", "arm64"] = Field("x86_64", description="the device's CPU architecture")
+    arch: Literal["x86_64", "arm64", "wasm32"] = Field("x86_64", description="the device's CPU architecture (wasm32: a "
+                                                       "browser's WebAssembly, whatever CPU runs it)")
     model_format: Literal["onnx", "ort", "pte"] = Field(
         "onnx", description="onnx; ort: also the ORT-format model for ORT Mobile; pte: ExecuTorch program")
     fixed_shape: bool = Field(False, description="fix the graph's input shapes to input_shape (mobile accelerators need it)")

@@ -20,7 +20,7 @@ from edgedistill.targets import (
     resolve_target,
 )
 
-BUILTINS = ("android-executorch", "arm64-mobile", "nvidia-gpu-fp16", "nvidia-tensorrt-int8", "raspberry-pi-4", "x86-64-avx2",
+BUILTINS = ("android-executorch", "arm64-mobile", "browser-wasm", "browser-webgpu", "nvidia-gpu-fp16", "nvidia-tensorrt-int8", "raspberry-pi-4", "x86-64-avx2",
             "x86-64-avx512")
 
 VALID = """name: my-device
@@ -50,11 +50,12 @@ def test_builtin_profile_file_loads_and_name_matches_file(name):
     assert profile.name == name
     assert (profile.runtime, profile.execution_provider) in {("onnxruntime", "CPUExecutionProvider"), ("executorch", "XNNPACK"),
                                                              ("onnxruntime", "CUDAExecutionProvider"),
-                                                             ("onnxruntime", "TensorrtExecutionProvider")}
+                                                             ("onnxruntime", "TensorrtExecutionProvider"),
+                                                             ("onnxruntime-web", "wasm"), ("onnxruntime-web", "webgpu")}
     assert profile.threads >= 1
     # only x86 CPU profiles are auto-selected here (GPU profiles never are: they name no CPU flags)
     assert ("avx2" in profile.cpu_flags) == (profile.arch == "x86_64" and not profile.gpu)
-    assert profile.quantization.recipe in ("dynamic-int8", "static-qdq-int8", "xnnpack-dynamic-int8", "fp16")
+    assert profile.quantization.recipe in ("dynamic-int8", "static-qdq-int8", "xnnpack-dynamic-int8", "fp16", "fp32")
     assert getattr(profile.quantization, "per_channel", True) is True
     # devices run one text at a time; a GPU serves batches
     assert profile.input_shape.batch == (8 if profile.gpu else 1) and profile.input_shape.sequence == 128

@@ -14,7 +14,7 @@ from edgedistill.artifact import Manifest, verify_files
 from edgedistill.bench.memory import measure_peak_rss
 from edgedistill.bench.results import BenchResult, ModelResult, ShapeLatency, shape_key
 from edgedistill.bench.timer import LatencyStats, measure_interleaved, paired_ratio
-from edgedistill.data import BUILTIN_NAME, builtin_english_texts, load_transfer_set
+from edgedistill.data import BUILTIN_SETS, builtin_texts, load_transfer_set
 from edgedistill.errors import ArtifactError, EdgeDistillError
 from edgedistill.progress import console, enabled
 from edgedistill.runtimes import predict_with
@@ -79,9 +79,12 @@ def _held_out(manifests: dict[Path, Manifest], data_path: str | None, teacher: T
                               "its fidelity there overstates held-out fidelity")
         labels = np.asarray(data.labels)[:n] if data.labels is not None else None
         return source, data.texts[:n], labels
-    # the built-in set, after the part the compiles trained and validated on
-    used = max((m.data["num_texts"] for m in manifests.values() if m.data["source"] == BUILTIN_NAME), default=0)
-    return f"{BUILTIN_NAME}[{used}:{used + n}]", builtin_english_texts(limit=used + n)[used:], None
+    # the built-in set the compiles used (the family's own when they used a file), after the part they trained and
+    # validated on
+    sources = {m.data["source"] for m in manifests.values()} & set(BUILTIN_SETS)
+    name = sorted(sources)[0] if sources else teacher.family.builtin_data
+    used = max((m.data["num_texts"] for m in manifests.values() if m.data["source"] == name), default=0)
+    return f"{name}[{used}:{used + n}]", builtin_texts(name, used + n)[used:], None
 
 
 def _shape_latency(stats: LatencyStats, batch: int, seq: int, threads: int) -> ShapeLatency:

@@ -100,6 +100,11 @@ class TextEncoderFamily(Family):
     def __init__(self, encoder_type: EncoderType) -> None:
         self.type = encoder_type
 
+    def check_target(self, profile) -> None:
+        from edgedistill.families import text_encoder_stages as stages
+
+        stages.check_target(profile)
+
     def check_options(self, teacher, opts, profiles) -> None:
         from edgedistill.errors import EdgeDistillError
         from edgedistill.families import text_encoder_stages as stages
