@@ -256,7 +256,8 @@ def bench_cmd(
     seq: Optional[int] = typer.Option(None, "--seq", min=1, help="Sequence length (default: 128)"),
     data: Optional[str] = typer.Option(None, "--data", help="Held-out texts (default: built-in English set, after the part compile used)"),
     held_out: Optional[int] = typer.Option(None, "--held-out", min=2, help="Held-out texts for fidelity (default: 500)"),
-    min_time: Optional[float] = typer.Option(None, "--min-time", min=0.01, help="Seconds of timing per shape, all models interleaved (default: 3)"),
+    min_time: Optional[float] = typer.Option(None, "--min-time", min=0.01, help="Seconds of timing per shape and round, all models interleaved (default: 3)"),
+    rounds: Optional[int] = typer.Option(None, "--rounds", min=1, help="Timing rounds per shape; the ratio to the teacher is their median (default: 5)"),
     no_memory: bool = typer.Option(False, "--no-memory", help="Skip the peak-memory probes (one process per model)"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result (versioned schema) here"),
     markdown_out: Optional[Path] = typer.Option(None, "--markdown", help="Write the markdown table here"),
@@ -264,7 +265,7 @@ def bench_cmd(
     github_out: Optional[Path] = typer.Option(None, "--github-benchmark", help="Write github-action-benchmark customSmallerIsBetter JSON here"),
     baseline: Optional[Path] = typer.Option(None, "--baseline", help="Compare with this stored --json result; exit 1 on regression"),
     no_baseline: bool = typer.Option(False, "--no-baseline", help="Ignore the suite's baseline (e.g. to write a new one)"),
-    max_regression: Optional[str] = typer.Option(None, "--max-regression", help="Allowed rise of latency/teacher ratio (default: 10%)"),
+    max_regression: Optional[str] = typer.Option(None, "--max-regression", help="Allowed rise of latency/teacher ratio (default: 15%)"),
     max_fidelity_drop: Optional[float] = typer.Option(None, "--max-fidelity-drop", min=0.0, help="Allowed absolute fidelity drop (default: 0.01)"),
 ) -> None:
     """Measure artifacts against their teacher: latency, memory, size, fidelity; gate on a baseline."""
@@ -285,7 +286,7 @@ def bench_cmd(
         overrides = {"artifacts": [str(a) for a in artifacts] if artifacts else None, "teacher": teacher, "data": data,
                      "runtimes": [x.strip() for r in runtime for x in r.split(",") if x.strip()] if runtime else None,
                      "threads": threads, "sequence": seq, "held_out": held_out, "min_time_s": min_time,
-                     "batches": _parse_batches(batch) if batch else None, "memory": False if no_memory else None,
+                     "rounds": rounds, "batches": _parse_batches(batch) if batch else None, "memory": False if no_memory else None,
                      "baseline": str(baseline) if baseline else None, "max_regression": max_regression,
                      "max_fidelity_drop": max_fidelity_drop, "json_out": json_out and str(json_out),
                      "markdown_out": markdown_out and str(markdown_out), "html_out": html_out and str(html_out),
@@ -298,7 +299,7 @@ def bench_cmd(
         result = run_bench([Path(a) for a in cfg.artifacts], cfg.teacher, cfg.data,
                            BenchSettings(runtimes=cfg.runtimes, threads=cfg.threads, batches=cfg.batches,
                                          sequence=cfg.sequence, held_out=cfg.held_out, min_time_s=cfg.min_time_s,
-                                         memory=cfg.memory))
+                                         rounds=cfg.rounds, memory=cfg.memory))
     except EdgeDistillError as e:
         fail(e)
     table = markdown_table(result)

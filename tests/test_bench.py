@@ -52,6 +52,10 @@ def test_bench_end_to_end_outputs(artifact, tmp_path):
         assert lat.p50_ms > 0 and lat.p90_ms >= lat.p50_ms and len(lat.samples_ms) == lat.runs >= 20
         assert lat.throughput_items_s == pytest.approx(lat.batch * 1000 / lat.mean_ms)
     assert set(ours.ratio_to_teacher) == {"b1_s16_t1", "b2_s16_t1"}
+    for key, rounds in ours.ratio_rounds.items():  # the ratio is the median of the timing rounds (5 by default)
+        assert len(rounds) == result.settings["rounds"] == 5
+        assert ours.ratio_to_teacher[key] == pytest.approx(sorted(rounds)[2], abs=1e-4)
+    assert isinstance(result.machine["cpu_isa"], list)
     assert ours.accuracy["cosine_mean"] > 0.5 and 0 <= ours.accuracy["retrieval_agreement_at_10"] <= 1
     assert ours.peak_rss_mb > 0 and teacher.peak_rss_mb > ours.peak_rss_mb  # torch + transformers vs onnxruntime
     assert ours.runtime_settings["intra_op_threads"] == 1 and "cpu_mem_arena" in ours.runtime_settings
@@ -101,13 +105,14 @@ max_regression: "{limit}"
     return path
 
 
-def _result(ratio: float, cosine: float, name: str = "a") -> BenchResult:
+def _result(ratio: float, cosine: float, name: str = "a", isa: list[str] | None = None) -> BenchResult:
     lat = ShapeLatency(batch=1, sequence=16, threads=1, p50_ms=ratio, p90_ms=ratio, p99_ms=ratio, mean_ms=ratio,
                        stdev_ms=0.0, runs=20, throughput_items_s=1000 / ratio)
     teacher = ModelResult(name="t", role="teacher", runtime="torch", latency=[lat.model_copy(update={"p50_ms": 1.0})])
     art = ModelResult(name=name, role="artifact", runtime="ort-cpu", latency=[lat],
                       ratio_to_teacher={lat.key: ratio}, accuracy={"cosine_mean": cosine, "cosine_min": 0.1})
-    return BenchResult(created_utc="now", machine={}, teacher={}, data={}, settings={}, results=[teacher, art])
+    machine = {} if isa is None else {"cpu_isa": isa}
+    return BenchResult(created_utc="now", machine=machine, teacher={}, data={}, settings={}, results=[teacher, art])
 
 
 def test_compare_rules():
@@ -121,6 +126,13 @@ def test_compare_rules():
                    if r.model == "new")  # a new artifact has nothing to regress from ...
     assert any(r.regressed and r.model == "a" for r in compare(_result(0.2, 0.5, name="new"), base, 0.1, 0.01))  # ... a vanished one fails
     assert "cosine_min" not in GATED_FIDELITY
+    # latency ratios compare only on the same int8-relevant instruction sets; fidelity compares everywhere
+    vnni = _result(0.2, 0.95, isa=["avx2", "avx512_vnni", "avx512f"])
+    rows = compare(_result(0.4, 0.93, isa=["avx2"]), vnni, 0.10, 0.01)
+    latency = [r for r in rows if r.metric.startswith("latency")]
+    assert latency and not any(r.regressed for r in latency) and "not compared" in latency[0].change
+    assert [r.metric for r in rows if r.regressed] == ["cosine_mean"]
+    assert any(r.regressed for r in compare(_result(0.4, 0.95, isa=["avx2"]), _result(0.2, 0.95, isa=["avx2"]), 0.1, 0.01))
 
 
 def test_parse_percent():

@@ -50,7 +50,9 @@ class ModelResult(BaseModel):
     reason: str | None = None
     latency: list[ShapeLatency] = Field(default_factory=list)
     ratio_to_teacher: dict[str, float] = Field(
-        default_factory=dict, description="median of per-iteration latency / teacher latency (interleaved), per shape key")
+        default_factory=dict, description="latency / teacher latency per shape key: the median over timing rounds of "
+                                          "each round's median of paired (interleaved) block ratios")
+    ratio_rounds: dict[str, list[float]] = Field(default_factory=dict, description="each round's ratio, per shape key")
     peak_rss_mb: float | None = None
     rss_growth_mb: float | None = Field(None, description="peak RSS minus RSS after imports: session + runs")
     runtime_settings: dict = Field(default_factory=dict)
