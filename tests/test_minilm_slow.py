@@ -9,7 +9,7 @@ import yaml
 from transformers import AutoTokenizer
 
 from edgedistill.artifact import verify_files
-from edgedistill.data import builtin_english_texts
+from edgedistill.data import BUILTIN_VARIED, builtin_english_texts, builtin_texts
 from edgedistill.distill.loop import DistillConfig
 from edgedistill.pipeline import CompileOptions, compile
 from edgedistill.runtimes.ort_cpu import cpu_session, predict
@@ -30,7 +30,7 @@ def test_teacher_embeddings_equal_sentence_transformers():
 
 
 def test_minilm_compile_end_to_end(tmp_path):
-    # the x86-64-avx512 profile with a budget fitted to a 1-epoch, 3000-text run (the full demo reaches ~0.94)
+    # the x86-64-avx512 profile with a budget fitted to a 1-epoch, 3000-text run (0.82 measured; the demo reaches 0.91)
     profile = resolve_target("x86-64-avx512").model_dump(mode="json")
     profile.update(name="minilm-test", accuracy_budget={"min_cosine": 0.80, "min_top1_agreement": 0.9})
     path = tmp_path / "p.yaml"
@@ -52,7 +52,7 @@ def test_minilm_compile_end_to_end(tmp_path):
     # quantization costs little: the artifact stays within 0.01 of the fp32 torch student's cosine to the teacher
     assert values["torch_student_cosine_mean"] - values["cosine_mean"] < 0.01
     # the artifact (loaded fresh) agrees with the torch student on text it never saw
-    texts = builtin_english_texts(limit=3200)[3000:]
+    texts = builtin_texts(BUILTIN_VARIED, 3200)[3000:]  # the built-in set after the part compile used
     tok = AutoTokenizer.from_pretrained(target.path)
     got = predict(cpu_session(target.path / "model.onnx", 2), tok, texts, 64)
     with torch.no_grad():

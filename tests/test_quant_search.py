@@ -148,9 +148,12 @@ def test_weight_only_nodes_store_int8_weights_over_float_activations(tmp_path):
 
     # both layers static int8: the spike's uint8 range wipes out the down-projection's input
     _, plain = run(StaticQdqInt8Config(op_types=["MatMul", "Gemm"], calibration_texts=8, search=False))
-    # the fused Gemm is found by the MatMul's name it grew from; its weight int8 behind a DequantizeLinear
+    # the fused Gemm is found by the MatMul's name it grew from; its weight int8 behind a DequantizeLinear (the
+    # up-projection kept in float, so the error measured is the weight-only node's alone, 0.7%: the up-projection's
+    # static int8 alone costs 5.9% on an AVX2 CPU without VNNI, whose u8s8 kernels sum pairs in 16 bits, and < 2%
+    # on an AVX-512 VNNI one)
     graph, wo = run(StaticQdqInt8Config(op_types=["MatMul", "Gemm"], calibration_texts=8, search=False,
-                                        weight_only=["^/down/MatMul$"]))
+                                        weight_only=["^/down/MatMul$"], exclude=["^/up/MatMul$"]))
     down = next(n for n in graph.node if n.name == "/down/MatMul/MatMulAddFusion")
     producers = {o: n for n in graph.node for o in n.output}
     weight_dq = producers[down.input[1]]  # stored (N, K), so onnxruntime does not turn it into MatMulNBits
