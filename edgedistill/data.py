@@ -207,8 +207,8 @@ def _fortunes() -> list[str]:
     return out
 
 
-def _stdlib_docstring_paragraphs() -> list[str]:
-    """Paragraphs of prose (100-1,200 characters, no doctest or indented code) of the standard library's docstrings."""
+def _stdlib_docstrings() -> list[str]:
+    """Every module, class and function docstring of the standard library's top-level modules, in file order."""
     stdlib = Path(sys.modules["os"].__file__).parent
     out = []
     for f in sorted(stdlib.glob("*.py")):
@@ -218,12 +218,22 @@ def _stdlib_docstring_paragraphs() -> list[str]:
             continue
         for node in ast.walk(tree):
             if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)):
-                for block in (ast.get_docstring(node) or "").split("\n\n"):
-                    if ">>>" in block or block.startswith((" ", "\t")):
-                        continue
-                    text = " ".join(block.split())
-                    if 100 <= len(text) <= 1200:
-                        out.append(text)
+                doc = ast.get_docstring(node)
+                if doc:
+                    out.append(doc)
+    return out
+
+
+def _stdlib_docstring_paragraphs() -> list[str]:
+    """Paragraphs of prose (100-1,200 characters, no doctest or indented code) of the standard library's docstrings."""
+    out = []
+    for doc in _stdlib_docstrings():
+        for block in doc.split("\n\n"):
+            if ">>>" in block or block.startswith((" ", "\t")):
+                continue
+            text = " ".join(block.split())
+            if 100 <= len(text) <= 1200:
+                out.append(text)
     return out
 
 
@@ -244,20 +254,11 @@ def _wordnet_glosses() -> list[str]:
 
 
 def _stdlib_docstring_sentences() -> list[str]:
-    stdlib = Path(sys.modules["os"].__file__).parent
     out = []
-    for f in sorted(stdlib.glob("*.py")):
-        try:
-            tree = ast.parse(f.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, OSError):
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)):
-                doc = ast.get_docstring(node)
-                if doc:
-                    para = " ".join(doc.split("\n\n")[0].split())
-                    if 20 <= len(para) <= 400:
-                        out.append(para)
+    for doc in _stdlib_docstrings():
+        para = " ".join(doc.split("\n\n")[0].split())
+        if 20 <= len(para) <= 400:
+            out.append(para)
     return out
 
 

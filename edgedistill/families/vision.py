@@ -29,6 +29,20 @@ class NormalizedClassifier(nn.Module):
         return self.model((pixels - self.mean) / self.std)
 
 
+def _probe(model: nn.Module, size: int, modules: list[nn.Module], hook) -> None:
+    """Run one zero (1, 3, size, size) image through `model` in eval mode, without gradients, with `hook` as a
+    forward hook on `modules`; the hooks are removed and the training mode restored after."""
+    handles = [m.register_forward_hook(hook) for m in modules]
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, size, size))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+
+
 def count_macs(model: nn.Module, size: int) -> int:
     """Return the multiply-accumulates of one `size` x `size` image through `model`'s convolutions and Linear layers.
     Counted by isinstance, so subclasses count too (torch-pruning's counter matches exact types and skipped
@@ -42,15 +56,7 @@ def count_macs(model: nn.Module, size: int) -> int:
         else:
             total[0] += output.numel() * module.in_features
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    was_training = model.training
-    try:
-        with torch.no_grad():
-            model.eval()(torch.zeros(1, 3, size, size))
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    _probe(model, size, [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))], hook)
     return int(total[0])
 
 
@@ -190,15 +196,7 @@ def droppable_blocks(model: nn.Module, size: int) -> list[str]:
         if args and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
             shapes[names[id(module)]] = (tuple(args[0].shape), tuple(output.shape))
 
-    handles = [c.register_forward_hook(hook) for _, m in containers for c in m.children()]
-    was_training = model.training
-    try:
-        with torch.no_grad():
-            model.eval()(torch.zeros(1, 3, size, size))
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    _probe(model, size, [c for _, m in containers for c in m.children()], hook)
     found = sorted((n for n, (i, o) in shapes.items() if i == o and is_residual(model.get_submodule(n))),
                    key=lambda n: n.count("."))
     outermost: list[str] = []
