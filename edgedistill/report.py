@@ -67,7 +67,8 @@ def _latency_row(lat: dict) -> str:
             f"{lat['speedup_vs_teacher']:.2f}× faster |")
 
 
-def _coverage_lines(m: Manifest) -> list[str]:
+def coverage_lines(m: Manifest) -> list[str]:
+    """Return the report lines of a GPU artifact's structural checks and operator coverage (none for other targets)."""
     cov, structure = m.model.get("coverage"), m.model.get("structure")
     lines = []
     if structure:
@@ -129,7 +130,7 @@ def render_report(m: Manifest, published: bool) -> str:
            f"{_recipe(m.quantization['profile'])})" if len(m.quantization["trials"]) > 1 else ""),
         f"- runtime: {m.target['runtime']} / {m.target['execution_provider']}, profile threads {m.target['threads']}"
         + (f" (measured with {lat['threads_measured']} on this machine)" if "not_measured" not in lat else ""),
-        *_coverage_lines(m),
+        *coverage_lines(m),
         f"- budget: {', '.join(f'{k} {v}' for k, v in m.metrics['budget'].items())}",
         "",
         "## Distillation",

@@ -141,16 +141,19 @@ class TargetProfile(BaseModel):
         if self.model_format == "ort" and self.execution_provider != "CPUExecutionProvider":
             raise ValueError("model_format ort is for ONNX Runtime Mobile: use execution_provider CPUExecutionProvider "
                              "(and list the device's providers in device_execution_providers)")
+        vision_q = self.vision.quantization if self.vision is not None and not self.vision.unsupported else None
         if self.execution_provider == "TensorrtExecutionProvider":
-            q = self.quantization
             if self.optimization != "none":
                 raise ValueError("TensorrtExecutionProvider cannot run onnxruntime's fused contrib operators "
                                  "(TensorRT fuses the plain graph itself): set optimization: none")
-            if q.recipe == "static-qdq-int8" and q.activation_type != "int8":
-                raise ValueError("TensorRT's int8 QDQ needs symmetric int8 activations: set quantization.activation_type: int8")
-        if self.execution_provider in GPU_PROVIDERS and self.quantization.recipe == "dynamic-int8":
-            raise ValueError(f"{self.execution_provider} has no dynamic int8 kernels (DynamicQuantizeLinear, "
-                             "DynamicQuantizeMatMul, MatMulIntegerToFloat run on the CPU): use recipe fp16 or static-qdq-int8")
+            for section, q in (("quantization", self.quantization), ("vision.quantization", vision_q)):
+                if q is not None and q.recipe == "static-qdq-int8" and q.activation_type != "int8":
+                    raise ValueError(f"TensorRT's int8 QDQ needs symmetric int8 activations: set {section}.activation_type: int8")
+        for section, q in (("quantization", self.quantization), ("vision.quantization", vision_q)):
+            if self.execution_provider in GPU_PROVIDERS and q is not None and q.recipe == "dynamic-int8":
+                raise ValueError(f"{self.execution_provider} has no dynamic int8 kernels (DynamicQuantizeLinear, "
+                                 "DynamicQuantizeMatMul, MatMulIntegerToFloat run on the CPU): use "
+                                 f"{section}.recipe fp16 or static-qdq-int8")
         return self
 
     @property

@@ -43,6 +43,13 @@ class Built:
 _BACKENDS: dict[str, Callable] = {}
 
 
+def unmeasured_latency(profile, reason: str, shape: dict) -> dict:
+    """Return the latency section of a target whose device is not here: the shape it would run (`shape`, e.g.
+    batch and sequence), and why there is no number."""
+    return {**shape, "threads_profile": profile.threads, "threads_measured": 0, "not_measured": reason,
+            "note": f"not measured: {reason}. Run `edgedistill bench` on a machine with the device."}
+
+
 def trial_latency(run: Runner, feeds: dict[str, np.ndarray], runs: int = 10) -> float:
     """Return the median ms of `runs` calls after 2 warm-up calls: a quick figure to compare quantization trials
     (the artifact itself is timed properly, against the teacher, after validation)."""

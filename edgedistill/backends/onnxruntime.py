@@ -33,7 +33,7 @@ def _runner(path: Path, threads: int, provider: str = "CPUExecutionProvider"):
     return run, fixed
 
 
-def _structure(model_path: Path) -> dict:
+def graph_structure(model_path: Path) -> dict:
     """Return the structural facts a GPU artifact is checked by when it cannot run here: the onnx checker passes,
     initializer element types, operators by domain."""
     model = onnx.load(str(model_path))
@@ -98,7 +98,7 @@ def build_onnxruntime(profile, ctx: BuildContext, stage_dir: Path, runner=None) 
     }
     not_measured = None
     if profile.gpu:
-        record["model"]["structure"] = _structure(model_path)
+        record["model"]["structure"] = graph_structure(model_path)
         record["model"]["coverage"] = require_coverage(model_path, provider).as_dict()
         if unusable:
             not_measured = unusable

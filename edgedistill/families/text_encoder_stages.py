@@ -11,7 +11,7 @@ import torch
 
 from edgedistill import __version__, distributed
 from edgedistill.artifact import Manifest
-from edgedistill.backends import BuildContext, Built, build_model
+from edgedistill.backends import BuildContext, Built, build_model, unmeasured_latency
 from edgedistill.bench.timer import measure_interleaved, paired_ratio
 from edgedistill.cache import LabelStore, Rows, cache_key, default_cache_dir, label_sharded
 from edgedistill.data import OUT_OF_DOMAIN_NAME, TransferSet, out_of_domain_texts, split_indices
@@ -218,7 +218,8 @@ def build_target(d: Distilled, profile: TargetProfile, stage_dir: Path, opts) ->
         validation.metrics["ood_cosine_mean"] = fidelity_metrics(ood, d.ood_teacher, teacher.task)["cosine_mean"]
         validation.metrics["torch_student_ood_cosine_mean"] = fidelity_metrics(d.ood_student, d.ood_teacher,
                                                                               teacher.task)["cosine_mean"]
-    latency = (unmeasured_latency(profile, built.not_measured) if built.not_measured
+    shape = {"batch": profile.input_shape.batch, "sequence": profile.input_shape.sequence}
+    latency = (unmeasured_latency(profile, built.not_measured, shape) if built.not_measured
                else measure_latency(teacher, built.run, profile, d.val_texts, d.input_names))
     save_tokenizer(teacher.tokenizer, d.max_length, stage_dir / "tokenizer")
     files = {**built.files, **{f.name: f for f in sorted((stage_dir / "tokenizer").iterdir()) if f.is_file()},
@@ -256,13 +257,6 @@ def derive_student(teacher: Teacher, num_layers: int) -> tuple[EncoderWithHead, 
     """Return the student (teacher architecture, `num_layers` layers) with the teacher's head, and the layers it kept."""
     model, kept = teacher.family.derive_student(teacher.module.model, num_layers)
     return EncoderWithHead(model, teacher.task, teacher.module.pooling if teacher.task == "feature-extraction" else None), kept
-
-
-def unmeasured_latency(profile: TargetProfile, reason: str) -> dict:
-    """Return the latency section of a target whose device is not here: the shape it would run, and why no number."""
-    return {"batch": profile.input_shape.batch, "sequence": profile.input_shape.sequence,
-            "threads_profile": profile.threads, "threads_measured": 0, "not_measured": reason,
-            "note": f"not measured: {reason}. Run `edgedistill bench` on a machine with the device."}
 
 
 def measure_latency(teacher: Teacher, run, profile: TargetProfile, texts: list[str], input_names: list[str]) -> dict:

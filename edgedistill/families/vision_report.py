@@ -2,18 +2,23 @@
 from __future__ import annotations
 
 from edgedistill.artifact import Manifest
+from edgedistill.report import coverage_lines, latency_cell
 
 
 def summary_cells(m: Manifest) -> dict[str, str]:
     v, lat, budget = m.metrics["values"], m.latency, m.metrics["budget"]
-    latency = (f"{lat['artifact']['p50_ms']:.2f} vs {lat['teacher']['p50_ms']:.2f} ms ({lat['speedup_vs_teacher']:.1f}x), "
-               f"batch {lat['batch']}, {lat['threads_measured']} threads")
+    if "not_measured" in lat:
+        latency = f"not measured: {lat['not_measured']} (batch {lat['batch']})"
+    else:
+        latency = (f"{lat['artifact']['p50_ms']:.2f} vs {lat['teacher']['p50_ms']:.2f} ms ({lat['speedup_vs_teacher']:.1f}x), "
+                   f"batch {lat['batch']}, {lat['threads_measured']} threads")
     return {"fidelity": f"top-1 agreement {v['top1_agreement']:.4f} (budget ≥ {budget['min_top1_agreement']:g}); top-5 "
                         f"{v['top5_agreement']:.4f}; KL {v['kl_teacher']:.4f}; {m.data['num_validation']} held-out views "
                         f"of {m.data['num_validation_images']} photos"
                         + ("" if m.data.get("photos_held_out", True) else " (other crops of the training photos)"),
             "latency": latency,
-            "latency_short": f"{lat['artifact']['p50_ms']:.2f} ms ({lat['speedup_vs_teacher']:.1f}x)",
+            "latency_short": latency_cell(lat) if "not_measured" in lat else
+                             f"{lat['artifact']['p50_ms']:.2f} ms ({lat['speedup_vs_teacher']:.1f}x)",
             "size": f"{m.sizes['model_mb']:.2f} vs {m.sizes['teacher_weights_mb']:.2f} MB fp32 ({m.sizes['size_ratio']:.0%})"}
 
 
@@ -48,6 +53,9 @@ def render_report(m: Manifest, published: bool) -> str:
         f"| fidelity | {cells['fidelity']} |",
         f"| latency (this machine) | {cells['latency']} |",
         f"| size | {cells['size']} |", "",
+        *([f"Fidelity was computed with {m.model['validated_with']}; latency was not measured "
+           f"({m.latency['not_measured']}).", ""] if "validated_with" in m.model else []),
+        *([*coverage_lines(m), ""] if coverage_lines(m) else []),
         "## Metrics on the held-out views", "", "| metric | value |", "|---|---|",
         *[f"| {k} | {val:.4f} |" for k, val in v.items()], "",
         "## Distillation curve", "", "| step | validation top-1 agreement | train loss |", "|---|---|---|",

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from edgedistill import __version__, distributed
 from edgedistill.artifact import Manifest
+from edgedistill.backends import unmeasured_latency
 from edgedistill.bench.timer import measure_interleaved, paired_ratio
 from edgedistill.cache import LabelStore, Rows, array_digests, cache_key, default_cache_dir, label_sharded
 from edgedistill.distill.loop import Checkpointing, DistillResult, Training, distill
@@ -458,6 +459,22 @@ class PteSession:
         return [self._run({INPUT: np.ascontiguousarray(feeds[INPUT])})]
 
 
+class GpuSession:
+    """A GPU provider's session (IO binding: inputs copied to the device once per distinct array, outputs bound on
+    it) behind the two onnxruntime-session calls the vision stages use."""
+
+    def __init__(self, path: Path, provider: str) -> None:
+        from edgedistill.runtimes.ort_cpu import gpu_runner
+
+        self._run, self._session = gpu_runner(path, provider)
+
+    def get_inputs(self):
+        return self._session.get_inputs()
+
+    def run(self, _outputs, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return [self._run(feeds)]
+
+
 def build_pte(d: VisionDistilled, profile: TargetProfile, stage_dir: Path):
     """Export the student with torch.export, quantize it by PT2E for XNNPACK (static int8) when the profile says,
     lower to the XNNPACK delegate and write model.pte; return (path, session, config, trials, export checks)."""
@@ -506,6 +523,10 @@ def build_target(d: VisionDistilled, profile: TargetProfile, stage_dir: Path, op
                                export_checks)
     from edgedistill.quantize.search import quantize_within_budget
 
+    from edgedistill.backends.onnxruntime import graph_structure
+    from edgedistill.coverage import require_coverage
+    from edgedistill.runtimes.ort_cpu import provider_unusable
+
     vision = profile.vision
     threads = profile.effective_threads
     student = d.trained.student.eval()
@@ -515,12 +536,20 @@ def build_target(d: VisionDistilled, profile: TargetProfile, stage_dir: Path, op
 
         exported = fix_input_shapes(exported, {"batch": vision.batch}, stage_dir / "export" / "fixed.onnx")
         export_checks["fixed_batch"] = vision.batch
+    # a GPU target whose provider cannot start here is validated on onnxruntime's CPU kernels and not timed
+    unusable = provider_unusable(exported, profile.execution_provider) if profile.gpu else None
+
+    def session_of(path: Path):
+        if profile.gpu and not unusable:
+            return GpuSession(path, profile.execution_provider)
+        return cpu_session(path, threads)
+
     search_views, search_teacher = d.val_views[:SEARCH_VIEWS], d.val_logits[:SEARCH_VIEWS]
     n_cal = getattr(vision.quantization, "calibration_texts", 8)
     calibration = [{INPUT: v[None].astype(np.float32) / 255.0} for v in calibration_views(d.train_views, n_cal)]
 
     def evaluate(path: Path) -> float:
-        return agreement(run_onnx(cpu_session(path, threads), search_views), search_teacher)["top1_agreement"]
+        return agreement(run_onnx(session_of(path), search_views), search_teacher)["top1_agreement"]
 
     (stage_dir / "trials").mkdir(parents=True, exist_ok=True)
     model_path, config, trials = quantize_within_budget(exported, vision.quantization, stage_dir / "trials", calibration,
@@ -529,6 +558,12 @@ def build_target(d: VisionDistilled, profile: TargetProfile, stage_dir: Path, op
     final.write_bytes(model_path.read_bytes())
     files = {MODEL_FILE: final}
     device_file = final
+    model_record: dict = {}
+    if profile.gpu:  # checked by structure and by the provider's operator table wherever it runs
+        model_record = {"structure": graph_structure(final),
+                        "coverage": require_coverage(final, profile.execution_provider).as_dict()}
+        if unusable:
+            model_record["validated_with"] = "CPUExecutionProvider (the same graph on onnxruntime's CPU kernels)"
     if profile.model_format == "ort":
         from edgedistill.ort_format import convert_to_ort
 
@@ -541,14 +576,15 @@ def build_target(d: VisionDistilled, profile: TargetProfile, stage_dir: Path, op
     elif profile.model_format != "onnx":
         raise ProfileError(f"target {profile.name} asks for a {profile.model_format} model, which the vision family "
                            "does not build", hint="use model_format onnx or ort, or another target")
-    return validated_build(d, profile, stage_dir, opts, files, final, device_file, cpu_session(device_file, threads),
-                           config, trials, export_checks)
+    return validated_build(d, profile, stage_dir, opts, files, final, device_file, session_of(device_file),
+                           config, trials, export_checks, model_record, not_measured=unusable)
 
 
 def validated_build(d: VisionDistilled, profile: TargetProfile, stage_dir: Path, opts, files: dict[str, Path],
-                    model_path: Path, device_file: Path, session, config, trials, export_checks: dict) -> TargetBuild:
-    """Validate what the device runs (`session`) against the teacher on the held-out views, time it, and assemble
-    the artifact's files and manifest."""
+                    model_path: Path, device_file: Path, session, config, trials, export_checks: dict,
+                    model_record: dict | None = None, not_measured: str | None = None) -> TargetBuild:
+    """Validate what the device runs (`session`) against the teacher on the held-out views, time it (unless
+    `not_measured` says why its device is not here), and assemble the artifact's files and manifest."""
     vision = profile.vision
     artifact_logits = run_onnx(session, d.val_views)
     metrics = agreement(artifact_logits, d.val_logits)
@@ -561,13 +597,14 @@ def validated_build(d: VisionDistilled, profile: TargetProfile, stage_dir: Path,
     passed = metrics["top1_agreement"] >= vision.budget.min_top1_agreement
     verdict = (f"top-1 agreement {metrics['top1_agreement']:.4f} {'≥' if passed else '<'} the budget's "
                f"{vision.budget.min_top1_agreement:g}")
-    latency = measure_vision_latency(d, session, profile)
+    latency = (unmeasured_latency(profile, not_measured, {"batch": vision.batch, "image_size": d.size}) if not_measured
+               else measure_vision_latency(d, session, profile))
     np.save(stage_dir / "validation-views.npy", d.val_views)
     np.save(stage_dir / "validation-teacher.npy", d.val_logits.astype(np.float32))
     files.update({"validation-views.npy": stage_dir / "validation-views.npy",
                   "validation-teacher.npy": stage_dir / "validation-teacher.npy"})
     manifest = vision_manifest(d, profile, model_path, config, trials, export_checks, metrics, passed, verdict, latency,
-                               opts, device_file)
+                               opts, device_file, model_record or {})
     return TargetBuild(files, manifest, passed)
 
 
@@ -576,26 +613,32 @@ def measure_vision_latency(d: VisionDistilled, session, profile: TargetProfile) 
     batch = profile.vision.batch
     views = np.resize(d.val_views, (batch, *d.val_views.shape[1:]))
     x = views.astype(np.float32) / 255.0
-    tx = torch.from_numpy(x)
+    # a GPU artifact is compared with the teacher on the same GPU when torch has one (`.cpu()` waits for the kernels)
+    device = "cuda" if profile.gpu and torch.cuda.is_available() else "cpu"
+    tx = torch.from_numpy(x).to(device)
+    module = d.teacher.module.to(device)
     previous = torch.get_num_threads()
     torch.set_num_threads(profile.effective_threads)
     try:
         with torch.inference_mode():
             stats = measure_interleaved({"artifact": (lambda _: session.run(None, {INPUT: x}), [0]),
-                                         "teacher": (lambda _: d.teacher.module(tx), [0])},
+                                         "teacher": (lambda _: module(tx).cpu(), [0])},
                                         warmup=3, min_blocks=5, min_time_s=3.0, block_s=0.3, settle=1)
     finally:
         torch.set_num_threads(previous)
+        d.teacher.module.to("cpu")
     speedup = 1.0 / paired_ratio(stats["artifact"].block_p50_ms, stats["teacher"].block_p50_ms)
     return {"batch": batch, "image_size": d.size, "threads_profile": profile.threads,
-            "threads_measured": profile.effective_threads, **{k: v.as_dict() for k, v in stats.items()},
+            "threads_measured": profile.effective_threads, "teacher_device": device,
+            **{k: v.as_dict() for k, v in stats.items()},
             "speedup_vs_teacher": speedup,
             "note": f"batch {batch} x 3 x {d.size} x {d.size}; teacher = torch fp32; interleaved ~0.3 s blocks, the "
                     "speed-up is the median of paired block ratios."}
 
 
 def vision_manifest(d: VisionDistilled, profile: TargetProfile, model_path: Path, config, trials, export_checks: dict,
-                    metrics: dict, passed: bool, verdict: str, latency: dict, opts, device_file: Path) -> Manifest:
+                    metrics: dict, passed: bool, verdict: str, latency: dict, opts, device_file: Path,
+                    model_record: dict) -> Manifest:
     import onnx
     import onnxruntime
 
@@ -648,7 +691,7 @@ def vision_manifest(d: VisionDistilled, profile: TargetProfile, model_path: Path
                   if device_file.suffix == ".pte" else {}),
                "inputs": [INPUT], "outputs": [OUTPUT],
                "input": f"float32 (batch, 3, {d.size}, {d.size}) RGB in [0, 1]; normalization is in the graph",
-               "preprocess": teacher.source.get("preprocess")},
+               "preprocess": teacher.source.get("preprocess"), **model_record},
         metrics={"values": metrics, "budget": profile.vision.budget.model_dump(), "passed": passed, "verdict": verdict},
         latency=latency,
         sizes={"model_mb": model_mb, "teacher_weights_mb": teacher_mb, "size_ratio": model_mb / teacher_mb},
