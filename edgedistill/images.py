@@ -26,6 +26,21 @@ SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "stereo_motorcycle
 # Debian's gnome-backgrounds (43.1) holds no photograph (patterns, illustrations, SVGs), so none of it is used.
 PLASMA_PHOTOS = ("BytheWater", "ColdRipple", "ColorfulCups", "DarkestHour", "EveningGlow", "FallenLeaf", "Grey",
                  "Kite", "OneStandsOut", "Path", "summer_1am")
+# Photographs shipped as plain files, by the Debian package (or wheel) that ships them; each photo is one file. They
+# come after the ones above, so adding a source keeps the earlier photos' indices and hence their seeded views.
+BACKGROUNDS_DIR = Path("/usr/share/backgrounds")
+PHOTO_FILES: tuple[tuple[str, Path, tuple[str, ...]], ...] = (
+    # Ubuntu Touch's 16.04 wallpapers: 14 of its 15 (left out: analogpattern, a close-up of textured paper)
+    ("lomiri-wallpapers-16.04", BACKGROUNDS_DIR, tuple(f"{n}.jpg" for n in (
+        "Bridge_by_Sander_Klootwijk", "Dragonfly_by_Bolly", "Picture_0B_by_freespace", "Picture_1A_by_freespace",
+        "Wine_by_Jakkub_Mede", "aitzgorri_by_Aitzol_Berasategi", "free_by_Peter_Nerlich", "friends_by_Aitzol_Berasategi",
+        "greentock_by_Peter_Nerlich", "life_by_Aitzol_Berasategi", "picosdeeuropa_by_Aitzol_Berasategi",
+        "seeding_by_Clements_Engelhardt", "sunset_by_Aitzol_Berasategi", "umang_by_Abhishek_Mudgal"))),
+    # MATE's nature folder, all photographs (its desktop/ and abstract/ folders are renderings)
+    ("mate-backgrounds", BACKGROUNDS_DIR / "mate" / "nature", tuple(f"{n}.jpg" for n in (
+        "Aqua", "Blinds", "Dune", "FreshFlower", "Garden", "GreenMeadow", "LadyBird", "RainDrops", "Storm", "TwoWings",
+        "Wood", "YellowFlower"))),
+)
 
 
 @dataclass
@@ -174,7 +189,8 @@ def _read_npz(path: Path, max_images: int | None) -> tuple[list[np.ndarray], lis
 
 
 def _builtin_photos(max_images: int | None) -> tuple[list[np.ndarray], list[str]]:
-    """Return the natural photos on this machine: scikit-image's (if installed), then Plasma's photo wallpapers."""
+    """Return the natural photos on this machine: scikit-image's (if installed), Plasma's photo wallpapers, the
+    photographs of PHOTO_FILES, then scikit-learn's two sample photos (if installed)."""
     images, names = [], []
     try:
         import skimage.data
@@ -193,6 +209,21 @@ def _builtin_photos(max_images: int | None) -> tuple[list[np.ndarray], list[str]
         if best is not None:
             images.append(decode_image(best))
             names.append(str(best))
+    for _package, folder, files in PHOTO_FILES:
+        for name in files:
+            if (folder / name).is_file():
+                images.append(decode_image(folder / name))
+                names.append(str(folder / name))
+    try:
+        import sklearn.datasets
+    except ImportError:
+        sklearn = None
+    if sklearn is not None:
+        folder = Path(sklearn.datasets.__file__).parent / "images"
+        for name in ("china.jpg", "flower.jpg"):
+            if (folder / name).is_file():
+                images.append(decode_image(folder / name))
+                names.append(f"sklearn.datasets.load_sample_images:{name}")
     if not images:
         raise DataError("no built-in photos found on this machine",
                         hint="pip install scikit-image (or apt-get install plasma-workspace-wallpapers), or pass --data")

@@ -1,6 +1,8 @@
 """Image transfer sets: folders, .npz, the built-in photos, errors, downscaling, seeded views, mixup."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -191,7 +193,14 @@ def test_builtin_photos_load_and_hash_is_stable():
     assert s.labels is None and s.class_names is None
     assert all(im.ndim == 3 and im.shape[2] == 3 and im.dtype == np.uint8 and min(im.shape[:2]) <= 512
                for im in s.images)
-    assert all(n.startswith("/usr/share/wallpapers/") and "screenshot" not in n for n in s.names[5:])
+    plasma = [n for n in s.names if n.startswith("/usr/share/wallpapers/")]
+    assert all("screenshot" not in n for n in plasma) and len(plasma) <= len(images_mod.PLASMA_PHOTOS)
+    files = [str(folder / f) for _, folder, names in images_mod.PHOTO_FILES for f in names]
+    sklearn = ["sklearn.datasets.load_sample_images:china.jpg", "sklearn.datasets.load_sample_images:flower.jpg"]
+    # in this order, so that adding a source keeps the earlier photos' indices (their seeded views)
+    assert s.names[5:] == plasma + [n for n in files if n in s.names] + sklearn
+    if Path("/usr/share/backgrounds/mate/nature").is_dir():  # `make install` installs the Debian photos
+        assert len(s.names) == 5 + len(images_mod.PLASMA_PHOTOS) + len(files) + 2 == 44
     assert len(set(s.names)) == len(s.names)
     again = load_image_set(None)
     assert again.sha256 == s.sha256
@@ -201,8 +210,9 @@ def test_builtin_photos_load_and_hash_is_stable():
 def test_builtin_photos_without_wallpapers(monkeypatch, tmp_path):
     pytest.importorskip("skimage")
     monkeypatch.setattr(images_mod, "PLASMA_WALLPAPERS_DIR", tmp_path / "absent")
+    monkeypatch.setattr(images_mod, "PHOTO_FILES", ())
     s = load_image_set(None)
-    assert s.names == [f"skimage.data.{n}" for n in images_mod.SKIMAGE_PHOTOS]
+    assert s.names[:5] == [f"skimage.data.{n}" for n in images_mod.SKIMAGE_PHOTOS] and len(s.names) == 7
     assert s.images[1].shape == (300, 451, 3)  # chelsea, below the 512 px cap, untouched
 
 
