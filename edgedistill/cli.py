@@ -79,7 +79,7 @@ def compile_cmd(
     ce_weight: float = typer.Option(0.0, "--ce-weight", min=0.0, max=1.0, help="LMs: share of next-token cross-entropy on the data in the loss"),
     jsd_beta: float = typer.Option(0.5, "--jsd-beta", min=0.0, max=1.0, help="LMs: GKD's beta for --divergence jsd"),
     macs_ratio: Optional[float] = typer.Option(None, "--macs-ratio", help="Vision: the student's share of the teacher's MACs (channel pruning with torch-pruning; default 0.5; 1.0: quantization-aware distillation of the teacher itself)"),
-    ffn_ratio: float = typer.Option(1.0, "--ffn-ratio", help="LMs: share of each layer's FFN neurons the student keeps, by measured activation (width pruning)"),
+    ffn_ratio: float = typer.Option(1.0, "--ffn-ratio", help="LMs and text encoders: share of each layer's FFN neurons the student keeps, by measured activation (width pruning)"),
     generate: int = typer.Option(0, "--generate", min=0, metavar="N", help="LMs: the teacher writes N training windows continuing transfer-set prompts (sequence-level KD; sampled, cached)"),
     quantization_aware: Optional[bool] = typer.Option(None, "--quantization-aware/--no-quantization-aware", help="LMs and vision: distill through the targets' rounding (fake quantization, straight-through gradients: LMs int4/int8 rtn weights, CNNs static int8); default: when all targets round the same way"),
     arch: Optional[str] = typer.Option(None, "--arch", metavar="PKG.MODULE:FACTORY", help="Vision: the architecture a state-dict teacher (.safetensors, .pt, .pth) fits, built by calling FACTORY"),

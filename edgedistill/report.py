@@ -92,7 +92,9 @@ def render_report(m: Manifest, published: bool) -> str:
         f"Teacher `{m.teacher['name']}` ({m.teacher['model_type']}, {m.teacher['num_layers']} layers, "
         f"{_count(m.teacher['num_parameters'])} parameters, task {m.teacher['task']}) → student with "
         f"{_plural(m.student['num_layers'], 'layer')} (from teacher layers {m.student['kept_teacher_layers']}, "
-        f"{_count(m.student['num_parameters'])} parameters).",
+        + (f"FFN {m.student['ffn']['kept_ffn']} of {m.student['ffn']['teacher_ffn']} neurons by activation, "
+           if m.student.get("ffn") else "")
+        + f"{_count(m.student['num_parameters'])} parameters).",
         "",
         *[line for w in warnings_for(m) for line in ("", f"> **Warning:** {w}")],
         "",

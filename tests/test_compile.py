@@ -214,6 +214,7 @@ def _bad_inputs(tmp_path: Path, tiny_encoder: Path, text_file: Path, profile_fil
         "bad task": ([str(tiny_encoder), "--task", "translation"], "unknown task"),
         "too many layers": ([str(tiny_encoder), "--student-layers", "5"], "out of range"),
         "zero layers": ([str(tiny_encoder), "--student-layers", "0"], "out of range"),
+        "ffn ratio": ([str(tiny_encoder), "--ffn-ratio", "0"], "--ffn-ratio 0.0 is out of range"),
         "max length too long": ([str(tiny_encoder), "--max-length", "500"], "exceeds the teacher's 64 positions"),
         "data is a directory": ([str(tiny_encoder), "--data", str(tmp_path)], "is a directory"),
         "one text": ([str(tiny_encoder), "--max-texts", "1"], "needs at least 2"),
@@ -224,7 +225,7 @@ def _bad_inputs(tmp_path: Path, tiny_encoder: Path, text_file: Path, profile_fil
 
 @pytest.mark.parametrize("case", ["missing teacher", "teacher is a file", "corrupt weights", "unknown target",
                                   "malformed profile", "missing data", "non-UTF-8 data", "empty data", "bad task",
-                                  "too many layers", "zero layers", "max length too long", "data is a directory",
+                                  "too many layers", "zero layers", "ffn ratio", "max length too long", "data is a directory",
                                   "one text", "duplicate targets"])
 def test_bad_input_one_line_exit_2_nothing_written(case, tiny_encoder, text_file, profile_file, tmp_path):
     args, expected = _bad_inputs(tmp_path, tiny_encoder, text_file, profile_file)[case]
@@ -367,3 +368,71 @@ def test_embedding_artifacts_report_out_of_domain_fidelity_beside_the_held_out_s
     assert "torch_student_ood_cosine_mean" in values and "cosine_mean" in values
     report = (target.path / "report.md").read_text()
     assert "| ood_cosine_mean |" in report and "out-of-domain texts" in report
+
+
+@pytest.mark.parametrize("kind", ["bert", "distilbert"])
+def test_ffn_width_pruning_keeps_the_neurons_that_carry_the_function(kind):
+    """Half of every FFN's neurons silenced (zero input weights and bias: GELU(0) = 0): they rank last and pruning
+    them leaves the encoder's output unchanged."""
+    from transformers import BertModel, DistilBertConfig, DistilBertModel
+
+    from conftest import make_vocab, tiny_config
+    from edgedistill.families.text_encoder_stages import narrow_ffn
+    from edgedistill.teachers.hf import family_for
+    from edgedistill.families.text_encoder import EncoderWithHead, Pooling
+
+    torch.manual_seed(0)
+    if kind == "bert":
+        model = BertModel(tiny_config(), add_pooling_layer=False).eval()
+    else:
+        model = DistilBertModel(DistilBertConfig(vocab_size=len(make_vocab()), dim=32, n_layers=2, n_heads=2,
+                                                 hidden_dim=64, max_position_embeddings=64)).eval()
+    family = family_for(model.config)
+    dead = torch.arange(0, 64, 2)
+    with torch.no_grad():
+        for layer in family.layers(model):
+            [proj], _ = family.ffn_parts(layer)
+            proj.weight[dead] = 0
+            proj.bias[dead] = 0
+    student = EncoderWithHead(model, "feature-extraction", Pooling())
+    tokenizer = _tiny_tokenizer()
+    texts = make_texts(16, seed=5)
+    enc = tokenizer(texts, padding=True, return_tensors="pt")
+    names = ["input_ids", "attention_mask"]
+    with torch.no_grad():
+        before = student(enc["input_ids"], enc["attention_mask"])
+    record = narrow_ffn(student, family, tokenizer, texts, names, 32, 0.5)
+    assert record["teacher_ffn"] == 64 and record["kept_ffn"] == 32 and family.ffn_size(model.config) == 32
+    for layer in family.layers(model):
+        [proj], out = family.ffn_parts(layer)
+        assert proj.weight.shape == (32, 32) and out.weight.shape == (32, 32)
+        assert bool(proj.weight.abs().sum(1).gt(0).all())  # only the live neurons stayed
+    with torch.no_grad():
+        torch.testing.assert_close(student(enc["input_ids"], enc["attention_mask"]), before, atol=1e-5, rtol=1e-5)
+
+
+def _tiny_tokenizer():
+    from transformers import BertTokenizerFast
+    import tempfile
+
+    from conftest import make_vocab
+
+    folder = Path(tempfile.mkdtemp())
+    (folder / "vocab.txt").write_text("\n".join(make_vocab()) + "\n")
+    return BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
+
+
+def test_a_width_pruned_encoder_compiles_and_its_artifact_has_the_narrow_ffn(tiny_plain_encoder, text_file, tmp_path):
+    profile = write_profile(tmp_path / "fp32.yaml", name="fp32", quantization="recipe: fp32")
+    result = compile(str(tiny_plain_encoder), str(text_file), [str(profile)], tmp_path / "out",
+                     CompileOptions(distill=FAST, ffn_ratio=0.5))
+    artifact = result.targets[0].path
+    m = verify_files(artifact)
+    assert m.student["ffn_size"] == 32 and m.student["ffn"]["teacher_ffn"] == 64 and m.student["ffn"]["kept_ffn"] == 32
+    graph = onnx.load(str(artifact / "model.onnx")).graph
+    dims = {i.name: tuple(i.dims) for i in graph.initializer}
+    matmuls = [dims[n.input[1]] for n in graph.node if n.op_type == "MatMul" and n.input[1] in dims]
+    assert matmuls and 64 not in {d for shape in matmuls for d in shape}  # every FFN is 32 wide now
+    texts = make_texts(10, seed=3)
+    np.testing.assert_allclose(run_artifact(artifact, texts), torch_outputs(result.student, artifact, texts), atol=1e-4)
+    assert "FFN 32 of 64 neurons" in (artifact / "report.md").read_text()

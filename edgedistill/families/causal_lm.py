@@ -19,6 +19,7 @@ from torch import nn
 
 from edgedistill.errors import DataError, EdgeDistillError
 from edgedistill.families.base import Family
+from edgedistill.families.width import keep_neurons, neuron_importance
 
 LayerCriterion = Literal["perplexity", "block-influence", "even"]
 
@@ -210,55 +211,21 @@ def _mlp_parts(layer: nn.Module) -> tuple[list[nn.Module], nn.Module]:
     return [mlp.c_fc], mlp.c_proj
 
 
-@torch.no_grad()
 def ffn_importance(model: nn.Module, decoder: DecoderType, windows: torch.Tensor) -> list[torch.Tensor]:
     """Return, per decoder layer, each FFN neuron's mean |activation| on `windows` (the input of the MLP's output
     projection): Minitron's activation-based width importance."""
-    layers = decoder_layers(model, decoder)
-    sums = [None] * len(layers)
-    count = [0]
-
-    def hook(i):
-        def fn(module, args):
-            x = args[0].detach().float().abs().flatten(0, -2)
-            sums[i] = x.sum(0) if sums[i] is None else sums[i] + x.sum(0)
-        return fn
-
-    handles = [_mlp_parts(layer)[1].register_forward_pre_hook(hook(i)) for i, layer in enumerate(layers)]
-    try:
+    def feed() -> int:
         for row in windows.split(4):
             model(input_ids=row, use_cache=False)
-            count[0] += row.numel()
-    finally:
-        for h in handles:
-            h.remove()
-    return [s / count[0] for s in sums]
+        return windows.numel()
+
+    return neuron_importance([_mlp_parts(layer) for layer in decoder_layers(model, decoder)], feed)
 
 
-@torch.no_grad()
 def prune_ffn(model: nn.Module, decoder: DecoderType, importance: list[torch.Tensor], keep: int) -> None:
     """Keep the `keep` most important FFN neurons of every decoder layer, in place (rows of the input projections,
     columns of the output projection; the config's FFN size follows)."""
-    from transformers.pytorch_utils import Conv1D
-
-    for layer, score in zip(decoder_layers(model, decoder), importance):
-        idx = torch.sort(torch.topk(score, keep).indices).values
-        inputs, output = _mlp_parts(layer)
-        for proj in inputs:
-            if isinstance(proj, Conv1D):  # (in, out): neurons are columns
-                proj.weight = nn.Parameter(proj.weight[:, idx].clone())
-                proj.bias = nn.Parameter(proj.bias[idx].clone())
-                proj.nf = keep
-            else:
-                proj.weight = nn.Parameter(proj.weight[idx].clone())
-                if proj.bias is not None:
-                    proj.bias = nn.Parameter(proj.bias[idx].clone())
-                proj.out_features = keep
-        if isinstance(output, Conv1D):
-            output.weight = nn.Parameter(output.weight[idx].clone())
-        else:
-            output.weight = nn.Parameter(output.weight[:, idx].clone())
-            output.in_features = keep
+    keep_neurons([_mlp_parts(layer) for layer in decoder_layers(model, decoder)], importance, keep)
     setattr(model.config, "n_inner" if decoder.model_type == "gpt2" else "intermediate_size", keep)
 
 

@@ -37,6 +37,7 @@ from edgedistill.families.causal_lm import (
     teacher_labels,
     window_perplexity,
 )
+from edgedistill.families.width import kept_width
 from edgedistill.progress import console, enabled, new_progress
 from edgedistill.quantize import quantize
 from edgedistill.reverify import write_lm_validation_set
@@ -359,7 +360,7 @@ def narrow_ffn(student: torch.nn.Module, family: CausalLMFamily, calibration: np
     """Prune every layer's FFN to `ratio` of its neurons (a multiple of 32, the int4 block), by mean |activation| on
     the calibration windows; return the record for the manifest."""
     width = ffn_size(student.config)
-    keep = min(width, max(32, int(round(width * ratio / 32)) * 32))
+    keep = kept_width(width, ratio)  # a multiple of 32, the int4 block
     importance = ffn_importance(student, family.decoder, torch.from_numpy(calibration.astype(np.int64)))
     prune_ffn(student, family.decoder, importance, keep)
     return {"teacher_ffn": width, "kept_ffn": keep, "ratio": ratio,

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgedistill.families.base import Family
+from edgedistill.families.width import FfnParts, keep_neurons
 
 Task = Literal["feature-extraction", "text-classification"]
 
@@ -25,13 +26,17 @@ class EncoderType:
     heads_key: str
     hidden_key: str
     ort_model_type: str = "bert"  # onnxruntime.transformers optimizer model type
+    ffn_in: str = "intermediate.dense"  # within a layer: the projection that makes the FFN neurons
+    ffn_out: str = "output.dense"  # and the one that consumes them
+    ffn_key: str = "intermediate_size"  # config attribute holding the FFN width
 
 
 TEXT_ENCODER_TYPES = {
     "bert": EncoderType("bert", "num_hidden_layers", "num_attention_heads", "hidden_size"),
     "roberta": EncoderType("roberta", "num_hidden_layers", "num_attention_heads", "hidden_size"),
     "xlm-roberta": EncoderType("xlm-roberta", "num_hidden_layers", "num_attention_heads", "hidden_size"),
-    "distilbert": EncoderType("distilbert", "n_layers", "n_heads", "dim"),
+    "distilbert": EncoderType("distilbert", "n_layers", "n_heads", "dim", ffn_in="ffn.lin1", ffn_out="ffn.lin2",
+                              ffn_key="hidden_dim"),
 }
 
 _LAYER_KEY = re.compile(r"^(.*\blayer\.)(\d+)(\..*)$")
@@ -111,8 +116,8 @@ class TextEncoderFamily(Family):
 
         for flag, value, why in (("--student", opts.student, "an encoder's student is derived from the teacher"),
                                  ("--generate", opts.generate, "encoders distill on the transfer set's texts"),
-                                 ("--ffn-ratio", opts.ffn_ratio != 1.0, "encoder students are narrowed by depth only"),
-                                 ("--macs-ratio", opts.macs_ratio is not None, "encoder students are narrowed by depth only"),
+                                 ("--macs-ratio", opts.macs_ratio is not None,
+                                  "--student-layers and --ffn-ratio set an encoder student's size"),
                                  ("--crop-scale", opts.crop_scale is not None, "it sets image classifiers' training crops"),
                                  ("--drop-blocks", opts.drop_blocks, "--student-layers sets an encoder's depth"),
                                  ("--resize", opts.resize is not None, "it sets image classifiers' held-out crops"),
@@ -121,6 +126,7 @@ class TextEncoderFamily(Family):
             if value:
                 raise EdgeDistillError(f"{flag} does not apply to text encoders: {why}", hint=f"leave out {flag}")
         stages.student_depth(teacher, opts.student_layers)
+        stages.check_ffn_ratio(opts.ffn_ratio)
         stages.check_max_length(teacher, opts.max_length or teacher.max_length)
 
     def distill_student(self, teacher, data, opts, run_dir, profiles):
@@ -154,17 +160,37 @@ class TextEncoderFamily(Family):
     def hidden_size(self, config) -> int:
         return int(getattr(config, self.type.hidden_key))
 
+    def _layers_parent(self, model: nn.Module) -> tuple[nn.Module, str]:
+        """Return (the module holding the layer list, its attribute name), found from the parameter names."""
+        layer_path = next(m.group(1)[:-1] for k in model.state_dict() if (m := _LAYER_KEY.match(k)))
+        parent_path, _, attr = layer_path.rpartition(".")
+        return (model.get_submodule(parent_path) if parent_path else model), attr
+
+    def layers(self, model: nn.Module) -> nn.ModuleList:
+        parent, attr = self._layers_parent(model)
+        return getattr(parent, attr)
+
     def derive_student(self, teacher: nn.Module, num_layers: int) -> tuple[nn.Module, list[int]]:
         """Return a copy of the teacher keeping only `num_layers` evenly spaced layers (and everything else)."""
         kept = evenly_spaced_layers(self.num_layers(teacher.config), num_layers)
-        layer_path = next(m.group(1)[:-1] for k in teacher.state_dict() if (m := _LAYER_KEY.match(k)))
         student = copy.deepcopy(teacher)
-        parent_path, _, attr = layer_path.rpartition(".")
-        parent = student.get_submodule(parent_path) if parent_path else student
+        parent, attr = self._layers_parent(student)
         layers = getattr(parent, attr)
         setattr(parent, attr, nn.ModuleList([layers[i] for i in kept]))
         setattr(student.config, self.type.layers_key, num_layers)
         return student, kept
+
+    def ffn_parts(self, layer: nn.Module) -> FfnParts:
+        """Return a layer's FFN: the projection making its neurons, and the one consuming them."""
+        return [layer.get_submodule(self.type.ffn_in)], layer.get_submodule(self.type.ffn_out)
+
+    def ffn_size(self, config) -> int:
+        return int(getattr(config, self.type.ffn_key))
+
+    def narrow_ffn(self, model: nn.Module, importance: list[torch.Tensor], keep: int) -> None:
+        """Keep the `keep` most important FFN neurons of every layer, in place; the config follows."""
+        keep_neurons([self.ffn_parts(layer) for layer in self.layers(model)], importance, keep)
+        setattr(model.config, self.type.ffn_key, keep)
 
     def input_names(self, tokenizer) -> list[str]:
         """Return the graph's input names, in forward() order."""

@@ -98,6 +98,7 @@ class Distilled:
     ood_texts: list[str] = field(default_factory=list)  # embeddings: out-of-domain held-out texts (data.py)
     ood_teacher: np.ndarray | None = None
     ood_student: np.ndarray | None = None
+    ffn: dict | None = None  # width pruning (--ffn-ratio): what was kept and by what criterion
 
     @property
     def val_texts(self) -> list[str]:
@@ -127,6 +128,40 @@ def student_depth(teacher: Teacher, requested: int | None) -> int:
     return layers
 
 
+def check_ffn_ratio(ratio: float) -> float:
+    if not 0.0 < ratio <= 1.0:
+        raise EdgeDistillError(f"--ffn-ratio {ratio} is out of range", hint="pass a share in (0, 1], e.g. 0.5")
+    return ratio
+
+
+FFN_CALIBRATION_TEXTS = 256  # training texts the FFN neurons' activations are measured on (--ffn-ratio)
+
+
+@torch.no_grad()
+def narrow_ffn(student: EncoderWithHead, family, tokenizer, texts: list[str], input_names: list[str], max_length: int,
+               ratio: float) -> dict:
+    """Prune every layer's FFN to `ratio` of its neurons (a multiple of 32), by mean |activation| over the tokens of
+    `texts` (one text per call: no padding counted); return the record for the manifest."""
+    from edgedistill.families.width import kept_width, neuron_importance
+
+    model = student.model.eval()
+    parts = [family.ffn_parts(layer) for layer in family.layers(model)]
+
+    def feed() -> int:
+        positions = 0
+        for text in texts:
+            enc = tokenizer(text, truncation=True, max_length=max_length, return_tensors="pt")
+            model(**{k: v for k, v in enc.items() if k in input_names})
+            positions += int(enc["input_ids"].numel())
+        return positions
+
+    width = family.ffn_size(model.config)
+    keep = kept_width(width, ratio)
+    family.narrow_ffn(model, neuron_importance(parts, feed), keep)
+    return {"teacher_ffn": width, "kept_ffn": keep, "ratio": ratio, "calibration_texts": len(texts),
+            "criterion": "mean |activation| of each FFN neuron on the calibration texts' tokens (Minitron)"}
+
+
 def check_max_length(teacher: Teacher, max_length: int) -> int:
     """Return `max_length` if the teacher's position embeddings cover it, else raise."""
     limit = getattr(teacher.config, "max_position_embeddings", None)
@@ -150,10 +185,14 @@ def distill_student(teacher: Teacher, data: TransferSet, num_layers: int, max_le
     input_names = teacher.family.input_names(teacher.tokenizer)
     student, kept_layers = derive_student(teacher, num_layers)
     texts = lambda idx: [data.texts[i] for i in idx]  # noqa: E731
+    ffn = None
+    if opts.ffn_ratio < 1.0:
+        ffn = narrow_ffn(student, teacher.family, teacher.tokenizer, texts(train_idx[:FFN_CALIBRATION_TEXTS]),
+                         input_names, max_length, opts.ffn_ratio)
     head = asdict(teacher.module.pooling) if teacher.task == "feature-extraction" else teacher.task
     key = cache_key("student-v1", teacher.sha256, tokenizer_fingerprint(teacher.tokenizer), data.sha256, num_layers,
                     max_length, head, opts.val_fraction, encoder_settings(opts.distill), distributed.world(),
-                    torch.__version__, __version__)
+                    torch.__version__, __version__, *([("ffn", ffn)] if ffn else []))
     trained = load_stage(cache_dir / "students" / key, student)
     if trained is None:
         labels = np.asarray(data.labels)[train_idx] if data.labels is not None else None
@@ -174,7 +213,7 @@ def distill_student(teacher: Teacher, data: TransferSet, num_layers: int, max_le
         ood_teacher = np.asarray(label_with_teacher(teacher, ood, max_length, cache_dir))
         ood_student = torch_cpu.predict(trained.student, teacher.tokenizer, ood_texts, input_names, max_length)
     return Distilled(teacher, data, trained, kept_layers, input_names, max_length, train_idx, val_idx,
-                     np.asarray(teacher_outputs[val_idx]), val_student, ood_texts, ood_teacher, ood_student)
+                     np.asarray(teacher_outputs[val_idx]), val_student, ood_texts, ood_teacher, ood_student, ffn)
 
 
 def check_target(profile: TargetProfile) -> None:
@@ -310,6 +349,7 @@ def build_manifest(d: Distilled, profile: TargetProfile, built: Built, validatio
                  "num_parameters": count_parameters(teacher.module), "label_names": teacher.label_names,
                  "pooling": asdict(teacher.module.pooling) if teacher.task == "feature-extraction" else None},
         student={"num_layers": teacher.family.num_layers(student_config), "kept_teacher_layers": d.kept_layers,
+                 "ffn_size": teacher.family.ffn_size(student_config), "ffn": d.ffn,
                  "num_parameters": count_parameters(trained.student), "config": student_config.to_diff_dict()},
         data={"source": data.source, "sha256": data.sha256, "num_texts": len(data), "num_train": len(d.train_idx),
               "num_validation": len(d.val_idx), "labelled": data.labels is not None, "max_length": d.max_length,
