@@ -126,7 +126,8 @@ VAL_VIEWS = "validation-views.npy"
 
 def revalidate_vision(artifact_dir: Path, m: Manifest) -> Revalidation:
     """Re-run a vision artifact on its held-out views and compare top-1 agreement with the record."""
-    from edgedistill.families.vision_stages import agreement, run_onnx
+    from edgedistill.families.vision_build import run_onnx
+    from edgedistill.families.vision_stages import agreement
     from edgedistill.runtimes.ort_cpu import cpu_session
 
     if VAL_VIEWS not in m.files or VAL_TEACHER not in m.files:
@@ -135,7 +136,7 @@ def revalidate_vision(artifact_dir: Path, m: Manifest) -> Revalidation:
     teacher = np.load(artifact_dir / VAL_TEACHER, allow_pickle=False)
     path = artifact_dir / m.model["file"]
     if path.suffix == ".pte":
-        from edgedistill.families.vision_stages import PteSession
+        from edgedistill.families.vision_build import PteSession
 
         session = PteSession(path, tuple(m.model["input_shape"]))
     else:

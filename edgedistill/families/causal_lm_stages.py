@@ -144,7 +144,7 @@ def check_options(family: CausalLMFamily, teacher: Teacher, opts, profiles: list
     for flag, value in (("--macs-ratio", opts.macs_ratio), ("--crop-scale", opts.crop_scale), ("--resize", opts.resize),
                         ("--drop-blocks", opts.drop_blocks or None)):
         if value is not None:
-            raise EdgeDistillError(f"{flag} is for image classifiers", hint=f"leave it out; --student-layers and "
+            raise EdgeDistillError(f"{flag} is for image classifiers", hint="leave it out; --student-layers and "
                                    "--ffn-ratio set a language model's student")
     if opts.student and not (Path(opts.student) / "config.json").is_file():
         raise EdgeDistillError(f"--student {opts.student} is not a model directory (no config.json)",

@@ -267,9 +267,9 @@ class VisionFamily(Family):
         return stages.distill_student(self, teacher, data, opts, run_dir, profiles)
 
     def build_target(self, distilled, profile, stage_dir, opts):
-        from edgedistill.families import vision_stages as stages
+        from edgedistill.families import vision_build
 
-        return stages.build_target(distilled, profile, stage_dir, opts)
+        return vision_build.build_target(distilled, profile, stage_dir, opts)
 
     def render_report(self, manifest, published: bool) -> str:
         from edgedistill.families.vision_report import render_report
