@@ -179,3 +179,15 @@ def test_bench_warns_when_data_is_the_transfer_set(artifact, tmp_path):
     res = runner.invoke(app, bench_args(artifact, "--no-memory", "--batch", "1", "--min-time", "0.1", "--json", str(j)))
     assert res.exit_code == 0
     assert "training texts" in BenchResult.model_validate_json(j.read_text()).data["source"]
+
+
+def test_artifacts_of_one_target_are_told_apart_by_their_folders(artifact, tmp_path):
+    import shutil
+
+    copy = tmp_path / "other" / "tiny-cpu"
+    shutil.copytree(artifact["dir"], copy)
+    j = tmp_path / "r.json"
+    res = runner.invoke(app, [*bench_args(artifact, "--json", str(j), "--no-memory", "--rounds", "1"), str(copy)])
+    assert res.exit_code == 0, res.output
+    names = [r.name for r in BenchResult.model_validate_json(j.read_text()).results if r.role == "artifact"]
+    assert names == ["tiny-cpu (out/tiny-cpu)", "tiny-cpu (other/tiny-cpu)"], names

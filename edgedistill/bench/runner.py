@@ -138,7 +138,7 @@ def run_bench(artifact_dirs: list[Path], teacher_spec: str | None, data_path: st
         for rt_name in runtimes:
             rt = RUNTIMES[rt_name]
             model = rt.model_file(d, list(m.files))
-            r = ModelResult(name=m.target["name"], role="artifact", runtime=rt_name, artifact_dir=str(d))
+            r = ModelResult(name=artifact_label(d, m, manifests), role="artifact", runtime=rt_name, artifact_dir=str(d))
             reason = (f"{d} has no *{rt.model_suffix} model file" if model is None else rt.unavailable_reason())
             if reason is None:
                 try:
@@ -236,3 +236,12 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor()
+
+
+def artifact_label(d: Path, m, manifests: dict) -> str:
+    """Return an artifact's row name: its target's name, or, when several benched artifacts share that target, the
+    target with the artifact's folder and its parent (build/a/x86-64-avx512 vs build/b/x86-64-avx512)."""
+    name = m.target["name"]
+    if sum(other.target["name"] == name for other in manifests.values()) < 2:
+        return name
+    return f"{name} ({Path(d).parent.name}/{Path(d).name})"
