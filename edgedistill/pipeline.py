@@ -53,6 +53,8 @@ class CompileOptions:
     student: str | None = None  # causal LMs: a student checkpoint to distill into, instead of a derived one
     macs_ratio: float | None = None  # vision: the student's share of the teacher's MACs (channel pruning; None: 0.5)
     drop_blocks: int = 0  # vision: residual blocks the student goes without (least output change first), before pruning
+    fresh_views: bool = False  # vision: every step draws new crops and the teacher labels them in the loop
+    mixup: float = 0.0  # vision, with fresh_views: Beta(alpha, alpha) mixup; the teacher sees the same mixed images
     ffn_ratio: float = 1.0  # causal LMs: share of each layer's FFN neurons the student keeps (activation importance)
     generate: int = 0  # causal LMs: training windows the teacher writes itself (sequence-level KD), cached
     quantization_aware: bool | None = None  # causal LMs: distill through the targets' weight rounding (None: when

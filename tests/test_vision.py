@@ -205,7 +205,7 @@ def test_keep_rejected_writes_the_whole_rejected_artifact(tiny_teacher, photos, 
     assert (tmp_path / "out" / "tiny-vision.rejected.md").is_file() and not (tmp_path / "out" / "tiny-vision").exists()
 
 
-@pytest.mark.parametrize("case", ["lm-option", "no-vision-section", "macs-ratio", "crop-scale", "resize"])
+@pytest.mark.parametrize("case", ["lm-option", "no-vision-section", "macs-ratio", "crop-scale", "resize", "mixup-alone"])
 def test_bad_vision_input_one_line_exit_2(case, tiny_teacher, photos, tmp_path):
     args = ["compile", tiny_teacher, "--data", str(photos), "--out", str(tmp_path / "out")]
     if case == "lm-option":
@@ -221,9 +221,12 @@ def test_bad_vision_input_one_line_exit_2(case, tiny_teacher, photos, tmp_path):
     elif case == "crop-scale":
         args += ["--target", str(profile(tmp_path / "p.yaml", "{recipe: fp32}")), "--crop-scale", "0"]
         expected = "--crop-scale 0.0 is out of range"
-    else:
+    elif case == "resize":
         args += ["--target", str(profile(tmp_path / "p.yaml", "{recipe: fp32}")), "--resize", "32"]
         expected = "--resize 32 is smaller than the 64-pixel input"
+    else:
+        args += ["--target", str(profile(tmp_path / "p.yaml", "{recipe: fp32}")), "--mixup", "0.2"]
+        expected = "--mixup 0.2 needs --fresh-views"
     res = runner.invoke(app, args)
     assert res.exit_code == 2, res.output
     assert expected in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
@@ -560,3 +563,78 @@ def test_fp16_classifier_is_validated_and_timed_on_the_gpu(tiny_teacher, photos,
     m = result.targets[0].manifest
     assert "not_measured" not in m.latency and m.latency["teacher_device"] == "cuda"
     assert m.metrics["values"]["top1_agreement"] >= m.metrics["values"]["torch_student_top1_agreement"] - 0.05
+
+
+def test_fresh_views_are_new_crops_labelled_by_the_teacher_in_the_loop(tiny_teacher, photos, tmp_path, monkeypatch):
+    """--fresh-views: every step's crops are drawn anew (none is a cached training view) and the teacher labels
+    them in the loop; with --mixup the teacher sees the mixed images; the student caches apart from the cached-view
+    one; labelled data refuses --mixup in one line."""
+    seen: list[np.ndarray] = []
+    real = vision_stages.FreshViews.batch
+
+    def spy(self, idx):
+        x, logits = real(self, idx)
+        seen.append(x.numpy())
+        with torch.no_grad():
+            np.testing.assert_allclose(logits.numpy(), self.teacher(x).numpy(), atol=1e-5)  # the teacher's, on x
+        return x, logits
+
+    monkeypatch.setattr(vision_stages.FreshViews, "batch", spy)
+    spec = str(profile(tmp_path / "p.yaml", "{recipe: fp32}"))
+    result = compile(tiny_teacher, str(photos), [spec], tmp_path / "out", opts(fresh_views=True))
+    assert len(seen) == 3  # 48 views / 16 per batch, 1 epoch
+    cached = {v.tobytes() for v in result.distilled.train_views}
+    drawn = np.concatenate(seen)
+    assert drawn.shape == (48, 3, 64, 64) and not any(np.round(v * 255).astype(np.uint8).tobytes() in cached for v in drawn)
+    assert verify_files(result.targets[0].path)
+    fresh = vision_stages.FreshViews(result.distilled.data.images, np.zeros(48, int), 64, 0.25,
+                                     result.distilled.teacher.module)
+    torch.manual_seed(1)
+    plain, _ = real(fresh, np.arange(4))
+    fresh.mixup_alpha = 0.4
+    torch.manual_seed(1)
+    mixed, _ = real(fresh, np.arange(4))  # the same crops, mixed in pairs
+    assert mixed.shape == plain.shape and not torch.allclose(mixed, plain)
+    seen.clear()
+    compile(tiny_teacher, str(photos), [spec], tmp_path / "out2", opts())  # cached views: another student
+    assert not seen
+    labelled = tmp_path / "labelled.npz"
+    np.savez(labelled, images=np.load(photos)["images"], labels=np.arange(12) % 3)
+    res = runner.invoke(app, ["compile", tiny_teacher, "--data", str(labelled), "--target", spec, "--out",
+                              str(tmp_path / "out3"), "--fresh-views", "--mixup", "0.2"])
+    assert res.exit_code == 2 and "a mixed image has no single label" in res.stderr, res.output
+
+
+def test_fresh_views_resume_after_an_interruption_as_if_uninterrupted(tiny_teacher, photos, tmp_path, monkeypatch):
+    """The crops are seeded from torch's RNG, which a checkpoint saves and a resumed run restores: a run stopped
+    after its first checkpoint and resumed trains on the same crops and ends with the same history and student."""
+    spec = str(profile(tmp_path / "p.yaml", "{recipe: fp32}"))
+    three_epochs = dict(distill=DistillConfig(epochs=3, batch_size=16), fresh_views=True, checkpoint_every=2)
+    ref = compile(tiny_teacher, str(photos), [spec], tmp_path / "ref", CompileOptions(cache_dir=tmp_path / "c1",
+                                                                                       **three_epochs))
+    real, calls = vision_stages.FreshViews.batch, [0]
+
+    def stop_at_the_fifth(self, idx):
+        calls[0] += 1
+        if calls[0] == 5:  # after the checkpoint at step 4
+            raise KeyboardInterrupt
+        return real(self, idx)
+
+    monkeypatch.setattr(vision_stages.FreshViews, "batch", stop_at_the_fifth)
+    with pytest.raises(KeyboardInterrupt):
+        compile(tiny_teacher, str(photos), [spec], tmp_path / "out", CompileOptions(cache_dir=tmp_path / "c2", **three_epochs))
+    after: list[int] = []
+
+    def count(self, idx):
+        after.append(1)
+        return real(self, idx)
+
+    monkeypatch.setattr(vision_stages.FreshViews, "batch", count)
+    resumed = compile(tiny_teacher, str(photos), [spec], tmp_path / "out",
+                      CompileOptions(cache_dir=tmp_path / "c2", resume=True, **three_epochs))
+    # (step 0's train loss is NaN: no step taken yet)
+    np.testing.assert_array_equal(np.array(resumed.distilled.trained.history), np.array(ref.distilled.trained.history))
+    assert len(ref.distilled.trained.history) > 1
+    assert len(after) == 9 - 4  # it went on from the checkpoint at step 4 of 9, not from the start
+    for a, b in zip(resumed.student.state_dict().values(), ref.student.state_dict().values()):
+        torch.testing.assert_close(a, b)

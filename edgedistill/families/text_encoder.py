@@ -121,6 +121,8 @@ class TextEncoderFamily(Family):
                                  ("--crop-scale", opts.crop_scale is not None, "it sets image classifiers' training crops"),
                                  ("--drop-blocks", opts.drop_blocks, "--student-layers sets an encoder's depth"),
                                  ("--resize", opts.resize is not None, "it sets image classifiers' held-out crops"),
+                                 ("--fresh-views", opts.fresh_views, "it draws image classifiers' training crops"),
+                                 ("--mixup", opts.mixup > 0, "it mixes image classifiers' training crops"),
                                  ("--quantization-aware", opts.quantization_aware is True,
                                   "encoder targets choose their quantization by an accuracy-aware search")):
             if value:

@@ -81,6 +81,9 @@ def check_options(teacher: Teacher, opts, profiles) -> None:
             raise EdgeDistillError(f"--drop-blocks {opts.drop_blocks}: a torch.export program (.pt2) has no module "
                                    "structure to drop blocks from", hint="leave out --drop-blocks, or pass the state "
                                    "dict with --arch")
+        if opts.fresh_views:
+            raise EdgeDistillError("--fresh-views: a torch.export program (.pt2) is quantized as it is, without "
+                                   "training", hint="leave out --fresh-views, or pass the state dict with --arch")
         if opts.quantization_aware:
             raise EdgeDistillError("--quantization-aware needs the model's Conv modules; a torch.export program (.pt2) "
                                    "is quantized after training, as it is", hint="leave out --quantization-aware, or "
@@ -92,6 +95,9 @@ def check_options(teacher: Teacher, opts, profiles) -> None:
         if value:
             raise EdgeDistillError(f"{flag} does not apply to image classifiers",
                                    hint=f"leave out {flag}; --macs-ratio sets the student's size")
+    if opts.mixup and not opts.fresh_views:
+        raise EdgeDistillError(f"--mixup {opts.mixup:g} needs --fresh-views: the teacher's cached logits are of unmixed "
+                               "views", hint="add --fresh-views, or leave out --mixup")
     if not 0.0 < macs_ratio(opts) <= 1.0:
         raise EdgeDistillError(f"--macs-ratio {opts.macs_ratio} is out of range", hint="pass a share in (0, 1], e.g. 0.5")
     if opts.crop_scale is not None and not 0.0 < opts.crop_scale <= 1.0:
@@ -242,12 +248,41 @@ class QuantizationAwareSchedule:
             self.sim.enabled = previous
 
 
+@dataclass
+class FreshViews:
+    """Function matching: each step draws new training crops of the photos (seeded from torch's global RNG, which
+    a resumed run restores) and the teacher labels them in the loop, optionally mixed up (the teacher sees the same
+    mixed images: Beyer et al., "Knowledge distillation: A good teacher is patient and consistent")."""
+
+    images: list[np.ndarray]  # the training photos
+    source: np.ndarray  # the photo of each training example index
+    size: int
+    crop_scale: float
+    teacher: torch.nn.Module
+    mixup_alpha: float = 0.0
+
+    def batch(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (pixels, teacher logits) of fresh views of the photos behind `idx`."""
+        from edgedistill.images import mixup
+
+        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+        views = np.concatenate([make_views([self.images[self.source[i]]], 1, self.size, seed + k, True, self.crop_scale)[0]
+                                for k, i in enumerate(idx)])
+        x = _pixels(views)
+        if self.mixup_alpha > 0:
+            x, _, _ = mixup(x, self.mixup_alpha, torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            logits = self.teacher.eval()(x).float()
+        return x, logits
+
+
 def vision_training(train_views: np.ndarray, train_logits: np.ndarray, train_labels: np.ndarray | None,
                     val_views: np.ndarray, val_logits: np.ndarray, cfg,
-                    schedule: QuantizationAwareSchedule | None = None) -> Training:
-    """Return the loop's view of logit distillation: KL at temperature T (T² scaled) to the cached teacher logits,
-    plus `label_weight` cross-entropy when labels exist; validation top-1 agreement (higher is better), through the
-    int8 rounding when `schedule` says the student is distilled quantization-aware."""
+                    schedule: QuantizationAwareSchedule | None = None, fresh: FreshViews | None = None) -> Training:
+    """Return the loop's view of logit distillation: KL at temperature T (T² scaled) to the teacher's logits (cached
+    on the fixed training views, or computed on fresh views each step with `fresh`), plus `label_weight`
+    cross-entropy when labels exist; validation top-1 agreement (higher is better), through the int8 rounding when
+    `schedule` says the student is distilled quantization-aware."""
     rows = Rows(train_logits, np.arange(len(train_views)))
     calls = [0]
     t = cfg.temperature
@@ -255,8 +290,8 @@ def vision_training(train_views: np.ndarray, train_logits: np.ndarray, train_lab
 
     def collate(indices):
         idx = np.sort(np.asarray(indices))
-        batch = {"pixels": torch.from_numpy(train_views[idx]).float() / 255.0,
-                 "teacher": torch.from_numpy(np.asarray(rows[idx]))}
+        batch = {"index": torch.from_numpy(idx)} if fresh is not None else {
+            "pixels": torch.from_numpy(train_views[idx]).float() / 255.0, "teacher": torch.from_numpy(np.asarray(rows[idx]))}
         if train_labels is not None:
             batch["labels"] = torch.from_numpy(train_labels[idx].astype(np.int64))
         return batch
@@ -265,6 +300,10 @@ def vision_training(train_views: np.ndarray, train_logits: np.ndarray, train_lab
         if schedule is not None:
             schedule.before_step(calls[0])
         calls[0] += 1
+        if fresh is not None:  # drawn here, after the loop fetched the batch (and restored a resumed run's RNG)
+            batch["pixels"], batch["teacher"] = fresh.batch(batch["index"].numpy())
+            device = next(model.parameters()).device
+            batch["pixels"], batch["teacher"] = batch["pixels"].to(device), batch["teacher"].to(device)
         logits = model(batch["pixels"]).float()
         kd = F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(batch["teacher"] / t, -1), log_target=True,
                       reduction="batchmean") * t * t
@@ -286,6 +325,9 @@ def vision_training(train_views: np.ndarray, train_logits: np.ndarray, train_lab
 def distill_student(family, teacher: Teacher, data: ImageSet, opts, run_dir: Path | None,
                     profiles: list[TargetProfile]) -> VisionDistilled:
     """Split by photo, make views, label them (cached), prune the teacher to the MACs share, distill (cached)."""
+    if opts.mixup and data.labels is not None:
+        raise EdgeDistillError(f"--mixup with labelled data ({data.source}): a mixed image has no single label",
+                               hint="leave out --mixup (--fresh-views alone keeps the labels), or pass unlabelled images")
     cache_dir = opts.cache_dir or default_cache_dir()
     size = family.input_size
     seed = opts.distill.seed
@@ -326,6 +368,7 @@ def distill_student(family, teacher: Teacher, data: ImageSet, opts, run_dir: Pat
                     sorted(asdict(opts.distill).items()), qat and (qat, qat_start(len(train_views), opts.distill,
                                                                                   macs_ratio(opts, teacher)),
                                                                    RECALIBRATE_EVERY),
+                    *([("fresh-views", opts.mixup)] if opts.fresh_views else []),
                     distributed.world(), torch.__version__, __version__)
     trained = load_stage(cache_dir / "students" / key, student)
     if trained is None:
@@ -336,8 +379,11 @@ def distill_student(family, teacher: Teacher, data: ImageSet, opts, run_dir: Pat
             sim = ConvQuantSim(student, _example(size))
             schedule = QuantizationAwareSchedule(sim, _pixels(calibration_views(train_views, qat)),
                                                  qat_start(len(train_views), opts.distill, macs_ratio(opts, teacher)))
+        fresh = None
+        if opts.fresh_views:
+            fresh = FreshViews(images, train_src, size, crop_scale, teacher.module, opts.mixup)
         training = vision_training(train_views, train_logits, train_labels, val_views, val_logits, opts.distill,
-                                   schedule)
+                                   schedule, fresh)
         trained = distill(student, training, opts.distill, checkpointing)
         if sim is not None:
             best = float_state_dict(trained.student)
