@@ -53,8 +53,8 @@ def _json_object(text: str | None, option: str) -> dict | None:
 
 @app.command("compile")
 def compile_cmd(
-    teacher: Optional[str] = typer.Argument(None, help="Model directory (HF encoder, sentence-transformers or causal LM), a .gguf file, or a built-in: minilm, smollm2, mobilenetv2, efficientnet-lite0 (default: minilm)"),
-    data: Optional[str] = typer.Option(None, "--data", help=".txt (a text per line), .jsonl or .csv (default: built-in English set)"),
+    teacher: Optional[str] = typer.Argument(None, help="Model directory (HF encoder, sentence-transformers or causal LM), a .gguf file, an image classifier (.pt2 program, or a state dict with --arch), or a built-in: minilm, smollm2, mobilenetv2, efficientnet-lite0 (default: minilm)"),
+    data: Optional[str] = typer.Option(None, "--data", help="Texts: .txt (a text per line), .jsonl or .csv, or builtin:english / builtin:varied; images: a folder or an .npz (default: encoders builtin:varied, LMs builtin:english, image classifiers the built-in photos)"),
     target: Optional[list[str]] = typer.Option(None, "--target", help="Profile name or YAML path; repeat for several (default: this CPU)"),
     out_dir: Path = typer.Option(Path("build"), "--out", help="Artifacts go to OUT/<target>/"),
     task: Optional[str] = typer.Option(None, "--task", help="feature-extraction | text-classification | text-generation (default: from the checkpoint)"),
@@ -88,7 +88,7 @@ def compile_cmd(
     image_size: Optional[int] = typer.Option(None, "--image-size", min=8, max=2048, help="Vision: your model's input crop in pixels (default 224)"),
     crop_scale: Optional[float] = typer.Option(None, "--crop-scale", help="Vision: the smallest share of an image a random training crop covers (RandomResizedCrop's scale; default 0.25; near 1 for images the object fills, as Fashion-MNIST)"),
     fresh_views: bool = typer.Option(False, "--fresh-views", help="Vision: every training step draws new random crops of the photos and the teacher labels them in the loop (function matching), instead of its cached logits on a fixed set of views"),
-    mixup: float = typer.Option(0.0, "--mixup", min=0.0, metavar="ALPHA", help="Vision, with --fresh-views: mix pairs of views with Beta(ALPHA, ALPHA) weights; the teacher sees the same mixed images (consistent teaching)"),
+    mixup: float = typer.Option(0.0, "--mixup", metavar="ALPHA", help="Vision, with --fresh-views: mix pairs of views with Beta(ALPHA, ALPHA) weights; the teacher sees the same mixed images (consistent teaching)"),
     drop_blocks: int = typer.Option(0, "--drop-blocks", min=0, metavar="N", help="Vision: leave N shape-preserving (residual) blocks out of the student, those whose absence moves the teacher's outputs least (measured, greedy); then channels are pruned to --macs-ratio"),
     resize: Optional[int] = typer.Option(None, "--resize", metavar="PX", help="Vision: held-out images' short side before the center crop of --image-size (default ImageNet's 256 for 224; equal to --image-size: no crop)"),
     keep_rejected: bool = typer.Option(False, "--keep-rejected", help="Also write an artifact that misses its budget, whole, to OUT/<target>.rejected/ (to inspect or bench; its report says REJECTED; the exit code is still 2)"),

@@ -105,13 +105,15 @@ def compile(teacher_spec: str | None, data_path: str | None, target_specs: list[
     profiles = resolve_targets(target_specs)  # fail fast: bad profiles, unwritable output, before any work
     check_writable(out_dir, "--out")
     check_writable(opts.cache_dir or default_cache_dir(), "--cache-dir")
+    # the teacher, the options and the data are checked before OUT is locked (which creates it): a refused compile
+    # writes nothing
+    teacher = load_teacher(teacher_spec, opts.task, user_vision_model(teacher_spec, opts))
+    family: Family = teacher.family
+    for profile in profiles:
+        family.check_target(profile)
+    family.check_options(teacher, opts, profiles)
+    data = family.load_data(teacher, data_path, opts)
     with runs.run_lock(out_dir) if distributed.is_main() else contextlib.nullcontext():
-        teacher = load_teacher(teacher_spec, opts.task, user_vision_model(teacher_spec, opts))
-        family: Family = teacher.family
-        for profile in profiles:
-            family.check_target(profile)
-        family.check_options(teacher, opts, profiles)
-        data = family.load_data(teacher, data_path, opts)
         if distributed.is_main():
             if not opts.resume and (out_dir / RUN_DIR / "checkpoint").is_dir():
                 progress.console.print(f"note: {out_dir} holds a checkpoint of an interrupted compile; starting over "
@@ -197,14 +199,20 @@ def resolve_targets(specs: list[str]) -> list[TargetProfile]:
 
 
 def check_writable(path: Path, option: str) -> None:
-    """Create `path` if needed and prove a file can be written there, or raise EdgeDistillError naming the option."""
+    """Prove a file can be written in `path` (creating it for the test, and removing again what it created), or
+    raise EdgeDistillError naming the option."""
     if path.exists() and not path.is_dir():
         raise EdgeDistillError(f"{option} {path} is a file, not a directory", hint=f"pass a directory to {option}")
+    created = [p for p in [path, *path.parents] if not p.exists()]  # deepest first
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as e:
         raise EdgeDistillError(f"cannot write to {option} {path}: {e.strerror}", hint=f"pass a writable {option}") from None
+    finally:
+        for p in created:  # a refused compile leaves nothing behind; the run lock creates OUT when work starts
+            with contextlib.suppress(OSError):
+                p.rmdir()
 
 

@@ -19,6 +19,7 @@ LOCK = ".edgedistill.lock"
 def run_lock(out_dir: Path):
     """Hold an exclusive lock on out_dir for the whole compile; a second compile into it fails at once."""
     path = out_dir / LOCK
+    out_dir.mkdir(parents=True, exist_ok=True)  # compile() checked it is writable, then left it uncreated
     f = path.open("a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

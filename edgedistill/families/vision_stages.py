@@ -95,6 +95,8 @@ def check_options(teacher: Teacher, opts, profiles) -> None:
         if value:
             raise EdgeDistillError(f"{flag} does not apply to image classifiers",
                                    hint=f"leave out {flag}; --macs-ratio sets the student's size")
+    if opts.mixup < 0:
+        raise EdgeDistillError(f"--mixup {opts.mixup:g} is negative", hint="pass a Beta(alpha, alpha) alpha > 0, e.g. 0.2, or leave it out")
     if opts.mixup and not opts.fresh_views:
         raise EdgeDistillError(f"--mixup {opts.mixup:g} needs --fresh-views: the teacher's cached logits are of unmixed "
                                "views", hint="add --fresh-views, or leave out --mixup")
