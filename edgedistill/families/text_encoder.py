@@ -189,7 +189,7 @@ class TextEncoderFamily(Family):
     def ffn_size(self, config) -> int:
         return int(getattr(config, self.type.ffn_key))
 
-    def narrow_ffn(self, model: nn.Module, importance: list[torch.Tensor], keep: int) -> None:
+    def prune_ffn(self, model: nn.Module, importance: list[torch.Tensor], keep: int) -> None:
         """Keep the `keep` most important FFN neurons of every layer, in place; the config follows."""
         keep_neurons([self.ffn_parts(layer) for layer in self.layers(model)], importance, keep)
         setattr(model.config, self.type.ffn_key, keep)

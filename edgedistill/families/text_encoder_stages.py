@@ -157,7 +157,7 @@ def narrow_ffn(student: EncoderWithHead, family, tokenizer, texts: list[str], in
 
     width = family.ffn_size(model.config)
     keep = kept_width(width, ratio)
-    family.narrow_ffn(model, neuron_importance(parts, feed), keep)
+    family.prune_ffn(model, neuron_importance(parts, feed), keep)
     return {"teacher_ffn": width, "kept_ffn": keep, "ratio": ratio, "calibration_texts": len(texts),
             "criterion": "mean |activation| of each FFN neuron on the calibration texts' tokens (Minitron)"}
 
