@@ -21,12 +21,14 @@ $(STAMP): pyproject.toml constraints.txt
 
 # The built-in transfer sets read WordNet glosses from Debian's wordnet-base (without it: Python's own docstrings),
 # quotations and verse from fortunes (encoders' varied set), and photos from plasma-workspace-wallpapers (11 of its
-# wallpapers are photographs), lomiri-wallpapers-16.04 (14) and mate-backgrounds (its 12 nature photos); without them:
-# scikit-image's 5 photos and scikit-learn's 2.
-DEBIAN_DATA = wordnet-base fortunes plasma-workspace-wallpapers lomiri-wallpapers-16.04 mate-backgrounds
+# wallpapers are photographs), lomiri-wallpapers-16.04 (14), mate-backgrounds (its 12 nature photos) and
+# gcompris-qt-data (106 photos of animals and monuments, in Qt resource bundles); without them: scikit-image's 5
+# photos and scikit-learn's 2.
+DEBIAN_DATA = wordnet-base fortunes plasma-workspace-wallpapers lomiri-wallpapers-16.04 mate-backgrounds gcompris-qt-data
 system-data:
 	@if [ ! -d /usr/share/wordnet ] || [ ! -d /usr/share/games/fortunes ] || [ ! -d /usr/share/wallpapers/Kite ] \
-	  || [ ! -f /usr/share/backgrounds/sunset_by_Aitzol_Berasategi.jpg ] || [ ! -d /usr/share/backgrounds/mate/nature ]; then \
+	  || [ ! -f /usr/share/backgrounds/sunset_by_Aitzol_Berasategi.jpg ] || [ ! -d /usr/share/backgrounds/mate/nature ] \
+	  || [ ! -f /usr/share/gcompris-qt/rcc/erase.rcc ]; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq --no-install-recommends $(DEBIAN_DATA) >/dev/null; \
 	  elif command -v sudo >/dev/null; then sudo apt-get update -qq && sudo apt-get install -y -qq --no-install-recommends $(DEBIAN_DATA) >/dev/null; \
 	  else echo "note: $(DEBIAN_DATA) not installed; the built-in transfer sets fall back to Python's docstrings and scikit-image's photos"; fi; \

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 from PIL import Image, ImageEnhance, ImageOps
 
 from edgedistill.errors import DataError
+from edgedistill.qt_resources import read_rcc
 
 BUILTIN_NAME = "builtin:photos"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -41,6 +43,13 @@ PHOTO_FILES: tuple[tuple[str, Path, tuple[str, ...]], ...] = (
         "Aqua", "Blinds", "Dune", "FreshFlower", "Garden", "GreenMeadow", "LadyBird", "RainDrops", "Storm", "TwoWings",
         "Wood", "YellowFlower"))),
 )
+
+# GCompris' photographs (Debian's gcompris-qt-data), packed in Qt resource bundles: (bundle, folder inside it). All
+# 106 are photographs (animals: 33 + 15 + 9; monuments: 49); its other bundles hold drawings (lang, babyshapes, ...).
+GCOMPRIS_RCC_DIR = Path("/usr/share/gcompris-qt/rcc")
+GCOMPRIS_PHOTOS = (("erase.rcc", "erase/resource"), ("explore_world_animals.rcc", "explore_world_animals/resource"),
+                   ("explore_farm_animals.rcc", "explore_farm_animals/resource"),
+                   ("explore_monuments.rcc", "explore_monuments/resource"))
 
 
 @dataclass
@@ -113,10 +122,11 @@ def _read_folder(root: Path, max_images: int | None) -> tuple[list[np.ndarray], 
     return [decode_image(p) for p in files], labels, class_names, [r.as_posix() for r in rel]
 
 
-def decode_image(path: Path) -> np.ndarray:
-    """Return the image file as HxWx3 uint8 RGB, EXIF orientation applied, short side at most 512 px."""
+def decode_image(path: Path, data: bytes | None = None) -> np.ndarray:
+    """Return the image file (or `data`, the bytes of the file named `path`) as HxWx3 uint8 RGB, EXIF orientation
+    applied, short side at most 512 px."""
     try:
-        with Image.open(path) as im:
+        with Image.open(path if data is None else io.BytesIO(data)) as im:
             if im.format == "JPEG":  # decode at 1/2, 1/4 or 1/8 scale when that still leaves >= 512 px
                 scale = MAX_SHORT_SIDE_PX / min(im.size)
                 if scale < 1:
@@ -190,7 +200,7 @@ def _read_npz(path: Path, max_images: int | None) -> tuple[list[np.ndarray], lis
 
 def _builtin_photos(max_images: int | None) -> tuple[list[np.ndarray], list[str]]:
     """Return the natural photos on this machine: scikit-image's (if installed), Plasma's photo wallpapers, the
-    photographs of PHOTO_FILES, then scikit-learn's two sample photos (if installed)."""
+    photographs of PHOTO_FILES, scikit-learn's two sample photos (if installed), then GCompris' (if installed)."""
     images, names = [], []
     try:
         import skimage.data
@@ -224,6 +234,13 @@ def _builtin_photos(max_images: int | None) -> tuple[list[np.ndarray], list[str]
             if (folder / name).is_file():
                 images.append(decode_image(folder / name))
                 names.append(f"sklearn.datasets.load_sample_images:{name}")
+    for bundle, folder in GCOMPRIS_PHOTOS:
+        if (GCOMPRIS_RCC_DIR / bundle).is_file():
+            files = read_rcc(GCOMPRIS_RCC_DIR / bundle, prefix=f"/gcompris/src/activities/{folder}/")
+            for name, data in files.items():
+                if name.lower().endswith(IMAGE_EXTENSIONS):
+                    images.append(decode_image(GCOMPRIS_RCC_DIR / bundle / name.lstrip("/"), data))
+                    names.append(f"{GCOMPRIS_RCC_DIR / bundle}:{name}")
     if not images:
         raise DataError("no built-in photos found on this machine",
                         hint="pip install scikit-image (or apt-get install plasma-workspace-wallpapers), or pass --data")

@@ -197,10 +197,13 @@ def test_builtin_photos_load_and_hash_is_stable():
     assert all("screenshot" not in n for n in plasma) and len(plasma) <= len(images_mod.PLASMA_PHOTOS)
     files = [str(folder / f) for _, folder, names in images_mod.PHOTO_FILES for f in names]
     sklearn = ["sklearn.datasets.load_sample_images:china.jpg", "sklearn.datasets.load_sample_images:flower.jpg"]
+    gcompris = [n for n in s.names if n.startswith(str(images_mod.GCOMPRIS_RCC_DIR))]
     # in this order, so that adding a source keeps the earlier photos' indices (their seeded views)
-    assert s.names[5:] == plasma + [n for n in files if n in s.names] + sklearn
+    assert s.names[5:] == plasma + [n for n in files if n in s.names] + sklearn + gcompris
     if Path("/usr/share/backgrounds/mate/nature").is_dir():  # `make install` installs the Debian photos
-        assert len(s.names) == 5 + len(images_mod.PLASMA_PHOTOS) + len(files) + 2 == 44
+        assert len(s.names) == 5 + len(images_mod.PLASMA_PHOTOS) + len(files) + 2 + 106 == 150
+        assert gcompris[0].endswith(":/gcompris/src/activities/erase/resource/alpaca.webp")
+        assert gcompris[-1].endswith("/explore_monuments/resource/wonders/tajMahal.webp")
     assert len(set(s.names)) == len(s.names)
     again = load_image_set(None)
     assert again.sha256 == s.sha256
@@ -211,6 +214,7 @@ def test_builtin_photos_without_wallpapers(monkeypatch, tmp_path):
     pytest.importorskip("skimage")
     monkeypatch.setattr(images_mod, "PLASMA_WALLPAPERS_DIR", tmp_path / "absent")
     monkeypatch.setattr(images_mod, "PHOTO_FILES", ())
+    monkeypatch.setattr(images_mod, "GCOMPRIS_RCC_DIR", tmp_path / "absent")
     s = load_image_set(None)
     assert s.names[:5] == [f"skimage.data.{n}" for n in images_mod.SKIMAGE_PHOTOS] and len(s.names) == 7
     assert s.images[1].shape == (300, 451, 3)  # chelsea, below the 512 px cap, untouched

@@ -336,8 +336,10 @@ def test_a_depth_pruned_student_compiles_and_records_its_dropped_blocks(tiny_tea
 
 
 def test_photos_are_held_out_whole_when_there_are_enough():
-    train, val, held_out = vision_stages.split_images(60, 0.05, 0)
-    assert held_out and len(val) == 3 and not set(train) & set(val) and len(train) + len(val) == 60
+    train, val, held_out = vision_stages.split_images(60, 0.05, 0)  # 5% would be 3 photos: a third (20) at most
+    assert held_out and len(val) == 20 and not set(train) & set(val) and len(train) + len(val) == 60
+    assert len(vision_stages.split_images(150, 0.05, 0)[1]) == vision_stages.MIN_HELD_OUT_PHOTOS  # not 8
+    assert len(vision_stages.split_images(1000, 0.05, 0)[1]) == 50
     train, val, held_out = vision_stages.split_images(12, 0.05, 0)
     assert not held_out and list(train) == list(val) == list(range(12))
 

@@ -30,6 +30,7 @@ TRAIN_VIEWS = 2048  # augmented training views in all, when the photos are fewer
 VAL_VIEWS_PER_IMAGE = 8  # augmented views of each held-out photo, beside its center crop, when photos are few
 VERDICT_VIEWS = 512  # held-out images from which the verdict is on center crops alone (what the artifact is fed)
 MIN_PHOTOS_TO_HOLD_OUT = 50  # below this, held-out views are other crops of the training photos (see split_images)
+MIN_HELD_OUT_PHOTOS = 24  # when photos are held out, at least this many (up to a third): a verdict on 8 is luck
 SEARCH_VIEWS = 128  # held-out views the quantization search scores on
 DEFAULT_MACS_RATIO = 0.5  # --macs-ratio when not given
 RECALIBRATE_EVERY = 16  # quantization-aware training re-measures the activation ranges this often (steps)
@@ -164,14 +165,15 @@ def split_images(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np
     """Return (train, held-out) photo indices and whether whole photos are held out. With MIN_PHOTOS_TO_HOLD_OUT or
     more, photos are held out (never crops of a training photo: they are alike). With fewer, no photo can be spared
     (measured: MobileNetV2 distilled on 13 photos agreed with the teacher on 0 of 27 views of 3 other photos): every
-    photo trains, and the held-out views are other crops of them (another seed), which the report says."""
+    photo trains, and the held-out views are other crops of them (another seed), which the report says. The held-out
+    share is `val_fraction`, but never fewer than MIN_HELD_OUT_PHOTOS photos nor more than a third."""
     if n < 2:
         raise DataError(f"the transfer set holds {n} image; training and validation need at least 2",
                         hint="pass a folder or .npz with more images")
     if n < MIN_PHOTOS_TO_HOLD_OUT:
         every = np.arange(n)
         return every, every, False
-    n_val = min(max(1, round(n * val_fraction)), n - 1, 2000)
+    n_val = min(max(MIN_HELD_OUT_PHOTOS, round(n * val_fraction)), n // 3, 2000)
     order = np.random.default_rng(seed).permutation(n)
     return np.sort(order[n_val:]), np.sort(order[:n_val]), True
 
