@@ -89,6 +89,7 @@ def compile_cmd(
     crop_scale: Optional[float] = typer.Option(None, "--crop-scale", help="Vision: the smallest share of an image a random training crop covers (RandomResizedCrop's scale; default 0.25; near 1 for images the object fills, as Fashion-MNIST)"),
     fresh_views: bool = typer.Option(False, "--fresh-views", help="Vision: every training step draws new random crops of the photos and the teacher labels them in the loop (function matching), instead of its cached logits on a fixed set of views"),
     mixup: float = typer.Option(0.0, "--mixup", metavar="ALPHA", help="Vision, with --fresh-views: mix pairs of views with Beta(ALPHA, ALPHA) weights; the teacher sees the same mixed images (consistent teaching)"),
+    feature_weight: float = typer.Option(0.0, "--feature-weight", metavar="W", help="Vision: also pull the student's stage outputs (the last block at each resolution, through 1x1 projectors dropped after training) to the teacher's, with weight W beside the logits' KL; 0 = off"),
     drop_blocks: int = typer.Option(0, "--drop-blocks", min=0, metavar="N", help="Vision: leave N shape-preserving (residual) blocks out of the student, those whose absence moves the teacher's outputs least (measured, greedy); then channels are pruned to --macs-ratio"),
     resize: Optional[int] = typer.Option(None, "--resize", metavar="PX", help="Vision: held-out images' short side before the center crop of --image-size (default ImageNet's 256 for 224; equal to --image-size: no crop)"),
     keep_rejected: bool = typer.Option(False, "--keep-rejected", help="Also write an artifact that misses its budget, whole, to OUT/<target>.rejected/ (to inspect or bench; its report says REJECTED; the exit code is still 2)"),
@@ -116,7 +117,7 @@ def compile_cmd(
                           checkpoint_every=checkpoint_every, top_k=top_k, layer_criterion=layer_criterion, student=student,
                           quantization_aware=quantization_aware, generate=generate, ffn_ratio=ffn_ratio, macs_ratio=macs_ratio,
                           arch=arch, arch_kwargs=_json_object(arch_kwargs, "--arch-kwargs"), normalize=normalize,
-                          image_size=image_size, crop_scale=crop_scale, resize=resize, drop_blocks=drop_blocks, fresh_views=fresh_views, mixup=mixup, keep_rejected=keep_rejected, distill=DistillConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, eval_every=eval_every,
+                          image_size=image_size, crop_scale=crop_scale, resize=resize, drop_blocks=drop_blocks, fresh_views=fresh_views, mixup=mixup, feature_weight=feature_weight, keep_rejected=keep_rejected, distill=DistillConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, eval_every=eval_every,
                                                 divergence=divergence, lm_temperature=lm_temperature,
                                                 ce_weight=ce_weight, jsd_beta=jsd_beta))
     try:

@@ -205,7 +205,8 @@ def test_keep_rejected_writes_the_whole_rejected_artifact(tiny_teacher, photos, 
     assert (tmp_path / "out" / "tiny-vision.rejected.md").is_file() and not (tmp_path / "out" / "tiny-vision").exists()
 
 
-@pytest.mark.parametrize("case", ["lm-option", "no-vision-section", "macs-ratio", "crop-scale", "resize", "mixup-alone"])
+@pytest.mark.parametrize("case", ["lm-option", "no-vision-section", "macs-ratio", "crop-scale", "resize", "mixup-alone",
+                                  "feature-weight"])
 def test_bad_vision_input_one_line_exit_2(case, tiny_teacher, photos, tmp_path):
     args = ["compile", tiny_teacher, "--data", str(photos), "--out", str(tmp_path / "out")]
     if case == "lm-option":
@@ -224,9 +225,12 @@ def test_bad_vision_input_one_line_exit_2(case, tiny_teacher, photos, tmp_path):
     elif case == "resize":
         args += ["--target", str(profile(tmp_path / "p.yaml", "{recipe: fp32}")), "--resize", "32"]
         expected = "--resize 32 is smaller than the 64-pixel input"
-    else:
+    elif case == "mixup-alone":
         args += ["--target", str(profile(tmp_path / "p.yaml", "{recipe: fp32}")), "--mixup", "0.2"]
         expected = "--mixup 0.2 needs --fresh-views"
+    else:
+        args += ["--target", str(profile(tmp_path / "p.yaml", "{recipe: fp32}")), "--feature-weight", "-1"]
+        expected = "--feature-weight -1 is negative"
     res = runner.invoke(app, args)
     assert res.exit_code == 2, res.output
     assert expected in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
@@ -237,7 +241,7 @@ def test_crop_options_are_refused_outside_vision(tmp_path):
     from conftest import tiny_workspace
 
     teacher, data = tiny_workspace(tmp_path)
-    for flag in ("--crop-scale", "--resize", "--drop-blocks"):
+    for flag in ("--crop-scale", "--resize", "--drop-blocks", "--feature-weight"):
         res = runner.invoke(app, ["compile", str(teacher), "--data", str(data), "--out", str(tmp_path / "out"),
                                   flag, "1"])
         assert res.exit_code == 2 and f"{flag} does not apply to text encoders" in res.stderr, res.output
@@ -574,8 +578,8 @@ def test_fresh_views_are_new_crops_labelled_by_the_teacher_in_the_loop(tiny_teac
     seen: list[np.ndarray] = []
     real = vision_stages.FreshViews.batch
 
-    def spy(self, idx):
-        x, logits = real(self, idx)
+    def spy(self, idx, device="cpu"):
+        x, logits = real(self, idx, device)
         seen.append(x.numpy())
         with torch.no_grad():
             np.testing.assert_allclose(logits.numpy(), self.teacher(x).numpy(), atol=1e-5)  # the teacher's, on x
@@ -616,20 +620,20 @@ def test_fresh_views_resume_after_an_interruption_as_if_uninterrupted(tiny_teach
                                                                                        **three_epochs))
     real, calls = vision_stages.FreshViews.batch, [0]
 
-    def stop_at_the_fifth(self, idx):
+    def stop_at_the_fifth(self, idx, device="cpu"):
         calls[0] += 1
         if calls[0] == 5:  # after the checkpoint at step 4
             raise KeyboardInterrupt
-        return real(self, idx)
+        return real(self, idx, device)
 
     monkeypatch.setattr(vision_stages.FreshViews, "batch", stop_at_the_fifth)
     with pytest.raises(KeyboardInterrupt):
         compile(tiny_teacher, str(photos), [spec], tmp_path / "out", CompileOptions(cache_dir=tmp_path / "c2", **three_epochs))
     after: list[int] = []
 
-    def count(self, idx):
+    def count(self, idx, device="cpu"):
         after.append(1)
-        return real(self, idx)
+        return real(self, idx, device)
 
     monkeypatch.setattr(vision_stages.FreshViews, "batch", count)
     resumed = compile(tiny_teacher, str(photos), [spec], tmp_path / "out",

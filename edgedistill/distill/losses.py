@@ -100,3 +100,9 @@ def lm_distillation_loss(student_logits: torch.Tensor, input_ids: torch.Tensor, 
         ce = F.cross_entropy(student_logits[:, :-1].float().flatten(0, 1), input_ids[:, 1:].flatten())
         loss = (1.0 - ce_weight) * loss + ce_weight * ce
     return loss
+
+
+def feature_loss(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
+    """Return the mean over stages of MSE(student, teacher) / mean(teacher²): each stage weighs the same whatever
+    the scale of its activations (1.0 is as far as predicting zeros)."""
+    return torch.stack([F.mse_loss(s, t) / t.pow(2).mean().clamp_min(1e-12) for s, t in zip(student, teacher)]).mean()

@@ -143,7 +143,7 @@ def check_options(family: CausalLMFamily, teacher: Teacher, opts, profiles: list
     window_length(teacher, opts.max_length)
     for flag, value in (("--macs-ratio", opts.macs_ratio), ("--crop-scale", opts.crop_scale), ("--resize", opts.resize),
                         ("--drop-blocks", opts.drop_blocks or None), ("--fresh-views", opts.fresh_views or None),
-                        ("--mixup", opts.mixup or None)):
+                        ("--mixup", opts.mixup or None), ("--feature-weight", opts.feature_weight or None)):
         if value is not None:
             raise EdgeDistillError(f"{flag} is for image classifiers", hint="leave it out; --student-layers and "
                                    "--ffn-ratio set a language model's student")

@@ -311,6 +311,12 @@ def vision_manifest(d: VisionDistilled, profile: TargetProfile, model_path: Path
                                        "fused; BatchNorm folded", "calibration_views": d.quantization_aware,
                           "recalibrate_every_steps": RECALIBRATE_EVERY,
                           "from_step": qat_start(len(d.train_views), opts.distill, d.pruning["macs_ratio"])},
+                      "teacher_outputs": ("computed on fresh crops every step" + (f", mixup {opts.mixup:g}" if opts.mixup else "")
+                                          if opts.fresh_views else "cached on the fixed training views"),
+                      "feature_matching": None if not d.feature_stages else {
+                          "weight": opts.feature_weight, "stages": d.feature_stages,
+                          "loss": "MSE of 1x1-projected student stage outputs to the teacher's / mean(teacher²), "
+                                  "mean over stages; projectors start at least squares and are dropped"},
                       "best_step": trained.best_step, "history": trained.history},
         export=export_checks,
         optimization={"mode": "onnxruntime session optimizations (ORT_ENABLE_ALL) at load"},

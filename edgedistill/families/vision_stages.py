@@ -4,6 +4,7 @@ with the accuracy search, validation against the teacher (top-1 / top-5 agreemen
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -15,6 +16,8 @@ import torch.nn.functional as F
 
 from edgedistill import __version__, distributed
 from edgedistill.cache import LabelStore, Rows, array_digests, cache_key, default_cache_dir, label_sharded
+from edgedistill.distill.feature_matching import TeacherStages, feature_matched, stage_names
+from edgedistill.distill.losses import feature_loss
 from edgedistill.distill.loop import Checkpointing, DistillResult, Training, distill
 from edgedistill.distill.qat import float_state_dict
 from edgedistill.distill.qat_conv import ConvQuantSim, fold_batchnorm
@@ -35,6 +38,7 @@ SEARCH_VIEWS = 128  # held-out views the quantization search scores on
 DEFAULT_MACS_RATIO = 0.5  # --macs-ratio when not given
 RECALIBRATE_EVERY = 16  # quantization-aware training re-measures the activation ranges this often (steps)
 QAT_FLOAT_SHARE = 0.5  # a pruned student distils in float for this share of the steps, then through the rounding
+FEATURE_INIT_VIEWS = 64  # training views the feature projectors' least-squares start is fitted on
 DEPTH_VIEWS = 32  # training views --drop-blocks measures each block's importance on
 MODEL_FILE = "model.onnx"
 INPUT, OUTPUT = "pixels", "logits"
@@ -59,6 +63,7 @@ class VisionDistilled:
     pruning: dict
     photos_held_out: bool  # False: too few photos, the held-out views are other crops of the training photos
     quantization_aware: int | None = None  # calibration views of the int8 rounding it trained through, if any
+    feature_stages: list[str] | None = None  # the stage outputs it was pulled to, with --feature-weight
 
 
 def check_target(profile: TargetProfile) -> None:
@@ -85,6 +90,10 @@ def check_options(teacher: Teacher, opts, profiles) -> None:
         if opts.fresh_views:
             raise EdgeDistillError("--fresh-views: a torch.export program (.pt2) is quantized as it is, without "
                                    "training", hint="leave out --fresh-views, or pass the state dict with --arch")
+        if opts.feature_weight:
+            raise EdgeDistillError(f"--feature-weight {opts.feature_weight:g}: a torch.export program (.pt2) is "
+                                   "quantized as it is, without training", hint="leave out --feature-weight, or pass "
+                                   "the state dict with --arch")
         if opts.quantization_aware:
             raise EdgeDistillError("--quantization-aware needs the model's Conv modules; a torch.export program (.pt2) "
                                    "is quantized after training, as it is", hint="leave out --quantization-aware, or "
@@ -98,6 +107,9 @@ def check_options(teacher: Teacher, opts, profiles) -> None:
                                    hint=f"leave out {flag}; --macs-ratio sets the student's size")
     if opts.mixup < 0:
         raise EdgeDistillError(f"--mixup {opts.mixup:g} is negative", hint="pass a Beta(alpha, alpha) alpha > 0, e.g. 0.2, or leave it out")
+    if opts.feature_weight < 0:
+        raise EdgeDistillError(f"--feature-weight {opts.feature_weight:g} is negative",
+                               hint="pass a weight > 0 for the stage-output loss beside the logits' KL, e.g. 1, or leave it out")
     if opts.mixup and not opts.fresh_views:
         raise EdgeDistillError(f"--mixup {opts.mixup:g} needs --fresh-views: the teacher's cached logits are of unmixed "
                                "views", hint="add --fresh-views, or leave out --mixup")
@@ -265,8 +277,9 @@ class FreshViews:
     teacher: torch.nn.Module
     mixup_alpha: float = 0.0
 
-    def batch(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (pixels, teacher logits) of fresh views of the photos behind `idx`."""
+    def batch(self, idx: np.ndarray, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (pixels, teacher logits) of fresh views of the photos behind `idx`, on `device` (the teacher runs
+        there: a copy of it is moved once)."""
         from edgedistill.images import mixup
 
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
@@ -275,6 +288,9 @@ class FreshViews:
         x = _pixels(views)
         if self.mixup_alpha > 0:
             x, _, _ = mixup(x, self.mixup_alpha, torch.Generator().manual_seed(seed))
+        x = x.to(device)
+        if next(self.teacher.parameters()).device != x.device:
+            self.teacher = copy.deepcopy(self.teacher).to(x.device)
         with torch.no_grad():
             logits = self.teacher.eval()(x).float()
         return x, logits
@@ -282,11 +298,13 @@ class FreshViews:
 
 def vision_training(train_views: np.ndarray, train_logits: np.ndarray, train_labels: np.ndarray | None,
                     val_views: np.ndarray, val_logits: np.ndarray, cfg,
-                    schedule: QuantizationAwareSchedule | None = None, fresh: FreshViews | None = None) -> Training:
+                    schedule: QuantizationAwareSchedule | None = None, fresh: FreshViews | None = None,
+                    features: tuple[TeacherStages, float] | None = None) -> Training:
     """Return the loop's view of logit distillation: KL at temperature T (T² scaled) to the teacher's logits (cached
     on the fixed training views, or computed on fresh views each step with `fresh`), plus `label_weight`
-    cross-entropy when labels exist; validation top-1 agreement (higher is better), through the int8 rounding when
-    `schedule` says the student is distilled quantization-aware."""
+    cross-entropy when labels exist, plus (with `features`: the teacher's stages and a weight) the weighted
+    feature-matching loss of a FeatureMatched student; validation top-1 agreement (higher is better), through the
+    int8 rounding when `schedule` says the student is distilled quantization-aware."""
     rows = Rows(train_logits, np.arange(len(train_views)))
     calls = [0]
     t = cfg.temperature
@@ -305,15 +323,17 @@ def vision_training(train_views: np.ndarray, train_logits: np.ndarray, train_lab
             schedule.before_step(calls[0])
         calls[0] += 1
         if fresh is not None:  # drawn here, after the loop fetched the batch (and restored a resumed run's RNG)
-            batch["pixels"], batch["teacher"] = fresh.batch(batch["index"].numpy())
-            device = next(model.parameters()).device
-            batch["pixels"], batch["teacher"] = batch["pixels"].to(device), batch["teacher"].to(device)
+            batch["pixels"], batch["teacher"] = fresh.batch(batch["index"].numpy(), next(model.parameters()).device)
         logits = model(batch["pixels"]).float()
         kd = F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(batch["teacher"] / t, -1), log_target=True,
                       reduction="batchmean") * t * t
-        if "labels" not in batch:
+        if "labels" in batch:
+            kd = (1 - cfg.label_weight) * kd + cfg.label_weight * F.cross_entropy(logits, batch["labels"])
+        if features is None:
             return kd
-        return (1 - cfg.label_weight) * kd + cfg.label_weight * F.cross_entropy(logits, batch["labels"])
+        teacher_stages, weight = features
+        _, theirs = teacher_stages(batch["pixels"])
+        return kd + weight * feature_loss(getattr(model, "module", model).take_projected(), theirs)
 
     def evaluate(model) -> float:
         model.eval()
@@ -373,6 +393,7 @@ def distill_student(family, teacher: Teacher, data: ImageSet, opts, run_dir: Pat
                                                                                   macs_ratio(opts, teacher)),
                                                                    RECALIBRATE_EVERY),
                     *([("fresh-views", opts.mixup)] if opts.fresh_views else []),
+                    *([("feature-weight", opts.feature_weight, FEATURE_INIT_VIEWS)] if opts.feature_weight else []),
                     distributed.world(), torch.__version__, __version__)
     trained = load_stage(cache_dir / "students" / key, student)
     if trained is None:
@@ -386,9 +407,16 @@ def distill_student(family, teacher: Teacher, data: ImageSet, opts, run_dir: Pat
         fresh = None
         if opts.fresh_views:
             fresh = FreshViews(images, train_src, size, crop_scale, teacher.module, opts.mixup)
+        trainee, features = student, None
+        if opts.feature_weight:
+            trainee, stages = feature_matched(student, teacher.module, _example(size),
+                                              _pixels(calibration_views(train_views, FEATURE_INIT_VIEWS)))
+            features = (stages, opts.feature_weight)
         training = vision_training(train_views, train_logits, train_labels, val_views, val_logits, opts.distill,
-                                   schedule, fresh)
-        trained = distill(student, training, opts.distill, checkpointing)
+                                   schedule, fresh, features)
+        trained = distill(trainee, training, opts.distill, checkpointing)
+        if features is not None:  # the projectors were for training only
+            trained.student = trained.student.student
         if sim is not None:
             best = float_state_dict(trained.student)
             sim.remove()
@@ -397,7 +425,8 @@ def distill_student(family, teacher: Teacher, data: ImageSet, opts, run_dir: Pat
         if distributed.is_main():
             save_stage(cache_dir / "students" / key, trained)
     return VisionDistilled(teacher, data, trained, train_views, train_logits, val_views, val_logits, val_labels,
-                           len(train_img), len(val_img), per, size, pruning, photos_held_out, qat)
+                           len(train_img), len(val_img), per, size, pruning, photos_held_out, qat,
+                           stage_names(teacher.module, _example(size)) if opts.feature_weight else None)
 
 
 def qat_start(num_train: int, cfg, ratio: float) -> int:
