@@ -146,6 +146,17 @@ def test_quantization_aware_student_is_what_its_int8_artifact_computes(tiny_teac
     assert np.abs(artifact - rounded).mean() < np.abs(artifact - floating).mean()
 
 
+def test_the_teacher_shape_distils_quantization_aware_at_a_small_rate_unless_told(tiny_teacher, photos, tmp_path):
+    cfg = DistillConfig()
+    assert vision_stages.distill_config(cfg, 64, 1.0).lr == vision_stages.TEACHER_SHAPE_QAT_LR == 1e-5
+    assert vision_stages.distill_config(cfg, 64, 0.5).lr == vision_stages.distill_config(cfg, None, 1.0).lr == 3e-4
+    assert vision_stages.distill_config(DistillConfig(lr=2e-4), 64, 1.0).lr == 2e-4  # --lr wins
+    result = compile(tiny_teacher, str(photos), [str(profile(tmp_path / "p.yaml", QAT_INT8))], tmp_path / "out",
+                     opts(macs_ratio=1.0))
+    m = verify_files(result.targets[0].path)
+    assert m.distillation["quantization_aware"] and m.distillation["config"]["lr"] == 1e-5  # recorded resolved
+
+
 def test_quantization_aware_can_be_turned_off_and_refuses_a_target_it_cannot_simulate(tiny_teacher, photos, tmp_path):
     result = compile(tiny_teacher, str(photos), [str(profile(tmp_path / "p.yaml", QAT_INT8))], tmp_path / "out",
                      opts(quantization_aware=False))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,11 +20,14 @@ from edgedistill.errors import EdgeDistillError
 from edgedistill.progress import enabled, new_progress
 
 
+DEFAULT_LR = 3e-4  # AdamW's peak learning rate when neither --lr nor the family says otherwise
+
+
 @dataclass
 class DistillConfig:
     """Training hyper-parameters.
 
-    Fields: epochs; batch_size; lr (AdamW peak); weight_decay; warmup_fraction of all steps; max_grad_norm for clipping;
+    Fields: epochs; batch_size; lr (AdamW peak; None: the family's default, else DEFAULT_LR); weight_decay; warmup_fraction of all steps; max_grad_norm for clipping;
     temperature and label_weight (classification only); eval_every steps (0 = once per epoch);
     divergence (forward-kl, reverse-kl or jsd), lm_temperature, ce_weight (share of next-token cross-entropy on the
     data) and jsd_beta (GKD's beta): causal LMs only;
@@ -33,7 +37,7 @@ class DistillConfig:
 
     epochs: int = 2
     batch_size: int = 32
-    lr: float = 3e-4
+    lr: float | None = None  # None: DEFAULT_LR, or the family's default for the student (vision: qat_lr)
     weight_decay: float = 0.01
     warmup_fraction: float = 0.06
     max_grad_norm: float = 1.0
@@ -46,6 +50,11 @@ class DistillConfig:
     lm_temperature: float = 1.0
     ce_weight: float = 0.0
     jsd_beta: float = 0.5
+
+
+def resolved(cfg: DistillConfig, lr: float = DEFAULT_LR) -> DistillConfig:
+    """Return `cfg` with its learning rate filled in (`lr` when --lr was not given), as manifests record it."""
+    return cfg if cfg.lr is not None else dataclasses.replace(cfg, lr=lr)
 
 
 @dataclass
@@ -146,7 +155,8 @@ def distill(student: torch.nn.Module, training: Training, cfg: DistillConfig,
     decay = [p for p in trainable if p.ndim >= 2]
     no_decay = [p for p in trainable if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=resolved(cfg).lr)
     steps_per_epoch = len(loader)
     total_steps = max(1, cfg.epochs * steps_per_epoch)
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_fraction * total_steps), total_steps)

@@ -16,7 +16,7 @@ from edgedistill.artifact import Manifest
 from edgedistill.bench.timer import measure_interleaved, paired_ratio
 from edgedistill.cache import LabelStore, Rows, array_digests, cache_key, default_cache_dir, label_sharded
 from edgedistill.data import TransferSet, split_indices
-from edgedistill.distill.loop import Checkpointing, DistillResult, Training, distill
+from edgedistill.distill.loop import Checkpointing, DistillResult, Training, distill, resolved
 from edgedistill.distill.losses import lm_distillation_loss
 from edgedistill.distill.qat import FakeQuantSpec, fake_quantized, float_state_dict
 from edgedistill.distill.stage import load_stage, save_stage
@@ -560,7 +560,7 @@ def lm_manifest(d: LMDistilled, profile: TargetProfile, exported, model_path: Pa
               "train_tokens": int(len(d.train_idx) * d.window), "val_fraction": opts.val_fraction,
               "soft_labels": {"top_k": d.top_k, "bytes_per_token": bytes_per_token(dtype),
                               "fields": list(dtype.names)}},
-        distillation={"config": asdict(opts.distill), "quantization_aware": d.fake_quant,
+        distillation={"config": asdict(resolved(opts.distill)), "quantization_aware": d.fake_quant,
                       "eval_windows": min(EVAL_WINDOWS, len(d.val_idx)),
                       "best_validation_perplexity": trained.best_fidelity,
                       "best_step": trained.best_step, "history": trained.history},

@@ -15,7 +15,7 @@ from edgedistill.backends import BuildContext, Built, build_model, unmeasured_la
 from edgedistill.bench.timer import measure_interleaved, paired_ratio
 from edgedistill.cache import LabelStore, Rows, cache_key, default_cache_dir, label_sharded
 from edgedistill.data import OUT_OF_DOMAIN_NAME, TransferSet, out_of_domain_texts, split_indices
-from edgedistill.distill.loop import Checkpointing, DistillResult, Training, distill
+from edgedistill.distill.loop import Checkpointing, DistillResult, Training, distill, resolved
 from edgedistill.distill.losses import classification_loss, embedding_loss, fidelity
 from edgedistill.distill.stage import load_stage, save_stage
 from edgedistill.errors import DataError, EdgeDistillError
@@ -355,7 +355,7 @@ def build_manifest(d: Distilled, profile: TargetProfile, built: Built, validatio
               "num_validation": len(d.val_idx), "labelled": data.labels is not None, "max_length": d.max_length,
               "val_fraction": opts.val_fraction,
               "out_of_domain": {"source": OUT_OF_DOMAIN_NAME, "num_texts": len(d.ood_texts)} if d.ood_texts else None},
-        distillation={"config": asdict(opts.distill), "best_fidelity": trained.best_fidelity,
+        distillation={"config": asdict(resolved(opts.distill)), "best_fidelity": trained.best_fidelity,
                       "best_step": trained.best_step, "history": trained.history},
         export=built.record["export"],
         optimization=built.record["optimization"],

@@ -15,6 +15,7 @@ from edgedistill import __version__
 from edgedistill.artifact import Manifest
 from edgedistill.backends import unmeasured_latency
 from edgedistill.bench.timer import measure_interleaved, paired_ratio
+from edgedistill.distill.loop import resolved
 from edgedistill.errors import EdgeDistillError, ProfileError
 from edgedistill.families.base import TargetBuild
 from edgedistill.families.vision_stages import (
@@ -304,13 +305,13 @@ def vision_manifest(d: VisionDistilled, profile: TargetProfile, model_path: Path
                        + (f" plus {val_views_per_image(d.num_val_images)} augmented views"
                           if val_views_per_image(d.num_val_images) else ""),
               "labels": d.val_labels is not None, "class_names": d.data.class_names},
-        distillation={"config": asdict(opts.distill), "best_validation_top1_agreement": trained.best_fidelity,
+        distillation={"config": asdict(d.distill_config or resolved(opts.distill)), "best_validation_top1_agreement": trained.best_fidelity,
                       "quantization_aware": None if not d.quantization_aware else {
                           "simulated": "onnxruntime QDQ static int8: per-channel symmetric int8 weights (max|w|/127), "
                                        "uint8 min-max activations at every Conv/Gemm input and output, Conv+ReLU6 "
                                        "fused; BatchNorm folded", "calibration_views": d.quantization_aware,
                           "recalibrate_every_steps": RECALIBRATE_EVERY,
-                          "from_step": qat_start(len(d.train_views), opts.distill, d.pruning["macs_ratio"])},
+                          "from_step": qat_start(len(d.train_views), d.distill_config or opts.distill, d.pruning["macs_ratio"])},
                       "teacher_outputs": ("computed on fresh crops every step" + (f", mixup {opts.mixup:g}" if opts.mixup else "")
                                           if opts.fresh_views else "cached on the fixed training views"),
                       "feature_matching": None if not d.feature_stages else {
