@@ -61,7 +61,7 @@ def compile_cmd(
     student_layers: Optional[int] = typer.Option(None, "--student-layers", help="Student depth (default: half the teacher's; 2/3 for LMs)"),
     epochs: int = typer.Option(2, "--epochs", min=1),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
-    lr: float | None = typer.Option(None, "--lr", min=0.0, help="AdamW's peak learning rate [default: 3e-4; 1e-5 for an image classifier distilled quantization-aware in the teacher's own shape]"),
+    lr: float | None = typer.Option(None, "--lr", min=0.0, help="AdamW's peak learning rate (default 3e-4; 1e-5 for an image classifier distilled quantization-aware in the teacher's own shape)"),
     max_length: Optional[int] = typer.Option(None, "--max-length", min=8, help="Tokens per text (default: the teacher's); LMs: tokens per training window (default: 128)"),
     max_texts: Optional[int] = typer.Option(None, "--max-texts", help="Use only the first N texts of the data"),
     val_fraction: float = typer.Option(0.05, "--val-fraction", help="Held-out share for validation (at most 2000 texts)"),

@@ -27,6 +27,20 @@ def test_stages_are_the_last_block_at_each_resolution():
     # the backbone is the top-level Sequential here: the last module at 32x32 (the ReLU) and at 16x16
     assert fm.stage_names(plain, torch.rand(1, 3, 32, 32)) == ["1", "3"]
 
+    class ResNetLike(nn.Module):  # stages in separate Sequentials (layer1..layer3), a head Sequential of 2-D outputs
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, 2, 1)
+            self.layer1 = nn.Sequential(nn.Conv2d(8, 8, 3, 1, 1), nn.ReLU())
+            self.layer2 = nn.Sequential(nn.Conv2d(8, 16, 3, 2, 1), nn.ReLU(), nn.Conv2d(16, 16, 3, 1, 1))
+            self.layer3 = nn.Sequential(nn.Conv2d(16, 32, 3, 2, 1), nn.ReLU())
+            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10), nn.ReLU(), nn.Linear(10, 3))
+
+        def forward(self, x):
+            return self.head(self.layer3(self.layer2(self.layer1(self.stem(x)))))
+
+    assert fm.stage_names(ResNetLike().eval(), torch.rand(1, 3, 32, 32)) == ["layer1.1", "layer2.2", "layer3.1", "head.0"]
+
 
 def test_projectors_start_at_the_least_squares_map_and_the_student_stays_hook_free():
     torch.manual_seed(0)
@@ -76,7 +90,7 @@ def test_a_feature_matched_compile_trains_on_the_loss_and_records_it(tiny_teache
     m = verify_files(matched.targets[0].path)
     record = m.distillation["feature_matching"]
     assert record["weight"] == 1.0 and record["stages"] == [f"model.features.{i}" for i in (1, 3, 6, 13, 18)]
-    assert m.distillation["teacher_outputs"] == "cached on the fixed training views"
+    assert m.distillation["teacher_outputs"] == "cached on the fixed training views; its stage outputs computed on every batch"
     assert verify_files(plain.targets[0].path).distillation["feature_matching"] is None
     # the projectors are gone: the student is the plain architecture, and the artifact computes it
     assert not any(isinstance(mod, fm.FeatureMatched) for mod in matched.student.modules())

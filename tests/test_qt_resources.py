@@ -62,6 +62,22 @@ def test_refuses_what_it_cannot_read(tmp_path):
         read_rcc(zstd)
 
 
+def test_a_damaged_bundle_is_a_one_line_data_error(tmp_path):
+    whole = _bundle(2, {"a.txt": (b"first" * 20, 0), "b.txt": (b"second" * 9, 1)})
+    cut = tmp_path / "cut.rcc"
+    for size in (24, 60, len(whole) - 3):  # in the tree, in the data, in the names
+        cut.write_bytes(whole[:size])
+        with pytest.raises(DataError, match="damaged Qt resource file"):
+            read_rcc(cut)
+    # the root directory listing itself as its own child would loop forever
+    looped = bytearray(whole)
+    tree = struct.unpack(">I", whole[8:12])[0]
+    looped[tree + 10 : tree + 14] = struct.pack(">I", 0)
+    cut.write_bytes(bytes(looped))
+    with pytest.raises(DataError, match="reached twice"):
+        read_rcc(cut)
+
+
 @pytest.mark.skipif(not (GCOMPRIS_RCC_DIR / "erase.rcc").is_file(),
                     reason="Debian's gcompris-qt-data is not installed (`make install` installs it)")
 def test_gcompris_photos_decode():

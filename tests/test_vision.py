@@ -217,7 +217,7 @@ def test_keep_rejected_writes_the_whole_rejected_artifact(tiny_teacher, photos, 
 
 
 @pytest.mark.parametrize("case", ["lm-option", "no-vision-section", "macs-ratio", "crop-scale", "resize", "mixup-alone",
-                                  "feature-weight"])
+                                  "feature-weight:-1", "feature-weight:nan"])
 def test_bad_vision_input_one_line_exit_2(case, tiny_teacher, photos, tmp_path):
     args = ["compile", tiny_teacher, "--data", str(photos), "--out", str(tmp_path / "out")]
     if case == "lm-option":
@@ -240,8 +240,8 @@ def test_bad_vision_input_one_line_exit_2(case, tiny_teacher, photos, tmp_path):
         args += ["--target", str(profile(tmp_path / "p.yaml", "{recipe: fp32}")), "--mixup", "0.2"]
         expected = "--mixup 0.2 needs --fresh-views"
     else:
-        args += ["--target", str(profile(tmp_path / "p.yaml", "{recipe: fp32}")), "--feature-weight", "-1"]
-        expected = "--feature-weight -1 is negative"
+        args += ["--target", str(profile(tmp_path / "p.yaml", "{recipe: fp32}")), "--feature-weight", case.split(":")[1]]
+        expected = f"--feature-weight {case.split(':')[1]} is not a weight >= 0"
     res = runner.invoke(app, args)
     assert res.exit_code == 2, res.output
     assert expected in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
@@ -252,6 +252,9 @@ def test_crop_options_are_refused_outside_vision(tmp_path):
     from conftest import tiny_workspace
 
     teacher, data = tiny_workspace(tmp_path)
+    res = runner.invoke(app, ["compile", str(teacher), "--data", str(data), "--out", str(tmp_path / "out"),
+                              "--feature-weight", "-1"])  # any value, not only positive ones
+    assert res.exit_code == 2 and "--feature-weight does not apply to text encoders" in res.stderr, res.output
     for flag in ("--crop-scale", "--resize", "--drop-blocks", "--feature-weight"):
         res = runner.invoke(app, ["compile", str(teacher), "--data", str(data), "--out", str(tmp_path / "out"),
                                   flag, "1"])

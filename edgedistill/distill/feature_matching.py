@@ -21,16 +21,15 @@ RIDGE = 0.3  # least-squares start: each student channel's ridge, as a share of 
 
 
 def stage_names(module: nn.Module, example: torch.Tensor) -> list[str]:
-    """Return the names of the last block at each spatial resolution of `module`'s backbone: the Sequential or
-    ModuleList with the most children (MobileNetV2: features.1, .3, .6, .13, .18)."""
-    containers = [(n, m) for n, m in module.named_modules() if isinstance(m, (nn.Sequential, nn.ModuleList))]
-    if not containers:
-        return []
-    prefix, backbone = max(containers, key=lambda c: len(c[1]))
-    names = [f"{prefix}.{k}" if prefix else k for k, _ in backbone.named_children()]
+    """Return the names of the last block at each spatial resolution, in the order they run. Blocks are the children
+    of the outermost nn.Sequential / nn.ModuleList containers (MobileNetV2's `features`: features.1, .3, .6, .13,
+    .18; a ResNet's layer1..layer4: the last block of each); a classifier head's 2-D outputs are not stages."""
+    containers = [n for n, m in module.named_modules() if isinstance(m, (nn.Sequential, nn.ModuleList))]
+    outermost = [n for n in containers if not any(n != c and (c == "" or n.startswith(c + ".")) for c in containers)]
+    names = [f"{c}.{k}" if c else k for c in outermost for k, _ in module.get_submodule(c).named_children()]
     with torch.no_grad():
         _, shapes = run_capturing(module.eval(), names, example, shapes_only=True)
-    spatial = [(n, shapes[n][-2:]) for n in names if n in shapes and len(shapes[n]) == 4]
+    spatial = [(n, s[-2:]) for n, s in shapes.items() if len(s) == 4]  # in the order the blocks ran
     return [n for (n, hw), nxt in zip(spatial, spatial[1:] + [(None, None)]) if hw != nxt[1]]
 
 
@@ -38,7 +37,7 @@ def run_capturing(module: nn.Module, names: list[str], x: torch.Tensor,
                   shapes_only: bool = False) -> tuple[torch.Tensor, dict]:
     """Return `module(x)` and the outputs (or their shapes) of its submodules `names`; the hooks live only for this
     call, so the module itself (and every copy of it) stays hook-free."""
-    found: dict = {}
+    found: dict = {}  # in the order the modules ran (a module run twice keeps its last output, first place)
     modules = dict(module.named_modules())
 
     def keep(name):

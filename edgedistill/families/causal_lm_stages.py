@@ -309,7 +309,7 @@ def distill_student(family: CausalLMFamily, teacher: Teacher, data: TransferSet,
     selection["student_perplexity_before_training"] = window_perplexity(
         student, torch.from_numpy(windows[val_idx[:EVAL_WINDOWS]].astype(np.int64)))
     key = cache_key("lm-student-v1", teacher.sha256, tokenizer_fingerprint(teacher.tokenizer), array_digests(windows).tobytes(),
-                    kept, student_sha, window, opts.top_k, opts.val_fraction, sorted(asdict(opts.distill).items()),
+                    kept, student_sha, window, opts.top_k, opts.val_fraction, sorted(asdict(resolved(opts.distill)).items()),
                     opts.generate, opts.ffn_ratio,
                     None if rounding is None else asdict(rounding), distributed.world(), torch.__version__, __version__)
     trained = load_stage(cache_dir / "students" / key, student)

@@ -122,8 +122,8 @@ class TextEncoderFamily(Family):
                                  ("--drop-blocks", opts.drop_blocks, "--student-layers sets an encoder's depth"),
                                  ("--resize", opts.resize is not None, "it sets image classifiers' held-out crops"),
                                  ("--fresh-views", opts.fresh_views, "it draws image classifiers' training crops"),
-                                 ("--mixup", opts.mixup > 0, "it mixes image classifiers' training crops"),
-                                 ("--feature-weight", opts.feature_weight > 0,
+                                 ("--mixup", opts.mixup != 0, "it mixes image classifiers' training crops"),
+                                 ("--feature-weight", opts.feature_weight != 0,
                                   "it matches image classifiers' stage outputs"),
                                  ("--quantization-aware", opts.quantization_aware is True,
                                   "encoder targets choose their quantization by an accuracy-aware search")):

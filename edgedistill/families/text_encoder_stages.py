@@ -115,7 +115,7 @@ LM_ONLY = ("divergence", "lm_temperature", "ce_weight", "jsd_beta")
 def encoder_settings(cfg) -> list:
     """Return the training settings an encoder student depends on (its cache and checkpoint key): the LM-only
     fields are left out, so they neither change nor invalidate an encoder's key."""
-    return sorted((k, v) for k, v in asdict(cfg).items() if k not in LM_ONLY)
+    return sorted((k, v) for k, v in asdict(resolved(cfg)).items() if k not in LM_ONLY)
 
 
 def student_depth(teacher: Teacher, requested: int | None) -> int:

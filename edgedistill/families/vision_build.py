@@ -313,7 +313,8 @@ def vision_manifest(d: VisionDistilled, profile: TargetProfile, model_path: Path
                           "recalibrate_every_steps": RECALIBRATE_EVERY,
                           "from_step": qat_start(len(d.train_views), d.distill_config or opts.distill, d.pruning["macs_ratio"])},
                       "teacher_outputs": ("computed on fresh crops every step" + (f", mixup {opts.mixup:g}" if opts.mixup else "")
-                                          if opts.fresh_views else "cached on the fixed training views"),
+                                          if opts.fresh_views else "cached on the fixed training views")
+                                         + ("; its stage outputs computed on every batch" if d.feature_stages else ""),
                       "feature_matching": None if not d.feature_stages else {
                           "weight": opts.feature_weight, "stages": d.feature_stages,
                           "loss": "MSE of 1x1-projected student stage outputs to the teacher's / mean(teacher²), "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import math
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -33,7 +34,7 @@ TRAIN_VIEWS = 2048  # augmented training views in all, when the photos are fewer
 VAL_VIEWS_PER_IMAGE = 8  # augmented views of each held-out photo, beside its center crop, when photos are few
 VERDICT_VIEWS = 512  # held-out images from which the verdict is on center crops alone (what the artifact is fed)
 MIN_PHOTOS_TO_HOLD_OUT = 50  # below this, held-out views are other crops of the training photos (see split_images)
-MIN_HELD_OUT_PHOTOS = 24  # when photos are held out, at least this many (up to a third): a verdict on 8 is luck
+MIN_HELD_OUT_PHOTOS = 24  # when photos are held out, at least this many (but at most a third): a verdict on 8 is luck
 SEARCH_VIEWS = 128  # held-out views the quantization search scores on
 DEFAULT_MACS_RATIO = 0.5  # --macs-ratio when not given
 RECALIBRATE_EVERY = 16  # quantization-aware training re-measures the activation ranges this often (steps)
@@ -109,9 +110,12 @@ def check_options(teacher: Teacher, opts, profiles) -> None:
                                    hint=f"leave out {flag}; --macs-ratio sets the student's size")
     if opts.mixup < 0:
         raise EdgeDistillError(f"--mixup {opts.mixup:g} is negative", hint="pass a Beta(alpha, alpha) alpha > 0, e.g. 0.2, or leave it out")
-    if opts.feature_weight < 0:
-        raise EdgeDistillError(f"--feature-weight {opts.feature_weight:g} is negative",
+    if not math.isfinite(opts.feature_weight) or opts.feature_weight < 0:
+        raise EdgeDistillError(f"--feature-weight {opts.feature_weight:g} is not a weight >= 0",
                                hint="pass a weight > 0 for the stage-output loss beside the logits' KL, e.g. 1, or leave it out")
+    if opts.feature_weight and not is_program(teacher.module) and not stage_names(teacher.module, _example(teacher.family.input_size)):
+        raise EdgeDistillError("--feature-weight: the teacher has no stage outputs to match (no nn.Sequential or "
+                               "nn.ModuleList of blocks with 4-D outputs)", hint="leave out --feature-weight")
     if opts.mixup and not opts.fresh_views:
         raise EdgeDistillError(f"--mixup {opts.mixup:g} needs --fresh-views: the teacher's cached logits are of unmixed "
                                "views", hint="add --fresh-views, or leave out --mixup")
@@ -389,12 +393,13 @@ def distill_student(family, teacher: Teacher, data: ImageSet, opts, run_dir: Pat
         qat = None  # by default only for the teacher's own shape: see qat_start for what was measured
     if qat:  # the simulation trains the weights the artifact stores: BatchNorm folded, as the exporter folds it
         pruning["batchnorm_folded"] = fold_batchnorm(student, _example(size))
-    cfg = distill_config(opts.distill, qat, macs_ratio(opts, teacher))
-    key = cache_key("vision-student-v1", teacher.sha256, data.sha256, size, per, seed, opts.val_fraction, macs_ratio(opts, teacher),
+    shape_ratio = pruning["macs_ratio"]  # the student's MACs over the teacher's, after any dropped blocks
+    cfg = distill_config(opts.distill, qat, shape_ratio)
+    key = cache_key("vision-student-v1", teacher.sha256, data.sha256, size, per, seed, opts.val_fraction,
+                    ("held-out", hashlib.sha256(val_img.astype(np.int64).tobytes()).hexdigest()), macs_ratio(opts, teacher),
                     (crop_scale, eval_resize(size, opts.resize)), opts.drop_blocks or None,
-                    sorted(asdict(cfg).items()), qat and (qat, qat_start(len(train_views), cfg,
-                                                                                  macs_ratio(opts, teacher)),
-                                                                   RECALIBRATE_EVERY),
+                    sorted(asdict(cfg).items()), qat and (qat, qat_start(len(train_views), cfg, shape_ratio),
+                                                           RECALIBRATE_EVERY),
                     *([("fresh-views", opts.mixup)] if opts.fresh_views else []),
                     *([("feature-weight", opts.feature_weight, FEATURE_INIT_VIEWS)] if opts.feature_weight else []),
                     distributed.world(), torch.__version__, __version__)
@@ -406,7 +411,7 @@ def distill_student(family, teacher: Teacher, data: ImageSet, opts, run_dir: Pat
         if qat:
             sim = ConvQuantSim(student, _example(size))
             schedule = QuantizationAwareSchedule(sim, _pixels(calibration_views(train_views, qat)),
-                                                 qat_start(len(train_views), cfg, macs_ratio(opts, teacher)))
+                                                 qat_start(len(train_views), cfg, shape_ratio))
         fresh = None
         if opts.fresh_views:
             fresh = FreshViews(images, train_src, size, crop_scale, teacher.module, opts.mixup)
