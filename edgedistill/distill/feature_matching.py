@@ -78,6 +78,14 @@ class FeatureMatched(nn.Module):
         return projected
 
 
+def on_device(module: nn.Module, device: torch.device) -> nn.Module:
+    """Return `module` if it is on `device`, else a copy of it moved there (the original stays where it is: later
+    stages time and export the teacher on the CPU)."""
+    if next(module.parameters()).device == device:
+        return module
+    return copy.deepcopy(module).to(device).eval()
+
+
 class TeacherStages:
     """The teacher's stage outputs on a batch, on the batch's device (a copy of the teacher is moved there once)."""
 
@@ -85,9 +93,7 @@ class TeacherStages:
         self.teacher, self.stages = teacher.eval(), stages
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        device = x.device
-        if next(self.teacher.parameters()).device != device:
-            self.teacher = copy.deepcopy(self.teacher).to(device).eval()
+        self.teacher = on_device(self.teacher, x.device)
         with torch.no_grad():
             logits, found = run_capturing(self.teacher, self.stages, x)
         return logits.float(), [found[s].float() for s in self.stages]

@@ -4,7 +4,6 @@ with the accuracy search, validation against the teacher (top-1 / top-5 agreemen
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import math
 from contextlib import contextmanager
@@ -17,7 +16,7 @@ import torch.nn.functional as F
 
 from edgedistill import __version__, distributed
 from edgedistill.cache import LabelStore, Rows, array_digests, cache_key, default_cache_dir, label_sharded
-from edgedistill.distill.feature_matching import TeacherStages, feature_matched, stage_names
+from edgedistill.distill.feature_matching import TeacherStages, feature_matched, on_device, stage_names
 from edgedistill.distill.losses import feature_loss
 from edgedistill.distill.loop import DEFAULT_LR, Checkpointing, DistillConfig, DistillResult, Training, distill, resolved
 from edgedistill.distill.qat import float_state_dict
@@ -295,8 +294,7 @@ class FreshViews:
         if self.mixup_alpha > 0:
             x, _, _ = mixup(x, self.mixup_alpha, torch.Generator().manual_seed(seed))
         x = x.to(device)
-        if next(self.teacher.parameters()).device != x.device:
-            self.teacher = copy.deepcopy(self.teacher).to(x.device)
+        self.teacher = on_device(self.teacher, x.device)
         with torch.no_grad():
             logits = self.teacher.eval()(x).float()
         return x, logits
