@@ -65,6 +65,9 @@ class DistillResult:
     best_fidelity: float
     best_step: int
     history: list[tuple[int, float, float]] = field(default_factory=list)
+    complete: bool = True  # False: stopped at `stop_at` of its schedule (a search's rung), checkpointed to go on
+    steps_done: int = 0
+    total_steps: int = 0
 
 
 class LengthGroupedBatches(Sampler[list[int]]):
@@ -133,8 +136,13 @@ class Checkpointing:
 
 
 def distill(student: torch.nn.Module, training: Training, cfg: DistillConfig,
-            checkpointing: Checkpointing | None = None) -> DistillResult:
+            checkpointing: Checkpointing | None = None, stop_at: float | None = None) -> DistillResult:
     """Train `student` by `training`'s loss; return the best state by its validation score.
+
+    `stop_at` (a share of the schedule's steps, with `checkpointing`): stop there, evaluated and checkpointed, with
+    the learning-rate schedule still the whole run's, so a later call with `resume` goes on with the same weights,
+    optimizer, schedule and batches as one run (a search's successive-halving rungs; the evaluation at the stop is
+    one more candidate for the best step); the result then says `complete=False`.
 
     Parameters that do not require grad (a frozen embedding table) are not optimized. Under `accelerate launch` /
     `torchrun` with N processes, each batch of `cfg.batch_size` is split across them (DDP), so the optimization is
@@ -159,6 +167,9 @@ def distill(student: torch.nn.Module, training: Training, cfg: DistillConfig,
                                   lr=resolved(cfg).lr)
     steps_per_epoch = len(loader)
     total_steps = max(1, cfg.epochs * steps_per_epoch)
+    if stop_at is not None and checkpointing is None:
+        raise ValueError("distill(stop_at=...) needs checkpointing to go on from where it stops")
+    stop_step = total_steps if stop_at is None else min(total_steps, max(1, math.ceil(stop_at * total_steps)))
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_fraction * total_steps), total_steps)
     model, optimizer, loader, scheduler = accelerator.prepare(student, optimizer, loader, scheduler)
     unwrapped = accelerator.unwrap_model(model)
@@ -203,9 +214,11 @@ def distill(student: torch.nn.Module, training: Training, cfg: DistillConfig,
                         rank=state.process_index, world=state.num_processes, barrier=accelerator.wait_for_everyone)
 
     with new_progress() as progress:
+        # resumed at or past where this call stops (a rung re-run after a kill): nothing to train
+        last_epoch = cfg.epochs if step < stop_step else start_epoch
         bar = progress.add_task("distilling", total=total_steps, completed=step,
                                 status=f"best val {training.describe(result.best_fidelity)}")
-        for epoch in range(start_epoch, cfg.epochs):
+        for epoch in range(start_epoch, last_epoch):
             model.train()
             done_in_epoch = skip if epoch == start_epoch else 0
             batches = accelerator.skip_first_batches(loader, done_in_epoch) if done_in_epoch else loader
@@ -231,7 +244,8 @@ def distill(student: torch.nn.Module, training: Training, cfg: DistillConfig,
                 running.append(loss.item())
                 best_text = training.describe(result.best_fidelity)
                 progress.update(bar, advance=1, status=f"loss {np.mean(running[-50:]):.4f}  best val {best_text}")
-                if step % eval_every == 0 or step == total_steps:
+                # the rung's verdict (stop_step) is on the state it stops in
+                if step % eval_every == 0 or step in (total_steps, stop_step):
                     score = eval_now()
                     result.history.append((step, score, float(np.mean(running[-eval_every:]))))
                     if training.better(score, result.best_fidelity):
@@ -243,7 +257,13 @@ def distill(student: torch.nn.Module, training: Training, cfg: DistillConfig,
                         progress.console.print(f"step {step}/{total_steps}: train loss {result.history[-1][2]:.4f}, "
                                                f"validation {training.describe(score)} (best {best_text})")
                     model.train()
+                if step == stop_step < total_steps:
+                    checkpoint(epoch, done_in_epoch)
+                    break
                 if checkpointing is not None and step % checkpointing.every == 0 and step < total_steps:
                     checkpoint(epoch, done_in_epoch)
+            if step == stop_step < total_steps:
+                break
+    result.complete, result.steps_done, result.total_steps = step >= total_steps, step, total_steps
     result.student.to("cpu").eval()  # export and validation run on the CPU
     return result

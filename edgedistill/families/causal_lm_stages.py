@@ -318,11 +318,11 @@ def distill_student(family: CausalLMFamily, teacher: Teacher, data: TransferSet,
                                                                     opts.resume)
         training = lm_training(student, windows, labels, train_idx, val_idx, opts.distill)
         with fake_quantized(student, rounding):  # after lm_training has frozen what it freezes
-            trained = distill(student, training, opts.distill, checkpointing)
+            trained = distill(student, training, opts.distill, checkpointing, opts.stop_at)
             best = float_state_dict(trained.student)
         student.load_state_dict(best)
         trained.student = student.to("cpu").eval()  # where distill() leaves its copies: export runs on the CPU
-        if distributed.is_main():
+        if distributed.is_main() and trained.complete:  # a search's rung stops early: not the finished student
             save_stage(cache_dir / "students" / key, trained)
     prompts = [windows[i, :PROMPT_TOKENS].tolist() for i in val_idx[:PROMPTS]]
     continuations = teacher_continuations(teacher, prompts, cache_dir)

@@ -201,8 +201,8 @@ def distill_student(teacher: Teacher, data: TransferSet, num_layers: int, max_le
         training = encoder_training(student, teacher.tokenizer, input_names, max_length,
                                     (texts(train_idx), Rows(teacher_outputs, train_idx), labels),
                                     (texts(val_idx), teacher_outputs[val_idx]), opts.distill)
-        trained = distill(student, training, opts.distill, checkpointing)
-        if distributed.is_main():
+        trained = distill(student, training, opts.distill, checkpointing, opts.stop_at)
+        if distributed.is_main() and trained.complete:  # a search's rung stops early: not the finished student
             save_stage(cache_dir / "students" / key, trained)
     val_student = torch_cpu.predict(trained.student, teacher.tokenizer, texts(val_idx), input_names, max_length)
     ood_texts, ood_teacher, ood_student = [], None, None

@@ -420,7 +420,7 @@ def distill_student(family, teacher: Teacher, data: ImageSet, opts, run_dir: Pat
             features = (stages, opts.feature_weight)
         training = vision_training(train_views, train_logits, train_labels, val_views, val_logits, cfg,
                                    schedule, fresh, features)
-        trained = distill(trainee, training, cfg, checkpointing)
+        trained = distill(trainee, training, cfg, checkpointing, opts.stop_at)
         if features is not None:  # the projectors were for training only
             trained.student = trained.student.student
         if sim is not None:
@@ -428,7 +428,7 @@ def distill_student(family, teacher: Teacher, data: ImageSet, opts, run_dir: Pat
             sim.remove()
             student.load_state_dict(best)
             trained.student = student.eval()
-        if distributed.is_main():
+        if distributed.is_main() and trained.complete:  # a search's rung stops early: not the finished student
             save_stage(cache_dir / "students" / key, trained)
     return VisionDistilled(teacher, data, trained, train_views, train_logits, val_views, val_logits, val_labels,
                            len(train_img), len(val_img), per, size, pruning, photos_held_out, qat,
