@@ -39,6 +39,7 @@ class Manifest(BaseModel):
     sizes: dict[str, Any]
     versions: dict[str, str]
     seed: int
+    search: dict[str, Any] | None = None  # compile --search: every student measured, the front, the choice
     files: dict[str, str] = {}
 
 

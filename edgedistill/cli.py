@@ -93,6 +93,11 @@ def compile_cmd(
     drop_blocks: int = typer.Option(0, "--drop-blocks", min=0, metavar="N", help="Vision: leave N shape-preserving (residual) blocks out of the student, those whose absence moves the teacher's outputs least (measured, greedy); then channels are pruned to --macs-ratio"),
     resize: Optional[int] = typer.Option(None, "--resize", metavar="PX", help="Vision: held-out images' short side before the center crop of --image-size (default ImageNet's 256 for 224; equal to --image-size: no crop)"),
     keep_rejected: bool = typer.Option(False, "--keep-rejected", help="Also write an artifact that misses its budget, whole, to OUT/<target>.rejected/ (to inspect or bench; its report says REJECTED; the exit code is still 2)"),
+    search: bool = typer.Option(False, "--search", help="Try the family's student shapes (encoders: 1-4 layers x FFN 1 or 1/2; LMs: 2/3, 1/2, 1/3 of the layers x FFN 1 or 3/4; vision: 100/70/50/35% of the MACs) by successive halving on distillation steps within --time-budget, each built and measured on the target; keep the fastest that meets every limit"),
+    time_budget: Optional[str] = typer.Option(None, "--time-budget", metavar="DURATION", help="With --search: wall-clock budget, e.g. 20m, 90s, 1h30m (default 20m)"),
+    max_latency_ms: Optional[float] = typer.Option(None, "--max-latency-ms", help="With --search: the artifact's latency limit on the target (as build measures it)"),
+    min_fidelity: Optional[float] = typer.Option(None, "--min-fidelity", help="With --search: the fidelity floor (cosine or top-1 agreement; the target's budget always applies too)"),
+    max_size_mb: Optional[float] = typer.Option(None, "--max-size-mb", help="With --search: the model file's size limit"),
     resume: Optional[Path] = typer.Option(None, "--resume", metavar="OUT",
                                           help="Continue the interrupted compile that wrote to OUT, with its original arguments (other options are ignored)"),
 ) -> None:
@@ -112,12 +117,22 @@ def compile_cmd(
         fail(EdgeDistillError(f"unknown --layer-criterion '{layer_criterion}'", hint="use perplexity, block-influence or even"))
     if divergence not in ("forward-kl", "reverse-kl", "jsd"):
         fail(EdgeDistillError(f"unknown --divergence '{divergence}'", hint="use forward-kl, reverse-kl or jsd"))
+    given = [f for f, v in (("--time-budget", time_budget), ("--max-latency-ms", max_latency_ms),
+                            ("--min-fidelity", min_fidelity), ("--max-size-mb", max_size_mb)) if v is not None]
+    if given and not search:
+        fail(EdgeDistillError(f"{given[0]} is a limit of --search", hint=f"add --search, or leave out {given[0]}"))
+    try:
+        from edgedistill.search import parse_duration
+
+        budget_s = parse_duration(time_budget) if time_budget is not None else 1200.0
+    except EdgeDistillError as e:
+        fail(e)
     opts = CompileOptions(task=task, student_layers=student_layers, max_length=max_length, val_fraction=val_fraction,
                           max_texts=max_texts, text_column=text_column, label_column=label_column, cache_dir=cache_dir,
                           checkpoint_every=checkpoint_every, top_k=top_k, layer_criterion=layer_criterion, student=student,
                           quantization_aware=quantization_aware, generate=generate, ffn_ratio=ffn_ratio, macs_ratio=macs_ratio,
                           arch=arch, arch_kwargs=_json_object(arch_kwargs, "--arch-kwargs"), normalize=normalize,
-                          image_size=image_size, crop_scale=crop_scale, resize=resize, drop_blocks=drop_blocks, fresh_views=fresh_views, mixup=mixup, feature_weight=feature_weight, keep_rejected=keep_rejected, distill=DistillConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, eval_every=eval_every,
+                          image_size=image_size, crop_scale=crop_scale, resize=resize, drop_blocks=drop_blocks, fresh_views=fresh_views, mixup=mixup, feature_weight=feature_weight, keep_rejected=keep_rejected, search=search, time_budget_s=budget_s, max_latency_ms=max_latency_ms, min_fidelity=min_fidelity, max_size_mb=max_size_mb, distill=DistillConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, eval_every=eval_every,
                                                 divergence=divergence, lm_temperature=lm_temperature,
                                                 ce_weight=ce_weight, jsd_beta=jsd_beta))
     try:

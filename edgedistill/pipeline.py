@@ -61,6 +61,14 @@ class CompileOptions:
     quantization_aware: bool | None = None  # causal LMs: distill through the targets' weight rounding (None: when
     # every target rounds the same rtn way; distill/qat.py)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    # --search: try the family's student shapes (successive halving on distillation steps) within a time budget and
+    # keep the fastest artifact that meets every constraint (search.py)
+    search: bool = False
+    time_budget_s: float = 1200.0
+    max_latency_ms: float | None = None
+    min_fidelity: float | None = None  # None: the target's own budget
+    max_size_mb: float | None = None
+    stop_at: float | None = None  # internal: stop the distillation at this share of its steps (a search's rung)
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -87,9 +95,9 @@ class TargetResult:
 
 @dataclass
 class CompileResult:
-    """The distilled torch student (before export) and one result per target."""
+    """The distilled torch student (before export; None after a search) and one result per target."""
 
-    student: torch.nn.Module
+    student: torch.nn.Module | None
     targets: list[TargetResult]
     family: Family | None = None
     distilled: object | None = None  # what the family's targets were built from (its views, labels, student)
@@ -113,6 +121,10 @@ def compile(teacher_spec: str | None, data_path: str | None, target_specs: list[
     for profile in profiles:
         family.check_target(profile)
     family.check_options(teacher, opts, profiles)
+    if opts.search:
+        from edgedistill.search import check_search
+
+        check_search(family, teacher, opts, profiles)
     data = family.load_data(teacher, data_path, opts)
     with runs.run_lock(out_dir) if distributed.is_main() else contextlib.nullcontext():
         if distributed.is_main():
@@ -120,6 +132,8 @@ def compile(teacher_spec: str | None, data_path: str | None, target_specs: list[
                 progress.console.print(f"note: {out_dir} holds a checkpoint of an interrupted compile; starting over "
                                        f"(`edgedistill compile --resume {out_dir}` would have continued it)")
             runs.save_run(out_dir, teacher_spec, data_path, target_specs, opts.to_json())
+        if opts.search:
+            return searched(family, teacher, data, profiles[0], out_dir, opts)
         try:
             distilled = family.distill_student(teacher, data, opts, out_dir / RUN_DIR, profiles)
         except EdgeDistillError:  # a user error, not a kill: no checkpoint worth resuming from is left behind
@@ -140,6 +154,17 @@ def compile(teacher_spec: str | None, data_path: str | None, target_specs: list[
         return CompileResult(distilled.trained.student, results, family, distilled)
 
 
+def searched(family: Family, teacher, data, profile: TargetProfile, out_dir: Path, opts: CompileOptions) -> CompileResult:
+    """compile --search: the fastest searched student that meets every limit, published like any artifact (its
+    report and manifest holding every evaluation, search.html the plot); the closest one rejected if none does."""
+    from edgedistill.search import render_search_md, run_search
+
+    built, record = run_search(family, teacher, data, profile, out_dir, out_dir / RUN_DIR, opts)
+    result = publish(family, built, profile, out_dir, opts.keep_rejected, report_extra=render_search_md(record))
+    shutil.rmtree(out_dir / RUN_DIR, ignore_errors=True)  # finished: the evaluations are in the manifest
+    return CompileResult(None, [result], family)
+
+
 def user_vision_model(teacher_spec: str | None, opts: CompileOptions):
     """Return how to build a user's image classifier from --arch/--arch-kwargs/--normalize/--image-size, or None;
     refuse those options for any other teacher."""
@@ -156,12 +181,14 @@ def user_vision_model(teacher_spec: str | None, opts: CompileOptions):
 
 
 def publish(family: Family, built: TargetBuild, profile: TargetProfile, out_dir: Path,
-            keep_rejected: bool = False) -> TargetResult:
+            keep_rejected: bool = False, report_extra: str = "") -> TargetResult:
     """Write the artifact to OUT/<target>/ if it kept its budget, else its report to OUT/<target>.rejected.md (and,
     with `keep_rejected`, the whole rejected artifact to OUT/<target>.rejected/, its report saying REJECTED).
 
     This compile's verdict supersedes an older one: never leave a stale artifact beside a new rejection, or back."""
     report = family.render_report(built.manifest, published=built.passed)
+    if report_extra:
+        report = report.rstrip("\n") + "\n\n" + report_extra
     published, rejected = out_dir / profile.name, out_dir / f"{profile.name}.rejected.md"
     kept = out_dir / f"{profile.name}.rejected"
     if built.passed:

@@ -143,7 +143,7 @@ def render_report(m: Manifest, published: bool) -> str:
         "| step | validation fidelity | train loss |",
         "|---|---|---|",
     ]
-    lines += [f"| {s} | {f:.4f} | {'—' if loss != loss else f'{loss:.4f}'} |" for s, f, loss in m.distillation["history"]]
+    lines += [f"| {s} | {f:.4f} | {'—' if loss is None or loss != loss else f'{loss:.4f}'} |" for s, f, loss in m.distillation["history"]]
     trials = m.quantization["trials"]
     if len(trials) > 1:
         lines += ["", "## Quantization search", "",

@@ -3,6 +3,7 @@ artifact loads in onnxruntime, matches the torch student, is int8 where the prof
 targets without a vision section get one line and exit 2."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -658,3 +659,18 @@ def test_fresh_views_resume_after_an_interruption_as_if_uninterrupted(tiny_teach
     assert len(after) == 9 - 4  # it went on from the checkpoint at step 4 of 9, not from the start
     for a, b in zip(resumed.student.state_dict().values(), ref.student.state_dict().values()):
         torch.testing.assert_close(a, b)
+
+
+def test_search_works_for_image_classifiers_too(tiny_teacher, photos, tmp_path):
+    """The family's shapes (shares of the MACs) go through the same successive halving as an encoder's."""
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["compile", tiny_teacher, "--data", str(photos), "--out", str(out), "--epochs", "2",
+                              "--batch-size", "16", "--target", str(profile(tmp_path / "p.yaml", "{recipe: fp32}")),
+                              "--search", "--time-budget", "10m"])
+    assert res.exit_code == 0, res.output
+    record = json.loads((out / "tiny-vision" / "manifest.json").read_text())["search"]
+    assert [s["shape"]["macs_ratio"] for s in record["shapes"]] == [1.0, 0.7, 0.5, 0.35]
+    assert [sum(e["rung"] == r for e in record["evaluations"]) for r in range(3)] == [4, 2, 1]
+    assert "--macs-ratio and --search" in " ".join(runner.invoke(app, [
+        "compile", tiny_teacher, "--data", str(photos), "--out", str(tmp_path / "o2"), "--search", "--macs-ratio", "0.5",
+        "--target", str(profile(tmp_path / "p.yaml", "{recipe: fp32}"))]).output.split())

@@ -69,3 +69,28 @@ class Family(ABC):
     @abstractmethod
     def summary_cells(self, manifest: Manifest) -> dict[str, str]:
         """Return the CLI summary table's cells for one target: fidelity, latency, size (plain text or rich markup)."""
+
+    # --search (search.py): the student shapes to try, how to read a built artifact's point, the recipes to try on the
+    # finished students. A family without student_shapes refuses --search in one line.
+
+    def student_shapes(self, teacher: Teacher, opts: Any) -> list[dict[str, Any]]:
+        """Return the students a search tries, largest first: each a dict of CompileOptions fields."""
+        from edgedistill.errors import EdgeDistillError
+
+        raise EdgeDistillError(f"--search: the {self.name} family offers no student shapes to search",
+                               hint="leave out --search and choose the student with the family's options")
+
+    def shape_label(self, shape: dict[str, Any]) -> str:
+        """Return a short name for a student shape (for tables and the plot)."""
+        return ", ".join(f"{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"{k.replace('_', '-')} {v}"
+                         for k, v in shape.items())
+
+    def search_point(self, manifest: Manifest) -> tuple[str, float, float | None]:
+        """Return (the fidelity metric's name, its value (higher is better), latency in ms or None if not measured)
+        of a built artifact."""
+        raise NotImplementedError
+
+    def recipe_variants(self, profile: TargetProfile) -> list[tuple[str, TargetProfile]]:
+        """Return the quantization recipes a search tries on its finished students: (label, profile) pairs, the
+        profile's own first."""
+        return [(profile.quantization.recipe, profile)]

@@ -267,6 +267,23 @@ class CausalLMFamily(Family):
     def num_layers(self, config) -> int:
         return int(getattr(config, self.decoder.layers_key))
 
+    def student_shapes(self, teacher, opts) -> list[dict]:
+        """Two thirds (the default), half and a third of the teacher's layers, each with the full and 3/4 FFN."""
+        total = self.num_layers(teacher.config)
+        depths = sorted({max(1, round(total * f)) for f in (2 / 3, 1 / 2, 1 / 3)}, reverse=True)
+        return [{"student_layers": d, "ffn_ratio": r} for d in depths for r in (1.0, 0.75)]
+
+    def shape_label(self, shape) -> str:
+        ffn = shape.get("ffn_ratio", 1.0)
+        layers = shape["student_layers"]
+        return f"{layers} layer{'' if layers == 1 else 's'}" + ("" if ffn == 1.0 else f", FFN {ffn:g}")
+
+    def search_point(self, manifest) -> tuple[str, float, float | None]:
+        """Top-1 agreement, and the decode time per token (the budget's perplexity ratio is in the manifest)."""
+        tokens_per_s = manifest.latency.get("artifact_decode_tokens_per_s")
+        return "top1_agreement", float(manifest.metrics["values"]["top1_agreement"]), (
+            None if not tokens_per_s else 1000.0 / float(tokens_per_s))
+
     def check_target(self, profile) -> None:
         from edgedistill.families import causal_lm_stages as stages
 

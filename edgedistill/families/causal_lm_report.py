@@ -63,7 +63,7 @@ def render_report(m: Manifest, published: bool) -> str:
         + "; step 0 is the student before training.", "",
         "| step | tokens | validation perplexity | train loss |", "|---|---|---|---|",
         *[f"| {step} | {step * m.distillation['config']['batch_size'] * m.data['window_tokens']:,} | {score:.2f} | "
-          f"{'' if loss != loss else f'{loss:.4f}'} |" for step, score, loss in m.distillation["history"]], "",
+          f"{'' if loss is None or loss != loss else f'{loss:.4f}'} |" for step, score, loss in m.distillation["history"]], "",
         "## Quantization trials (scored on the held-out windows)", "",
         "| trial | perplexity × teacher | top-1 agreement | MB | keeps budget |", "|---|---|---|---|---|",
         *[f"| {t['description']}{' **(chosen)**' if t.get('chosen') else ''} | {t['perplexity_ratio']:.3f} | "

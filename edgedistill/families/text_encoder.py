@@ -39,6 +39,9 @@ TEXT_ENCODER_TYPES = {
                               ffn_key="hidden_dim"),
 }
 
+SEARCH_DEPTHS = (1, 2, 3, 4)  # --search: student depths tried (those below the teacher's)
+SEARCH_FFN_RATIOS = (1.0, 0.5)  # --search: FFN widths tried at each depth
+
 _LAYER_KEY = re.compile(r"^(.*\blayer\.)(\d+)(\..*)$")
 
 
@@ -154,6 +157,32 @@ class TextEncoderFamily(Family):
         from edgedistill.report import encoder_summary_cells
 
         return encoder_summary_cells(manifest)
+
+    def student_shapes(self, teacher, opts) -> list[dict]:
+        """Depth 1-4 (below the teacher's) x FFN width 1 and 1/2 (README "Width": half the FFN cost 0.06 of cosine at
+        2 epochs, so narrower is not tried)."""
+        total = self.num_layers(teacher.config)
+        depths = sorted({d for d in SEARCH_DEPTHS if d < total} or {total}, reverse=True)
+        return [{"student_layers": d, "ffn_ratio": r} for d in depths for r in SEARCH_FFN_RATIOS]
+
+    def shape_label(self, shape) -> str:
+        ffn = shape.get("ffn_ratio", 1.0)
+        layers = shape["student_layers"]
+        return f"{layers} layer{'' if layers == 1 else 's'}" + ("" if ffn == 1.0 else f", FFN {ffn:g}")
+
+    def search_point(self, manifest) -> tuple[str, float, float | None]:
+        metric = "cosine_mean" if manifest.teacher["task"] == "feature-extraction" else "top1_agreement"
+        lat = manifest.latency
+        return metric, float(manifest.metrics["values"][metric]), (None if "not_measured" in lat
+                                                                  else float(lat["artifact"]["p50_ms"]))
+
+    def recipe_variants(self, profile) -> list:
+        q = profile.quantization
+        variants = [(f"{q.recipe}", profile)]
+        if q.recipe == "dynamic-int8" and profile.runtime == "onnxruntime" and q.embedding_bits == 8:
+            four = profile.model_copy(update={"quantization": q.model_copy(update={"embedding_bits": 4})})
+            variants.append((f"{q.recipe}, int4 embeddings", four))
+        return variants
 
     def num_layers(self, config) -> int:
         return int(getattr(config, self.type.layers_key))

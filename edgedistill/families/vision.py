@@ -16,6 +16,9 @@ from edgedistill.errors import EdgeDistillError
 from edgedistill.families.base import Family
 
 
+SEARCH_MACS_RATIOS = (1.0, 0.7, 0.5, 0.35)  # --search: the students tried, as shares of the teacher's MACs
+
+
 class NormalizedClassifier(nn.Module):
     """A classifier that takes pixels in [0, 1] and normalizes them itself ((x - mean) / std per channel)."""
 
@@ -280,3 +283,18 @@ class VisionFamily(Family):
         from edgedistill.families.vision_report import summary_cells
 
         return summary_cells(manifest)
+
+    def student_shapes(self, teacher, opts) -> list[dict]:
+        """The teacher's shape (quantization-aware) and channel-pruned shares of its MACs."""
+        if is_program(teacher.module):
+            raise EdgeDistillError("--search: a torch.export program (.pt2) has no modules to prune into other shapes",
+                                   hint="pass a state dict with --arch, or leave out --search")
+        return [{"macs_ratio": r} for r in SEARCH_MACS_RATIOS]
+
+    def shape_label(self, shape) -> str:
+        return f"{shape['macs_ratio']:.0%} of the MACs"
+
+    def search_point(self, manifest) -> tuple[str, float, float | None]:
+        lat = manifest.latency
+        return "top1_agreement", float(manifest.metrics["values"]["top1_agreement"]), (
+            None if "not_measured" in lat else float(lat["artifact"]["p50_ms"]))

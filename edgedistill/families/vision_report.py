@@ -59,7 +59,7 @@ def render_report(m: Manifest, published: bool) -> str:
         "## Metrics on the held-out views", "", "| metric | value |", "|---|---|",
         *[f"| {k} | {val:.4f} |" for k, val in v.items()], "",
         "## Distillation curve", "", "| step | validation top-1 agreement | train loss |", "|---|---|---|",
-        *[f"| {step} | {score:.4f} | {'' if loss != loss else f'{loss:.4f}'} |"
+        *[f"| {step} | {score:.4f} | {'' if loss is None or loss != loss else f'{loss:.4f}'} |"
           for step, score, loss in m.distillation["history"]], "",
         "## Quantization trials (scored on held-out views)", "",
         "| trial | top-1 agreement | MB | keeps budget |", "|---|---|---|---|",
