@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 OUT ?= build
 
-.PHONY: install system-data system-browser demo demo-lm demo-vision bench-vision-fashion test test-fast bench bench-targets bench-search bench-inc bench-scale compile-ci bench-ci clean
+.PHONY: install system-data system-browser demo demo-lm demo-vision bench-vision-fashion test test-fast bench bench-targets bench-search bench-student-search bench-inc bench-scale compile-ci bench-ci clean
 
 # torch is pinned in the same pip command as everything else (constraints.txt explains why).
 $(STAMP): pyproject.toml constraints.txt
@@ -94,6 +94,10 @@ bench-targets: install
 
 bench-search: install
 	$(BIN)/python benchmarks/search_case.py
+
+# compile --search (20-minute budget) on MiniLM vs the default compile, both benched beside the teacher
+bench-student-search: install
+	$(BIN)/python benchmarks/search.py --time-budget 20m
 
 # Our accuracy search vs Intel Neural Compressor's ONNX tuner. onnx-neural-compressor pins numpy<2, so it gets its
 # own venv; 1.0 imports prettytable and scipy without declaring them.
