@@ -99,7 +99,7 @@ def compile_cmd(
     min_fidelity: Optional[float] = typer.Option(None, "--min-fidelity", help="With --search: the fidelity floor (cosine or top-1 agreement; the target's budget always applies too)"),
     max_size_mb: Optional[float] = typer.Option(None, "--max-size-mb", help="With --search: the model file's size limit"),
     resume: Optional[Path] = typer.Option(None, "--resume", metavar="OUT",
-                                          help="Continue the interrupted compile that wrote to OUT, with its original arguments (other options are ignored)"),
+                                          help="Continue the interrupted compile that wrote to OUT, with its original arguments (other options are ignored, except --time-budget for a search)"),
 ) -> None:
     """Compile TEACHER into a distilled, quantized, validated artifact for each --target.
 
@@ -119,7 +119,7 @@ def compile_cmd(
         fail(EdgeDistillError(f"unknown --divergence '{divergence}'", hint="use forward-kl, reverse-kl or jsd"))
     given = [f for f, v in (("--time-budget", time_budget), ("--max-latency-ms", max_latency_ms),
                             ("--min-fidelity", min_fidelity), ("--max-size-mb", max_size_mb)) if v is not None]
-    if given and not search:
+    if given and not search and resume is None:
         fail(EdgeDistillError(f"{given[0]} is a limit of --search", hint=f"add --search, or leave out {given[0]}"))
     try:
         from edgedistill.search import parse_duration
@@ -139,6 +139,11 @@ def compile_cmd(
         if resume is not None:
             teacher, data, target, opts = load_run(resume)
             out_dir = resume
+            if time_budget is not None:  # a resumed search may be given more time; every other option is the run's
+                if not opts.search:
+                    raise EdgeDistillError(f"--time-budget: the compile in {resume} is not a search",
+                                           hint="leave out --time-budget")
+                opts.time_budget_s = budget_s
         compiled = compile(teacher, data, target or [], out_dir, opts)
         results, family = compiled.targets, compiled.family
     except EdgeDistillError as e:
@@ -168,6 +173,8 @@ def compile_cmd(
     failed = [r for r in results if not r.published]
     if failed:
         larger = "a larger --macs-ratio" if failed[0].manifest.family == "vision" else "more --student-layers"
+        if failed[0].manifest.search:
+            larger = "a larger --time-budget or looser limits"
         fail(BudgetError("; ".join(f"{r.profile.name}: {r.manifest.metrics['verdict']}" for r in failed),
                          hint=f"see the .rejected.md report; try more --epochs, more --data or {larger}"))
 

@@ -128,7 +128,8 @@ def compile(teacher_spec: str | None, data_path: str | None, target_specs: list[
     data = family.load_data(teacher, data_path, opts)
     with runs.run_lock(out_dir) if distributed.is_main() else contextlib.nullcontext():
         if distributed.is_main():
-            if not opts.resume and (out_dir / RUN_DIR / "checkpoint").is_dir():
+            if not opts.resume and ((out_dir / RUN_DIR / "checkpoint").is_dir()
+                                    or (out_dir / RUN_DIR / "search" / "state.json").is_file()):
                 progress.console.print(f"note: {out_dir} holds a checkpoint of an interrupted compile; starting over "
                                        f"(`edgedistill compile --resume {out_dir}` would have continued it)")
             runs.save_run(out_dir, teacher_spec, data_path, target_specs, opts.to_json())

@@ -30,6 +30,7 @@ from edgedistill.families.base import Family, TargetBuild
 STATE = "state.json"
 STATE_VERSION = 1
 SEARCH_PAGE = "search.html"
+LATENCY_TIE = 0.05  # latencies this close count as equal when choosing (one timing per evaluation, on a shared machine)
 _DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*$")
 
 
@@ -68,6 +69,9 @@ def check_search(family: Family, teacher, opts, profiles) -> list[dict[str, Any]
             raise EdgeDistillError(f"{name} {value} is not a positive limit", hint=f"pass a positive {name} or leave it out")
     if opts.min_fidelity is not None and not 0 < opts.min_fidelity <= 1:
         raise EdgeDistillError(f"--min-fidelity {opts.min_fidelity} is out of range", hint="pass a value in (0, 1]")
+    if getattr(opts, "student", None):
+        raise EdgeDistillError("--student and --search: the search derives its students from the teacher",
+                               hint="leave out --student or --search")
     shapes = family.student_shapes(teacher, opts)
     defaults = type(opts)()
     for key in sorted({k for s in shapes for k in s}):
@@ -195,12 +199,14 @@ class SearchState:
         self.shapes = [{"id": f"s{i}", "shape": s, "label": lb} for i, (s, lb) in enumerate(zip(shapes, labels))]
         self.shares = shares
         self.evaluations: list[Evaluation] = []
+        self.failed: dict[str, str] = {}  # shape id -> the error that ended it
         self.elapsed_s = 0.0
         state = root / STATE
         if resume and state.is_file():
             saved = json.loads(state.read_text(encoding="utf-8"))
             if saved.get("version") == STATE_VERSION and saved["shapes"] == self.shapes and saved["shares"] == shares:
                 self.evaluations = [Evaluation(**e) for e in saved["evaluations"]]
+                self.failed = dict(saved.get("failed", {}))
                 self.elapsed_s = float(saved["elapsed_s"])
                 return
         shutil.rmtree(root, ignore_errors=True)  # not resuming (or another search's record): start over
@@ -213,7 +219,8 @@ class SearchState:
         self.elapsed_s = elapsed_s
         tmp = self.root / f".{STATE}.tmp"
         tmp.write_text(json.dumps({"version": STATE_VERSION, "shapes": self.shapes, "shares": self.shares,
-                                   "elapsed_s": elapsed_s, "evaluations": [dataclasses.asdict(e) for e in self.evaluations]},
+                                   "elapsed_s": elapsed_s, "failed": self.failed,
+                                   "evaluations": [dataclasses.asdict(e) for e in self.evaluations]},
                                   indent=1), encoding="utf-8")
         tmp.replace(self.root / STATE)
 
@@ -267,8 +274,8 @@ def run_search(family: Family, teacher, data, profile, out_dir: Path, run_dir: P
             before = shares[last.rung - 1] if last.rung else 0.0
             per_share = last.train_s / max(1e-9, last.share - before)
             return per_share * (shares[rung] - shares[last.rung]) + last.build_s
-        same_rung = [e.train_s + e.build_s for e in state.evaluations if e.rung == rung]
-        return sum(same_rung) / len(same_rung) if same_rung else 0.0
+        same_rung = sorted(e.train_s + e.build_s for e in state.evaluations if e.rung == rung)
+        return same_rung[len(same_rung) // 2] if same_rung else 0.0  # the median: the first also labelled the data
 
     alive = [s["id"] for s in state.shapes]
     by_id = {s["id"]: s for s in state.shapes}
@@ -280,7 +287,20 @@ def run_search(family: Family, teacher, data, profile, out_dir: Path, run_dir: P
             if state.evaluations and elapsed() + estimate(by_id[sid], rung) > opts.time_budget_s:
                 out_of_time = True  # this one would overrun; a smaller shape of the rung may still fit
                 continue
-            evaluate(by_id[sid], rung, base_recipe, profile)
+            try:
+                e = evaluate(by_id[sid], rung, base_recipe, profile)
+            except EdgeDistillError as err:  # this shape failed (training diverged, ...): the others go on
+                state.failed[sid] = str(err)
+                state.save(elapsed())
+                progress.console.print(f"search: {by_id[sid]['label']} failed and is dropped: {err}")
+                continue
+            if e.latency_ms is None:
+                raise EdgeDistillError(f"--search picks the fastest student, and {profile.name}'s latency cannot be "
+                                       "measured on this machine", hint="run the search where the target's device is, "
+                                       "or compile without --search")
+        alive = [sid for sid in alive if sid not in state.failed]
+        if not alive:
+            break
         if out_of_time:
             break
         reached = rung
@@ -296,7 +316,8 @@ def run_search(family: Family, teacher, data, profile, out_dir: Path, run_dir: P
                         break
                     evaluate(by_id[sid], reached, recipe, target)
     if not state.evaluations:
-        raise EdgeDistillError("the search measured nothing", hint="pass a larger --time-budget")
+        raise EdgeDistillError("the search measured nothing" + (f": {next(iter(state.failed.values()))}" if state.failed
+                                                                else ""), hint="pass a larger --time-budget")
     return choose(family, state, limits, opts, out_of_time, elapsed())
 
 
@@ -315,8 +336,9 @@ def choose(family: Family, state: SearchState, limits: Limits, opts, out_of_time
     """Return the fastest point that meets every limit (else the closest, rejected) as a build, and the record."""
     points = latest(state)
     meets = [e for e in points if not limits.misses(e)]
-    if meets:
-        chosen = min(meets, key=lambda e: (math.inf if e.latency_ms is None else e.latency_ms, -e.fidelity))
+    if meets:  # the fastest; within the timing's noise of it (LATENCY_TIE), the most faithful
+        fastest = min(e.latency_ms for e in meets)
+        chosen = max((e for e in meets if e.latency_ms <= fastest * (1 + LATENCY_TIE)), key=lambda e: e.fidelity)
     else:
         chosen = min(points, key=lambda e: (limits.shortfall(e), -e.fidelity))
     front = {e.key for e in pareto_front(points)}
@@ -330,8 +352,10 @@ def choose(family: Family, state: SearchState, limits: Limits, opts, out_of_time
         "shapes": state.shapes,
         "evaluations": [{**dataclasses.asdict(e), "label": labels[e.shape_id], "on_front": e.key in front,
                          "latest": e in points, "misses": limits.misses(e)} for e in state.evaluations],
+        "failed": {labels[k]: v for k, v in state.failed.items()},
         "chosen": {"shape_id": chosen.shape_id, "label": labels[chosen.shape_id], "recipe": chosen.recipe,
-                   "rung": chosen.rung, "meets_every_limit": bool(meets)},
+                   "rung": chosen.rung, "steps": chosen.steps, "total_steps": chosen.total_steps,
+                   "meets_every_limit": bool(meets)},
     }
     stage = state.root / chosen.stage
     saved = json.loads((stage / "build.json").read_text(encoding="utf-8"))
@@ -345,7 +369,7 @@ def choose(family: Family, state: SearchState, limits: Limits, opts, out_of_time
         closest = sorted(points, key=lambda e: (limits.shortfall(e), -e.fidelity))[:3]
         verdict = ("no searched student meets every limit; closest: " + "; ".join(
             f"{labels[e.shape_id]} ({e.recipe}): {', '.join(limits.misses(e))}" for e in closest))
-    metrics = {**manifest.metrics, "verdict": verdict}
+    metrics = {**manifest.metrics, "verdict": verdict, "passed": bool(meets)}
     manifest = manifest.model_copy(update={"search": record, "metrics": metrics})
     return TargetBuild(files, manifest, bool(meets)), record
 
@@ -374,7 +398,8 @@ def _plain(value):
 
 def _clock(seconds: float) -> str:
     m, s = divmod(int(round(seconds)), 60)
-    return f"{m}m{s:02d}s"
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
 def render_search_md(record: dict) -> str:
@@ -384,9 +409,10 @@ def render_search_md(record: dict) -> str:
              f"{record['method']}. Budget {_clock(record['time_budget_s'])}, spent {_clock(record['elapsed_s'])}"
              + (" (the budget ran out before the last rung)" if record["out_of_time"] else "") + "; rungs at "
              + ", ".join(f"{s:.0%}" for s in record["rung_shares"]) + " of the distillation steps. Limits: "
-             + (", ".join(f"{k.replace('_', ' ')} {v:g}" for k, v in record["limits"].items() if v is not None)
-                or "the target's budget only") + ".", "",
-             f"**Chosen:** {c['label']}, {c['recipe']} (rung {c['rung'] + 1})"
+             + ", ".join(["the target's budget", *(f"{k.replace('_', ' ')} {v:g}" for k, v in record["limits"].items()
+                                                   if v is not None)]) + ".", "",
+             f"**Chosen:** {c['label']}, {c['recipe']} (rung {c['rung'] + 1}: trained {c['steps']} of its "
+             f"{c['total_steps']} steps{'' if c['steps'] >= c['total_steps'] else ', stopped early by the search'})"
              + ("" if c["meets_every_limit"] else " — **no student met every limit**; this is the closest") + ".", "",
              "| student | recipe | rung (steps) | fidelity | latency ms | MB | front | misses |", "|---|---|---|---|---|---|---|---|"]
     for e in record["evaluations"]:
@@ -397,7 +423,9 @@ def render_search_md(record: dict) -> str:
     measured = {e["shape_id"] for e in record["evaluations"]}
     skipped = [sh["label"] for sh in record["shapes"] if sh["id"] not in measured]
     if skipped:
-        lines += ["", f"Not measured (the budget ran out first): {', '.join(skipped)}."]
+        lines += ["", f"Not measured (the budget ran out first, or it failed): {', '.join(skipped)}."]
+    for label, why in record.get("failed", {}).items():
+        lines += ["", f"Failed and dropped: {label}: {why}"]
     lines += ["", f"The front (fidelity vs latency, each student at the last rung it reached) is plotted in "
                   f"`{SEARCH_PAGE}`; earlier rungs' rows are the same students trained less.", ""]
     return "\n".join(lines)

@@ -312,7 +312,9 @@ def distill_student(family: CausalLMFamily, teacher: Teacher, data: TransferSet,
                     kept, student_sha, window, opts.top_k, opts.val_fraction, sorted(asdict(resolved(opts.distill)).items()),
                     opts.generate, opts.ffn_ratio,
                     None if rounding is None else asdict(rounding), distributed.world(), torch.__version__, __version__)
-    trained = load_stage(cache_dir / "students" / key, student)
+    # a search's rung trains to its share (stop_at) and never takes a finished student from the cache: the rung's
+    # shapes are compared at the same share of their steps
+    trained = None if opts.stop_at is not None else load_stage(cache_dir / "students" / key, student)
     if trained is None:
         checkpointing = None if run_dir is None else Checkpointing(run_dir / "checkpoint", key, opts.checkpoint_every,
                                                                     opts.resume)

@@ -193,7 +193,9 @@ def distill_student(teacher: Teacher, data: TransferSet, num_layers: int, max_le
     key = cache_key("student-v1", teacher.sha256, tokenizer_fingerprint(teacher.tokenizer), data.sha256, num_layers,
                     max_length, head, opts.val_fraction, encoder_settings(opts.distill), distributed.world(),
                     torch.__version__, __version__, *([("ffn", ffn)] if ffn else []))
-    trained = load_stage(cache_dir / "students" / key, student)
+    # a search's rung trains to its share (stop_at) and never takes a finished student from the cache: the rung's
+    # shapes are compared at the same share of their steps
+    trained = None if opts.stop_at is not None else load_stage(cache_dir / "students" / key, student)
     if trained is None:
         labels = np.asarray(data.labels)[train_idx] if data.labels is not None else None
         checkpointing = None if run_dir is None else Checkpointing(run_dir / "checkpoint", key, opts.checkpoint_every,

@@ -401,7 +401,9 @@ def distill_student(family, teacher: Teacher, data: ImageSet, opts, run_dir: Pat
                     *([("fresh-views", opts.mixup)] if opts.fresh_views else []),
                     *([("feature-weight", opts.feature_weight, FEATURE_INIT_VIEWS)] if opts.feature_weight else []),
                     distributed.world(), torch.__version__, __version__)
-    trained = load_stage(cache_dir / "students" / key, student)
+    # a search's rung trains to its share (stop_at) and never takes a finished student from the cache: the rung's
+    # shapes are compared at the same share of their steps
+    trained = None if opts.stop_at is not None else load_stage(cache_dir / "students" / key, student)
     if trained is None:
         checkpointing = None if run_dir is None else Checkpointing(run_dir / "checkpoint", key, opts.checkpoint_every,
                                                                     opts.resume)
