@@ -158,9 +158,10 @@ def compile(teacher_spec: str | None, data_path: str | None, target_specs: list[
 def searched(family: Family, teacher, data, profile: TargetProfile, out_dir: Path, opts: CompileOptions) -> CompileResult:
     """compile --search: the fastest searched student that meets every limit, published like any artifact (its
     report and manifest holding every evaluation, search.html the plot); the closest one rejected if none does."""
-    from edgedistill.search import render_search_md, run_search
+    from edgedistill.search import run_search
+    from edgedistill.search_report import render_search_md
 
-    built, record = run_search(family, teacher, data, profile, out_dir, out_dir / RUN_DIR, opts)
+    built, record = run_search(family, teacher, data, profile, out_dir / RUN_DIR, opts)
     result = publish(family, built, profile, out_dir, opts.keep_rejected, report_extra=render_search_md(record))
     shutil.rmtree(out_dir / RUN_DIR, ignore_errors=True)  # finished: the evaluations are in the manifest
     return CompileResult(None, [result], family)

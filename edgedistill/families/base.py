@@ -94,3 +94,9 @@ class Family(ABC):
         """Return the quantization recipes a search tries on its finished students: (label, profile) pairs, the
         profile's own first."""
         return [(profile.quantization.recipe, profile)]
+
+
+def depth_width_label(shape: dict[str, Any]) -> str:
+    """Return '3 layers' / '1 layer, FFN 0.5' for a student shape of `student_layers` and `ffn_ratio`."""
+    layers, ffn = shape["student_layers"], shape.get("ffn_ratio", 1.0)
+    return f"{layers} layer{'' if layers == 1 else 's'}" + ("" if ffn == 1.0 else f", FFN {ffn:g}")

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgedistill.errors import DataError, EdgeDistillError
-from edgedistill.families.base import Family
+from edgedistill.families.base import Family, depth_width_label
 from edgedistill.families.width import keep_neurons, neuron_importance
 
 LayerCriterion = Literal["perplexity", "block-influence", "even"]
@@ -274,9 +274,7 @@ class CausalLMFamily(Family):
         return [{"student_layers": d, "ffn_ratio": r} for d in depths for r in (1.0, 0.75)]
 
     def shape_label(self, shape) -> str:
-        ffn = shape.get("ffn_ratio", 1.0)
-        layers = shape["student_layers"]
-        return f"{layers} layer{'' if layers == 1 else 's'}" + ("" if ffn == 1.0 else f", FFN {ffn:g}")
+        return depth_width_label(shape)
 
     def search_point(self, manifest) -> tuple[str, float, float | None]:
         """Top-1 agreement, and the decode time per token (the budget's perplexity ratio is in the manifest)."""

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgedistill.families.base import Family
+from edgedistill.families.base import Family, depth_width_label
 from edgedistill.families.width import FfnParts, keep_neurons
 
 Task = Literal["feature-extraction", "text-classification"]
@@ -166,9 +166,7 @@ class TextEncoderFamily(Family):
         return [{"student_layers": d, "ffn_ratio": r} for d in depths for r in SEARCH_FFN_RATIOS]
 
     def shape_label(self, shape) -> str:
-        ffn = shape.get("ffn_ratio", 1.0)
-        layers = shape["student_layers"]
-        return f"{layers} layer{'' if layers == 1 else 's'}" + ("" if ffn == 1.0 else f", FFN {ffn:g}")
+        return depth_width_label(shape)
 
     def search_point(self, manifest) -> tuple[str, float, float | None]:
         metric = "cosine_mean" if manifest.teacher["task"] == "feature-extraction" else "top1_agreement"
