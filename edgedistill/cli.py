@@ -78,7 +78,7 @@ def compile_cmd(
     lm_temperature: float = typer.Option(1.0, "--lm-temperature", min=0.05, help="LMs: distillation temperature"),
     ce_weight: float = typer.Option(0.0, "--ce-weight", min=0.0, max=1.0, help="LMs: share of next-token cross-entropy on the data in the loss"),
     jsd_beta: float = typer.Option(0.5, "--jsd-beta", min=0.0, max=1.0, help="LMs: GKD's beta for --divergence jsd"),
-    macs_ratio: Optional[float] = typer.Option(None, "--macs-ratio", help="Vision: the student's share of the teacher's MACs (channel pruning with torch-pruning; default 0.5; 1.0: quantization-aware distillation of the teacher itself)"),
+    macs_ratio: Optional[float] = typer.Option(None, "--macs-ratio", help="Vision: the student's share of the teacher's MACs (channel pruning with torch-pruning, after any --resolution; default 0.5; 1.0: quantization-aware distillation of the teacher itself)"),
     ffn_ratio: float = typer.Option(1.0, "--ffn-ratio", help="LMs and text encoders: share of each layer's FFN neurons the student keeps, by measured activation (width pruning)"),
     generate: int = typer.Option(0, "--generate", min=0, metavar="N", help="LMs: the teacher writes N training windows continuing transfer-set prompts (sequence-level KD; sampled, cached)"),
     quantization_aware: Optional[bool] = typer.Option(None, "--quantization-aware/--no-quantization-aware", help="LMs and vision: distill through the targets' rounding (fake quantization, straight-through gradients: LMs int4/int8 rtn weights, CNNs static int8); default: when all targets round the same way"),
@@ -90,6 +90,7 @@ def compile_cmd(
     fresh_views: bool = typer.Option(False, "--fresh-views", help="Vision: every training step draws new random crops of the photos and the teacher labels them in the loop (function matching), instead of its cached logits on a fixed set of views"),
     mixup: float = typer.Option(0.0, "--mixup", metavar="ALPHA", help="Vision, with --fresh-views: mix pairs of views with Beta(ALPHA, ALPHA) weights; the teacher sees the same mixed images (consistent teaching)"),
     feature_weight: float = typer.Option(0.0, "--feature-weight", metavar="W", help="Vision: also pull the student's stage outputs (the last block at each resolution, through 1x1 projectors dropped after training) to the teacher's, with weight W beside the logits' KL; 0 = off"),
+    resolution: Optional[int] = typer.Option(None, "--resolution", metavar="PX", help="Vision: the student's own input side: the artifact still takes --image-size pixels and resizes them inside (e.g. 160 at 224: 51% of the MACs with the teacher's layers intact, distilled quantization-aware; channels are pruned only to an explicit --macs-ratio); default: the input's side, channels pruned to --macs-ratio"),
     drop_blocks: int = typer.Option(0, "--drop-blocks", min=0, metavar="N", help="Vision: leave N shape-preserving (residual) blocks out of the student, those whose absence moves the teacher's outputs least (measured, greedy); then channels are pruned to --macs-ratio"),
     resize: Optional[int] = typer.Option(None, "--resize", metavar="PX", help="Vision: held-out images' short side before the center crop of --image-size (default ImageNet's 256 for 224; equal to --image-size: no crop)"),
     keep_rejected: bool = typer.Option(False, "--keep-rejected", help="Also write an artifact that misses its budget, whole, to OUT/<target>.rejected/ (to inspect or bench; its report says REJECTED; the exit code is still 2)"),
@@ -132,7 +133,7 @@ def compile_cmd(
                           checkpoint_every=checkpoint_every, top_k=top_k, layer_criterion=layer_criterion, student=student,
                           quantization_aware=quantization_aware, generate=generate, ffn_ratio=ffn_ratio, macs_ratio=macs_ratio,
                           arch=arch, arch_kwargs=_json_object(arch_kwargs, "--arch-kwargs"), normalize=normalize,
-                          image_size=image_size, crop_scale=crop_scale, resize=resize, drop_blocks=drop_blocks, fresh_views=fresh_views, mixup=mixup, feature_weight=feature_weight, keep_rejected=keep_rejected, search=search, time_budget_s=budget_s, max_latency_ms=max_latency_ms, min_fidelity=min_fidelity, max_size_mb=max_size_mb, distill=DistillConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, eval_every=eval_every,
+                          image_size=image_size, crop_scale=crop_scale, resize=resize, resolution=resolution, drop_blocks=drop_blocks, fresh_views=fresh_views, mixup=mixup, feature_weight=feature_weight, keep_rejected=keep_rejected, search=search, time_budget_s=budget_s, max_latency_ms=max_latency_ms, min_fidelity=min_fidelity, max_size_mb=max_size_mb, distill=DistillConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, eval_every=eval_every,
                                                 divergence=divergence, lm_temperature=lm_temperature,
                                                 ce_weight=ce_weight, jsd_beta=jsd_beta))
     try:

@@ -77,11 +77,11 @@ def opts(**kw) -> CompileOptions:
 
 def test_fp32_artifact_matches_the_pruned_distilled_student(tiny_teacher, photos, tmp_path):
     result = compile(tiny_teacher, str(photos), [str(profile(tmp_path / "p.yaml", "{recipe: fp32}"))], tmp_path / "out",
-                     opts(macs_ratio=0.5))
+                     opts(macs_ratio=0.5, resolution=64))  # the input's own side: channels pruned alone
     target = result.targets[0]
     assert target.published
     m = verify_files(target.path)
-    assert m.family == "vision" and m.model["inputs"] == ["pixels"]
+    assert m.family == "vision" and m.model["inputs"] == ["pixels"] and m.student["pruning"]["resolution"] == 64
     p = m.student["pruning"]
     assert p["student_macs"] <= 0.5 * p["teacher_macs"] and m.student["num_parameters"] < m.teacher["num_parameters"]
     # 12 photos: too few to hold any out, so the held-out views are other crops of them
@@ -97,6 +97,37 @@ def test_fp32_artifact_matches_the_pruned_distilled_student(tiny_teacher, photos
     assert m.latency["artifact"]["p50_ms"] > 0 and m.latency["speedup_vs_teacher"] > 0
     verified = runner.invoke(app, ["verify", str(target.path)])
     assert verified.exit_code == 0, verified.output
+
+
+def test_a_lower_resolution_student_keeps_the_teachers_layers_and_resizes_inside(tiny_teacher, photos, tmp_path):
+    from edgedistill.families.vision import auto_resolution, count_macs
+
+    big = mobilenet_v2(num_classes=10, width_mult=0.25)
+    assert [auto_resolution(big, 224, r) for r in (1.0, 0.7, 0.5, 0.35, 0.1)] == [224, 192, 160, 128, 112]
+    assert count_macs(big, 160) <= 0.525 * count_macs(big, 224)
+    result = compile(tiny_teacher, str(photos), [str(profile(tmp_path / "p.yaml", "{recipe: fp32}"))], tmp_path / "out",
+                     opts(resolution=auto_resolution(big, 64, 0.5), macs_ratio=0.5))
+    target = result.targets[0]
+    m = verify_files(target.path)
+    p = m.student["pruning"]
+    assert p["resolution"] == auto_resolution(big, 64, 0.5) < 64 and p["channel_ratio"] == 0.0, p  # MACs: weights aside
+    assert p["student_macs"] <= 0.5 * p["teacher_macs"] and m.student["num_parameters"] == m.teacher["num_parameters"]
+    import onnx
+
+    graph = onnx.load(target.path / "model.onnx").graph
+    assert "Resize" in [n.op_type for n in graph.node]
+    assert [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim][1:] == [3, 64, 64]  # the teacher's input
+    x = np.load(target.path / "validation-views.npy")[:4].astype(np.float32) / 255.0
+    session = ort.InferenceSession(str(target.path / "model.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        expected = result.student(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(session.run(None, {"pixels": x})[0], expected, rtol=1e-4, atol=1e-4)
+    assert f"resizes its 64-pixel input to {p['resolution']}×{p['resolution']}" in (target.path / "report.md").read_text()
+    for bad in (["--resolution", "4"], ["--resolution", "65"]):
+        res = runner.invoke(app, ["compile", tiny_teacher, "--data", str(photos), "--out", str(tmp_path / "o2"),
+                                  "--target", str(profile(tmp_path / "p.yaml", "{recipe: fp32}")), *bad])
+        assert res.exit_code == 2 and "--resolution" in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.output
+        assert not (tmp_path / "o2").exists()
 
 
 def test_int8_artifact_is_quantized_and_its_trials_recorded(tiny_teacher, photos, tmp_path):
@@ -125,7 +156,7 @@ def test_quantization_aware_student_is_what_its_int8_artifact_computes(tiny_teac
     from edgedistill.distill.qat_conv import ConvQuantSim
 
     result = compile(tiny_teacher, str(photos), [str(profile(tmp_path / "p.yaml", QAT_INT8))], tmp_path / "out",
-                     opts(quantization_aware=True))
+                     opts(quantization_aware=True, macs_ratio=0.5, resolution=64))  # channels pruned
     m = verify_files(result.targets[0].path)
     qat = m.distillation["quantization_aware"]
     assert qat["calibration_views"] == 8 and qat["from_step"] == 1  # 48 views / 16 per batch, 1 epoch: step 1 of 3
@@ -149,9 +180,9 @@ def test_quantization_aware_student_is_what_its_int8_artifact_computes(tiny_teac
 
 def test_the_teacher_shape_distils_quantization_aware_at_a_small_rate_unless_told(tiny_teacher, photos, tmp_path):
     cfg = DistillConfig()
-    assert vision_stages.distill_config(cfg, 64, 1.0).lr == vision_stages.TEACHER_SHAPE_QAT_LR == 1e-5
-    assert vision_stages.distill_config(cfg, 64, 0.5).lr == vision_stages.distill_config(cfg, None, 1.0).lr == 3e-4
-    assert vision_stages.distill_config(DistillConfig(lr=2e-4), 64, 1.0).lr == 2e-4  # --lr wins
+    assert vision_stages.distill_config(cfg, 64, True).lr == vision_stages.TEACHER_SHAPE_QAT_LR == 1e-5
+    assert vision_stages.distill_config(cfg, 64, False).lr == vision_stages.distill_config(cfg, None, True).lr == 3e-4
+    assert vision_stages.distill_config(DistillConfig(lr=2e-4), 64, True).lr == 2e-4  # --lr wins
     result = compile(tiny_teacher, str(photos), [str(profile(tmp_path / "p.yaml", QAT_INT8))], tmp_path / "out",
                      opts(macs_ratio=1.0))
     m = verify_files(result.targets[0].path)
@@ -163,9 +194,16 @@ def test_quantization_aware_can_be_turned_off_and_refuses_a_target_it_cannot_sim
                      opts(quantization_aware=False))
     m = verify_files(result.targets[0].path)
     assert m.distillation["quantization_aware"] is None and "batchnorm_folded" not in m.student["pruning"]
-    # by default: on for the teacher's own shape (from the first step), off for a pruned student (measured)
-    pruned = compile(tiny_teacher, str(photos), [str(profile(tmp_path / "p.yaml", QAT_INT8))], tmp_path / "o1", opts())
+    # by default: on for the teacher's layers (its own shape, or at a lower resolution: from the first step), off for a
+    # channel-pruned student (measured)
+    pruned = compile(tiny_teacher, str(photos), [str(profile(tmp_path / "p.yaml", QAT_INT8))], tmp_path / "o1",
+                     opts(macs_ratio=0.5, resolution=64))
     assert verify_files(pruned.targets[0].path).distillation["quantization_aware"] is None
+    smaller = compile(tiny_teacher, str(photos), [str(profile(tmp_path / "p.yaml", QAT_INT8))], tmp_path / "o4",
+                      opts(resolution=32))
+    m = verify_files(smaller.targets[0].path)
+    assert m.distillation["quantization_aware"]["from_step"] == 0 and m.student["pruning"]["resolution"] < 64
+    assert m.distillation["config"]["lr"] == vision_stages.TEACHER_SHAPE_QAT_LR
     whole = compile(tiny_teacher, str(photos), [str(profile(tmp_path / "p.yaml", QAT_INT8))], tmp_path / "o3",
                     opts(macs_ratio=1.0))
     assert verify_files(whole.targets[0].path).distillation["quantization_aware"]["from_step"] == 0
@@ -337,7 +375,7 @@ def test_only_residual_blocks_are_droppable():
 
 def test_a_depth_pruned_student_compiles_and_records_its_dropped_blocks(tiny_teacher, photos, tmp_path):
     result = compile(tiny_teacher, str(photos), [str(profile(tmp_path / "p.yaml", "{recipe: fp32}"))], tmp_path / "out",
-                     opts(macs_ratio=0.6, drop_blocks=3))
+                     opts(macs_ratio=0.6, drop_blocks=3, resolution=64))
     target = result.targets[0]
     p = verify_files(target.path).student["pruning"]
     assert len(p["dropped_blocks"]) == 3 and p["student_macs"] <= 0.6 * p["teacher_macs"], p

@@ -142,6 +142,7 @@ def check_options(family: CausalLMFamily, teacher: Teacher, opts, profiles: list
     student_layers(family, teacher, opts.student_layers)
     window_length(teacher, opts.max_length)
     for flag, value in (("--macs-ratio", opts.macs_ratio), ("--crop-scale", opts.crop_scale), ("--resize", opts.resize),
+                        ("--resolution", opts.resolution),
                         ("--drop-blocks", opts.drop_blocks or None), ("--fresh-views", opts.fresh_views or None),
                         ("--mixup", opts.mixup or None), ("--feature-weight", opts.feature_weight or None)):
         if value is not None:

@@ -124,6 +124,8 @@ class TextEncoderFamily(Family):
                                  ("--crop-scale", opts.crop_scale is not None, "it sets image classifiers' training crops"),
                                  ("--drop-blocks", opts.drop_blocks, "--student-layers sets an encoder's depth"),
                                  ("--resize", opts.resize is not None, "it sets image classifiers' held-out crops"),
+                                 ("--resolution", opts.resolution is not None,
+                                  "it sets an image classifier student's input side"),
                                  ("--fresh-views", opts.fresh_views, "it draws image classifiers' training crops"),
                                  ("--mixup", opts.mixup != 0, "it mixes image classifiers' training crops"),
                                  ("--feature-weight", opts.feature_weight != 0,

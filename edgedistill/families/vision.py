@@ -8,6 +8,7 @@ The artifact takes float32 NCHW RGB in [0, 1]: the teacher's normalization is in
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch import nn
@@ -17,6 +18,9 @@ from edgedistill.families.base import Family
 
 
 SEARCH_MACS_RATIOS = (1.0, 0.7, 0.5, 0.35)  # --search: the students tried, as shares of the teacher's MACs
+RESOLUTION_STEP = 16  # the student's own input side is a multiple of this (4 for inputs under 128 pixels)
+MIN_RESOLUTION_SHARE = 0.5  # ... and at least this share of the input side (a quarter of the MACs); channels go after
+MACS_TOLERANCE = 0.05  # a resolution whose MACs are within this share over --macs-ratio meets it (no channel cut)
 
 
 class NormalizedClassifier(nn.Module):
@@ -30,6 +34,46 @@ class NormalizedClassifier(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.model((pixels - self.mean) / self.std)
+
+
+class Downsampled(nn.Module):
+    """A classifier that resizes its input to `resolution` x `resolution` (bilinear) before `model`: the artifact's
+    input stays the teacher's, and every convolution after runs on (resolution / size)^2 of the pixels."""
+
+    def __init__(self, model: nn.Module, resolution: int) -> None:
+        super().__init__()
+        self.model = model
+        self.resolution = int(resolution)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.interpolate(pixels, size=(self.resolution, self.resolution), mode="bilinear",
+                                            align_corners=False)
+        return self.model(x)
+
+
+def resolution_step(size: int) -> int:
+    return RESOLUTION_STEP if size >= 128 else 4
+
+
+def auto_resolution(model: nn.Module, size: int, macs_ratio: float, teacher_macs: int | None = None) -> int:
+    """Return the student's input side for a share of the teacher's MACs: the largest multiple of resolution_step at
+    which `model`'s measured MACs are within macs_ratio (MACS_TOLERANCE over counts), never under MIN_RESOLUTION_SHARE
+    of `size` (below that, channels are pruned for the rest). Measured, not size * sqrt(share): a stride-32 network
+    rounds its feature maps up (44 px runs 2x2 maps where 64 px runs 2x2 too).
+
+    Why resolution before channels (measured on MobileNetV2, built-in photos, held-out views of 24 photos the compile
+    never saw, top-1 agreement / KL with the teacher, before any training): at 160 px (51% of the MACs) 0.593 / 0.72,
+    at 128 px (33%) 0.542 / 1.70; channels pruned to 50% of the MACs: 0.028. The layers keep the teacher's weights;
+    only the scale of what they see changes."""
+    if macs_ratio >= 1.0:
+        return size
+    step = resolution_step(size)
+    floor = max(step, math.ceil(MIN_RESOLUTION_SHARE * size / step) * step)
+    teacher_macs = teacher_macs or count_macs(model, size)
+    for r in range((size - 1) // step * step, floor, -step):
+        if count_macs(Downsampled(model, r), size) <= macs_ratio * (1 + MACS_TOLERANCE) * teacher_macs:
+            return r
+    return floor
 
 
 def _probe(model: nn.Module, size: int, modules: list[nn.Module], hook) -> None:
@@ -285,14 +329,16 @@ class VisionFamily(Family):
         return summary_cells(manifest)
 
     def student_shapes(self, teacher, opts) -> list[dict]:
-        """The teacher's shape (quantization-aware) and channel-pruned shares of its MACs."""
+        """The teacher's shape (quantization-aware) and shares of its MACs (a lower input resolution, see auto_resolution)."""
         if is_program(teacher.module):
             raise EdgeDistillError("--search: a torch.export program (.pt2) has no modules to prune into other shapes",
                                    hint="pass a state dict with --arch, or leave out --search")
-        return [{"macs_ratio": r} for r in SEARCH_MACS_RATIOS]
+        macs = count_macs(teacher.module, self.input_size)
+        return [{"macs_ratio": r, "resolution": auto_resolution(teacher.module, self.input_size, r, macs)}
+                for r in SEARCH_MACS_RATIOS]
 
     def shape_label(self, shape) -> str:
-        return f"{shape['macs_ratio']:.0%} of the MACs"
+        return f"{shape['macs_ratio']:.0%} of the MACs ({shape.get('resolution') or self.input_size} px)"
 
     def search_point(self, manifest) -> tuple[str, float, float | None]:
         lat = manifest.latency

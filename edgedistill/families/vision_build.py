@@ -30,6 +30,7 @@ from edgedistill.families.vision_stages import (
     agreement,
     calibration_views,
     crop_scale_of,
+    intact,
     qat_start,
     student_logits,
     val_views_per_image,
@@ -311,7 +312,7 @@ def vision_manifest(d: VisionDistilled, profile: TargetProfile, model_path: Path
                                        "uint8 min-max activations at every Conv/Gemm input and output, Conv+ReLU6 "
                                        "fused; BatchNorm folded", "calibration_views": d.quantization_aware,
                           "recalibrate_every_steps": RECALIBRATE_EVERY,
-                          "from_step": qat_start(len(d.train_views), d.distill_config or opts.distill, d.pruning["macs_ratio"])},
+                          "from_step": qat_start(len(d.train_views), d.distill_config or opts.distill, intact(d.pruning))},
                       "teacher_outputs": ("computed on fresh crops every step" + (f", mixup {opts.mixup:g}" if opts.mixup else "")
                                           if opts.fresh_views else "cached on the fixed training views")
                                          + ("; its stage outputs computed on every batch" if d.feature_stages else ""),

@@ -45,8 +45,12 @@ def render_report(m: Manifest, published: bool) -> str:
         f"# {m.target['name']}: {m.teacher['name']} → student at {p['macs_ratio']:.0%} of its MACs", "",
         f"**Status:** {status}. {m.metrics['verdict']}.", "",
         f"Teacher `{m.teacher['name']}` ({m.teacher['num_parameters']:,} parameters, {p['teacher_macs'] / 1e6:.0f}M MACs "
-        f"at {d['image_size']}×{d['image_size']}) → student pruned channel-wise ({p.get('importance', 'none')}, "
-        f"channel ratio {p['channel_ratio']}) to {p['student_macs'] / 1e6:.0f}M MACs, {st['num_parameters']:,} parameters.", "",
+        f"at {d['image_size']}×{d['image_size']}) → student "
+        + (f"that resizes its {d['image_size']}-pixel input to {p['resolution']}×{p['resolution']} inside the graph, "
+           if p.get("resolution", d["image_size"]) < d["image_size"] else "")
+        + (f"pruned channel-wise ({p.get('importance', 'none')}, channel ratio {p['channel_ratio']})" if p["channel_ratio"]
+           else "with the teacher's layers (no channel pruned)")
+        + f", {p['student_macs'] / 1e6:.0f}M MACs, {st['num_parameters']:,} parameters.", "",
         trained, "",
         f"Quantization: {q.get('recipe')} ({', '.join(f'{k} {val}' for k, val in q.items() if k != 'recipe' and val not in ([], None))}).", "",
         "| | value |", "|---|---|",

@@ -23,7 +23,8 @@ from edgedistill.distill.qat import float_state_dict
 from edgedistill.distill.qat_conv import ConvQuantSim, fold_batchnorm
 from edgedistill.distill.stage import load_stage, save_stage
 from edgedistill.errors import DataError, EdgeDistillError, ProfileError
-from edgedistill.families.vision import count_macs, drop_blocks, is_program, prune_to_macs
+from edgedistill.families.vision import (MACS_TOLERANCE, Downsampled, count_macs, drop_blocks, is_program,
+                                         prune_to_macs)
 from edgedistill.images import DEFAULT_CROP_SCALE, ImageSet, eval_resize, make_views
 from edgedistill.progress import new_progress
 from edgedistill.targets import TargetProfile, builtin_profiles
@@ -96,6 +97,9 @@ def check_options(teacher: Teacher, opts, profiles) -> None:
             raise EdgeDistillError(f"--feature-weight {opts.feature_weight:g}: a torch.export program (.pt2) is "
                                    "quantized as it is, without training", hint="leave out --feature-weight, or pass "
                                    "the state dict with --arch")
+        if opts.resolution is not None:
+            raise EdgeDistillError(f"--resolution {opts.resolution}: a torch.export program (.pt2) is quantized as it "
+                                   "is, at its own input size", hint="leave out --resolution, or pass the state dict with --arch")
         if opts.quantization_aware:
             raise EdgeDistillError("--quantization-aware needs the model's Conv modules; a torch.export program (.pt2) "
                                    "is quantized after training, as it is", hint="leave out --quantization-aware, or "
@@ -124,6 +128,9 @@ def check_options(teacher: Teacher, opts, profiles) -> None:
         raise EdgeDistillError(f"--crop-scale {opts.crop_scale} is out of range",
                                hint=f"pass the smallest share of an image a training crop covers, in (0, 1]; default {DEFAULT_CROP_SCALE}")
     size = teacher.family.input_size
+    if opts.resolution is not None and not 8 <= opts.resolution <= size:
+        raise EdgeDistillError(f"--resolution {opts.resolution} is outside 8..{size} (the {size}-pixel input the artifact takes)",
+                               hint="pass a smaller side for the student to see, or leave it out (it follows --macs-ratio)")
     if opts.resize is not None and opts.resize < size:
         raise EdgeDistillError(f"--resize {opts.resize} is smaller than the {size}-pixel input the crop takes",
                                hint=f"pass --resize {size} (no crop) or more; default {eval_resize(size)}")
@@ -384,19 +391,27 @@ def distill_student(family, teacher: Teacher, data: ImageSet, opts, run_dir: Pat
     student, depth = teacher.module, {}
     if opts.drop_blocks:
         student, depth = drop_blocks(teacher.module, size, _pixels(train_views[:DEPTH_VIEWS]), opts.drop_blocks)
-    student, pruning = prune_to_macs(student, size, macs_ratio(opts, teacher), count_macs(teacher.module, size))
-    pruning.update(depth)
+    teacher_macs = count_macs(teacher.module, size)
+    resolution, budget = student_resolution(opts, size, teacher, student, teacher_macs)
+    if resolution < size:
+        student = Downsampled(student, resolution)
+        at = count_macs(student, size) / teacher_macs
+        if at <= budget * (1 + MACS_TOLERANCE):
+            budget = max(budget, at)  # the resolution meets the budget: no channel is cut for the last few percent
+    student, pruning = prune_to_macs(student, size, budget, teacher_macs)
+    pruning.update(depth, resolution=resolution)
+    kept = intact(pruning)
     qat = quantization_aware(profiles, opts.quantization_aware)
-    if opts.quantization_aware is None and macs_ratio(opts, teacher) < 1.0:
-        qat = None  # by default only for the teacher's own shape: see qat_start for what was measured
+    if opts.quantization_aware is None and not kept:
+        qat = None  # by default only for students with the teacher's layers intact: see qat_start for what was measured
     if qat:  # the simulation trains the weights the artifact stores: BatchNorm folded, as the exporter folds it
         pruning["batchnorm_folded"] = fold_batchnorm(student, _example(size))
-    shape_ratio = pruning["macs_ratio"]  # the student's MACs over the teacher's, after any dropped blocks
-    cfg = distill_config(opts.distill, qat, shape_ratio)
+    cfg = distill_config(opts.distill, qat, kept)
     key = cache_key("vision-student-v1", teacher.sha256, data.sha256, size, per, seed, opts.val_fraction,
-                    ("held-out", hashlib.sha256(val_img.astype(np.int64).tobytes()).hexdigest()), macs_ratio(opts, teacher),
+                    ("held-out", hashlib.sha256(val_img.astype(np.int64).tobytes()).hexdigest()), budget,
+                    *([("resolution", resolution)] if resolution < size else []),
                     (crop_scale, eval_resize(size, opts.resize)), opts.drop_blocks or None,
-                    sorted(asdict(cfg).items()), qat and (qat, qat_start(len(train_views), cfg, shape_ratio),
+                    sorted(asdict(cfg).items()), qat and (qat, qat_start(len(train_views), cfg, kept),
                                                            RECALIBRATE_EVERY),
                     *([("fresh-views", opts.mixup)] if opts.fresh_views else []),
                     *([("feature-weight", opts.feature_weight, FEATURE_INIT_VIEWS)] if opts.feature_weight else []),
@@ -411,7 +426,7 @@ def distill_student(family, teacher: Teacher, data: ImageSet, opts, run_dir: Pat
         if qat:
             sim = ConvQuantSim(student, _example(size))
             schedule = QuantizationAwareSchedule(sim, _pixels(calibration_views(train_views, qat)),
-                                                 qat_start(len(train_views), cfg, shape_ratio))
+                                                 qat_start(len(train_views), cfg, kept))
         fresh = None
         if opts.fresh_views:
             fresh = FreshViews(images, train_src, size, crop_scale, teacher.module, opts.mixup)
@@ -437,20 +452,37 @@ def distill_student(family, teacher: Teacher, data: ImageSet, opts, run_dir: Pat
                            stage_names(teacher.module, _example(size)) if opts.feature_weight else None, cfg)
 
 
-def distill_config(cfg: DistillConfig, qat: int | None, ratio: float) -> DistillConfig:
-    """Return `cfg` with --lr resolved: as given, else TEACHER_SHAPE_QAT_LR for the teacher's own shape distilled
-    quantization-aware, else DEFAULT_LR.
+def student_resolution(opts, size: int, teacher: Teacher, student: torch.nn.Module, teacher_macs: int) -> tuple[int, float]:
+    """Return the student's own input side and the MACs budget (a share of the teacher's) channels are pruned to.
+    --resolution as given, channels pruned only to an explicit --macs-ratio; without it the teacher's input side and
+    channels pruned to --macs-ratio (the default stays so until a full compile at the lower resolution is measured;
+    --search tries auto_resolution's shapes)."""
+    if opts.resolution is not None:
+        return opts.resolution, 1.0 if opts.macs_ratio is None else opts.macs_ratio
+    return size, macs_ratio(opts, teacher)
+
+
+def intact(pruning: dict) -> bool:
+    """Whether the student's layers are the teacher's (no channel cut, no block dropped; its input may be resized)."""
+    return not pruning.get("channel_ratio") and not pruning.get("dropped_blocks")
+
+
+def distill_config(cfg: DistillConfig, qat: int | None, kept: bool) -> DistillConfig:
+    """Return `cfg` with --lr resolved: as given, else TEACHER_SHAPE_QAT_LR for a student with the teacher's layers
+    intact (its own shape, or at a lower resolution) distilled quantization-aware, else DEFAULT_LR.
 
     Measured on MobileNetV2 (150 built-in photos, 134 steps, held-out views of 24 photos the compile never saw,
     top-1 agreement through the int8 rounding; 0.806 before any step): lr 3e-4 fell to 0.583 at step 67 and 0.644
     at 134 (it fits the 126 training photos and forgets the others: the best step was 0), lr 1e-5 rose to 0.866
-    and 0.833. A pruned student starts from nothing (0.0 at step 0) and needs the larger rate."""
-    return resolved(cfg, TEACHER_SHAPE_QAT_LR if qat and ratio >= 1.0 else DEFAULT_LR)
+    and 0.833. A pruned student starts from nothing (0.0 at step 0) and needs the larger rate. The teacher's layers at
+    160 px (before: 0.593 / KL 0.72) distilled in float with BatchNorm frozen reached KL 0.41 at lr 1e-5 (top-1 0.60-0.62
+    over 300 steps); at lr 1e-4 with BatchNorm training KL rose to 1.06 (top-1 0.51): the low rate, as for its own shape."""
+    return resolved(cfg, TEACHER_SHAPE_QAT_LR if qat and kept else DEFAULT_LR)
 
 
-def qat_start(num_train: int, cfg, ratio: float) -> int:
-    """Return the step from which a quantization-aware student trains through the rounding: at once for the
-    teacher's own shape (it is already trained), after QAT_FLOAT_SHARE of the steps for a pruned student.
+def qat_start(num_train: int, cfg, kept: bool) -> int:
+    """Return the step from which a quantization-aware student trains through the rounding: at once for a student
+    with the teacher's layers intact (they are already trained), after QAT_FLOAT_SHARE of the steps for a pruned one.
 
     Measured on MobileNetV2 (built-in photos, 128 steps, held-out int8 top-1 agreement with the teacher):
     * the teacher's own shape (--macs-ratio 1.0): post-training int8 0.66, quantization-aware 0.757: on by default;
@@ -458,7 +490,7 @@ def qat_start(num_train: int, cfg, ratio: float) -> int:
       freshly pruned network first needs to recover); from half-way 0.528, while the float-distilled student
       quantized after training (Conv+ReLU6 fused) kept 0.576 of its float 0.576: off by default for pruned
       students, which are under-trained at this budget and learn slower through the rounding."""
-    if ratio >= 1.0:
+    if kept:
         return 0
     return int(QAT_FLOAT_SHARE * math.ceil(num_train / cfg.batch_size) * cfg.epochs)
 
