@@ -2,7 +2,8 @@
 
 Examples are fixed, seeded augmented views of the transfer photos (random-resized crops, flips, colour jitter); the
 teacher's output on a view is its logits, cached once per view. The student is the teacher pruned channel-wise by
-torch-pruning's dependency graph to a share of its MACs, then distilled on the teacher's logits at a temperature.
+torch-pruning's dependency graph to a share of its MACs (or, with --resolution, fed a smaller resize of the input inside
+the graph, its layers intact), then distilled on the teacher's logits at a temperature.
 The artifact takes float32 NCHW RGB in [0, 1]: the teacher's normalization is inside the graph.
 """
 from __future__ import annotations

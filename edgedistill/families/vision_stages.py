@@ -130,7 +130,7 @@ def check_options(teacher: Teacher, opts, profiles) -> None:
     size = teacher.family.input_size
     if opts.resolution is not None and not 8 <= opts.resolution <= size:
         raise EdgeDistillError(f"--resolution {opts.resolution} is outside 8..{size} (the {size}-pixel input the artifact takes)",
-                               hint="pass a smaller side for the student to see, or leave it out (it follows --macs-ratio)")
+                               hint=f"pass a side from 8 to {size} for the student to see (e.g. {size * 5 // 7}), or leave it out")
     if opts.resize is not None and opts.resize < size:
         raise EdgeDistillError(f"--resize {opts.resize} is smaller than the {size}-pixel input the crop takes",
                                hint=f"pass --resize {size} (no crop) or more; default {eval_resize(size)}")
