@@ -78,7 +78,7 @@ def compile_cmd(
     lm_temperature: float = typer.Option(1.0, "--lm-temperature", min=0.05, help="LMs: distillation temperature"),
     ce_weight: float = typer.Option(0.0, "--ce-weight", min=0.0, max=1.0, help="LMs: share of next-token cross-entropy on the data in the loss"),
     jsd_beta: float = typer.Option(0.5, "--jsd-beta", min=0.0, max=1.0, help="LMs: GKD's beta for --divergence jsd"),
-    macs_ratio: Optional[float] = typer.Option(None, "--macs-ratio", help="Vision: the student's share of the teacher's MACs (channel pruning with torch-pruning, after any --resolution; default 0.5; 1.0: quantization-aware distillation of the teacher itself)"),
+    macs_ratio: Optional[float] = typer.Option(None, "--macs-ratio", help="Vision: the student's share of the teacher's MACs, spent on a lower input side first (the largest multiple of 16 px within it, down to half the side), then channels pruned with torch-pruning (default 1.0: the teacher's layers, distilled quantization-aware; the only shape that met the 0.9 budget on the built-in photos)"),
     ffn_ratio: float = typer.Option(1.0, "--ffn-ratio", help="LMs and text encoders: share of each layer's FFN neurons the student keeps, by measured activation (width pruning)"),
     generate: int = typer.Option(0, "--generate", min=0, metavar="N", help="LMs: the teacher writes N training windows continuing transfer-set prompts (sequence-level KD; sampled, cached)"),
     quantization_aware: Optional[bool] = typer.Option(None, "--quantization-aware/--no-quantization-aware", help="LMs and vision: distill through the targets' rounding (fake quantization, straight-through gradients: LMs int4/int8 rtn weights, CNNs static int8); default: when all targets round the same way"),
@@ -173,7 +173,11 @@ def compile_cmd(
     out.print(table)
     failed = [r for r in results if not r.published]
     if failed:
-        larger = "a larger --macs-ratio" if failed[0].manifest.family == "vision" else "more --student-layers"
+        larger = "more --student-layers"
+        if failed[0].manifest.family == "vision":
+            full = (failed[0].manifest.student.get("pruning") or {}).get("macs_ratio", 0) >= 0.999
+            larger = "a lower vision budget in the target profile (the student already has the teacher's layers)" if full \
+                else "a larger --macs-ratio"
         if failed[0].manifest.search:
             larger = "a larger --time-budget or looser limits"
         fail(BudgetError("; ".join(f"{r.profile.name}: {r.manifest.metrics['verdict']}" for r in failed),

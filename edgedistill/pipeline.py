@@ -51,7 +51,7 @@ class CompileOptions:
     top_k: int = 256  # causal LMs: teacher tokens kept per position in the soft-label cache (README: k measured)
     layer_criterion: str = "perplexity"  # causal LMs: how the student's layers are chosen
     student: str | None = None  # causal LMs: a student checkpoint to distill into, instead of a derived one
-    macs_ratio: float | None = None  # vision: the student's share of the teacher's MACs (channel pruning after any resolution; None: 0.5)
+    macs_ratio: float | None = None  # vision: the student's share of the teacher's MACs (resolution first, then channels; None: 1.0)
     resolution: int | None = None  # vision: the student's own input side (resized inside; None: the input's)
     drop_blocks: int = 0  # vision: residual blocks the student goes without (least output change first), before pruning
     fresh_views: bool = False  # vision: every step draws new crops and the teacher labels them in the loop

@@ -39,8 +39,8 @@ def warnings_for(m: Manifest) -> list[str]:
         out.append(f"The verdict rests on only {held} held out; pass more data or a larger --val-fraction "
                    "before trusting it.")
     if m.distillation["best_step"] == 0:
-        out.append("Distillation never beat the initial student (step 0): this artifact is the layer-pruned teacher "
-                   "without training. Check --lr, --epochs and the transfer set.")
+        out.append("Distillation never beat the initial student (step 0): this artifact is the student as derived "
+                   "from the teacher, without training. Check --lr, --epochs and the transfer set.")
     lat = m.latency
     if "not_measured" in lat:
         out.append(f"Latency not measured: {lat['not_measured']}. "

@@ -84,8 +84,8 @@ def test_a_feature_matched_compile_trains_on_the_loss_and_records_it(tiny_teache
         return loss
 
     monkeypatch.setattr(vision_stages, "feature_loss", spy)
-    matched = compile(tiny_teacher, str(photos), [spec], tmp_path / "fm", opts(macs_ratio=0.5, feature_weight=1.0))
-    plain = compile(tiny_teacher, str(photos), [spec], tmp_path / "plain", opts(macs_ratio=0.5))
+    matched = compile(tiny_teacher, str(photos), [spec], tmp_path / "fm", opts(macs_ratio=0.5, resolution=64, feature_weight=1.0))
+    plain = compile(tiny_teacher, str(photos), [spec], tmp_path / "plain", opts(macs_ratio=0.5, resolution=64))
     assert len(seen) == 3 and all(np.isfinite(seen))  # 48 views / 16: one loss per step, of the matched run only
     m = verify_files(matched.targets[0].path)
     record = m.distillation["feature_matching"]

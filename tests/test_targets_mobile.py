@@ -16,6 +16,7 @@ from edgedistill.artifact import verify_files
 from edgedistill.bench.results import BenchResult
 from edgedistill.cli import app
 from edgedistill.distill.loop import DistillConfig
+from edgedistill.errors import ExportError
 from edgedistill.pipeline import CompileOptions, compile
 from edgedistill.targets import builtin_profiles, resolve_target
 
@@ -89,6 +90,58 @@ def test_mobile_artifact_is_static_qdq_ort_with_fixed_shapes(mobile_artifact):
         assert t["latency_ms"] > 0 or t["description"].startswith("sensitivity probe")
 
 
+def test_packed_4bit_gather_equals_its_table_in_onnxruntime_and_the_ort_format(tmp_path):
+    """pack_token_gathers turns Gather(table, ids) into a lookup of packed 4-bit rows that onnxruntime runs, in .onnx
+    and converted to .ort (which holds no INT4 tensor), equal to the unpacked table; and nothing else changes."""
+    from onnx import helper, numpy_helper
+
+    from edgedistill.ort_format import convert_to_ort
+    from edgedistill.quantize.int4_rows import pack_rows_int4, pack_token_gathers, unpack_rows_int4
+
+    table = np.random.default_rng(0).normal(size=(40, 32)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["rows"], name="tok", axis=0),
+         helper.make_node("Relu", ["rows"], ["out"], name="after")], "g",
+        [helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, [1, 6])],
+        [helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, [1, 6, 32])], [numpy_helper.from_array(table, "table")])
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    assert pack_token_gathers(path, ["tok"], 16) == 1
+    model = onnx.load(str(path))
+    assert "table" not in {t.name for t in model.graph.initializer}  # the float table is gone
+    ids = np.array([[0, 5, 39, 5, 12, 7]], np.int64)
+    expected = np.maximum(unpack_rows_int4(*pack_rows_int4(table, 16))[ids], 0)
+    assert np.abs(expected - np.maximum(table[ids], 0)).max() < np.abs(table).max() / 8  # within a 4-bit step
+    ort_model = convert_to_ort(path, tmp_path / "ort").model
+    for f in (path, ort_model):
+        got = ort.InferenceSession(str(f), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
+        np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+def test_mobile_artifact_with_a_4bit_token_table_is_smaller_and_runs_as_ort(mobile_artifact, tmp_path):
+    result, teacher, data = mobile_artifact
+    profile = tiny_version("arm64-mobile", tmp_path, quantization={
+        **resolve_target("arm64-mobile").quantization.model_dump(mode="json"), "embedding_bits": 4,
+        "embedding_block_size": 16})
+    four = compile(str(teacher), str(data), [str(profile)], tmp_path / "out",
+                   CompileOptions(distill=DistillConfig(epochs=1), cache_dir=result.targets[0].path.parent.parent / "cache"))
+    [target] = four.targets
+    m = verify_files(target.path)
+    from onnx import numpy_helper
+
+    def weight_bytes(path: Path) -> int:  # the tiny model's file is mostly node records; a real one's is its weights
+        return sum(numpy_helper.to_array(t).nbytes for t in onnx.load(str(path)).graph.initializer)
+
+    assert weight_bytes(target.path / "model.onnx") < weight_bytes(result.targets[0].path / "model.onnx")
+    graph = onnx.load(str(target.path / "model.onnx")).graph
+    packed = [t for t in graph.initializer if t.name.endswith("_int4_packed")]
+    vocab, hidden = result.student.model.config.vocab_size, result.student.model.config.hidden_size
+    assert len(packed) == 1 and list(packed[0].dims) == [vocab, hidden // 2] and packed[0].data_type == onnx.TensorProto.UINT8
+    assert not any(t.name.startswith("model.embeddings.word_embeddings") for t in graph.initializer)
+    assert "Floor" in (target.path / "required_operators.config").read_text()
+    assert m.export["ort_format_max_abs_diff_vs_onnx"] <= 1e-3
+
+
 TensorProtoInt8 = onnx.TensorProto.INT8
 
 
@@ -158,6 +211,59 @@ def test_executorch_artifact_runs_and_matches_the_student(tmp_path):
                               "--no-memory"])
     assert res.exit_code == 0, res.output
     assert "| tiny-android-executorch | executorch |" in res.stdout
+
+
+def test_4bit_token_table_rounds_as_documented():
+    """Embedding4bit stores what ExecuTorch's embedding_4bit reads: each block's largest magnitude maps to -8 exactly,
+    every value within half a step of its own (a step at most for the opposite sign's end, clipped at +7), two values
+    per byte."""
+    import torch
+
+    from edgedistill.backends.executorch import Embedding4bit
+
+    weight = torch.randn(50, 32, generator=torch.Generator().manual_seed(0))
+    table = Embedding4bit(weight, 16)
+    assert table.packed.dtype == torch.uint8 and tuple(table.packed.shape) == (50, 16)
+    assert tuple(table.scales.shape) == (50, 2)
+    ids = torch.arange(50).view(5, 10)
+    got = table(ids).reshape(50, 2, 16)
+    blocks = weight.reshape(50, 2, 16)
+    step = blocks.abs().amax(-1, keepdim=True) / 8
+    error = (got - blocks).abs()
+    inside = blocks.abs() <= 7.5 * step
+    assert bool((error[inside] <= (step / 2).expand_as(error)[inside] + 1e-6).all()) and bool((error <= step + 1e-6).all())
+    extreme = blocks.abs().argmax(-1, keepdim=True)
+    torch.testing.assert_close(got.gather(-1, extreme), blocks.gather(-1, extreme))  # exact at -8 · scale
+    with pytest.raises(ExportError, match="not a multiple"):
+        Embedding4bit(torch.zeros(4, 24), 16)
+
+
+def test_executorch_artifact_with_a_4bit_token_table(tmp_path):
+    """embedding_bits: 4 puts the token table in ExecuTorch's embedding_4bit kernel (the other tables stay uint8), and
+    the .pte equals the torch student with that table rounded so."""
+    import torch
+    from conftest import tiny_workspace
+
+    from edgedistill.backends.executorch import load_pte, with_4bit_token_table
+
+    teacher, data = tiny_workspace(tmp_path)
+    profile = tiny_version("android-executorch", tmp_path, quantization={
+        "recipe": "xnnpack-dynamic-int8", "embedding_bits": 4, "embedding_block_size": 16})
+    result = compile(str(teacher), str(data), [str(profile)], tmp_path / "out", CompileOptions(distill=DistillConfig(epochs=1)))
+    [target] = result.targets
+    m = verify_files(target.path)
+    ops = m.model["operators"]
+    assert "quantized_decomposed::embedding_4bit" in ops and "quantized_decomposed::embedding_byte" in ops, ops
+    rounded = with_4bit_token_table(result.student.eval(), result.student.model.config.vocab_size, 16)
+    run = load_pte(target.path / "model.pte")
+    tok = AutoTokenizer.from_pretrained(target.path)
+    for text in make_texts(4, seed=12):
+        enc = tok([text], padding="max_length", truncation=True, max_length=16, return_tensors="np")
+        feeds = {k: enc[k].astype(np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")}
+        with torch.no_grad():
+            expected = rounded(**{k: torch.from_numpy(v) for k, v in feeds.items()}).numpy()
+        got = run(feeds)
+        assert float(np.sum(got * expected) / (np.linalg.norm(got) * np.linalg.norm(expected))) > 0.99
 
 
 def test_profile_asking_for_a_recipe_its_runtime_cannot_run_is_rejected(tmp_path):

@@ -106,7 +106,7 @@ def test_a_lower_resolution_student_keeps_the_teachers_layers_and_resizes_inside
     assert [auto_resolution(big, 224, r) for r in (1.0, 0.7, 0.5, 0.35, 0.1)] == [224, 192, 160, 128, 112]
     assert count_macs(big, 160) <= 0.525 * count_macs(big, 224)
     result = compile(tiny_teacher, str(photos), [str(profile(tmp_path / "p.yaml", "{recipe: fp32}"))], tmp_path / "out",
-                     opts(resolution=auto_resolution(big, 64, 0.5), macs_ratio=0.5))
+                     opts(macs_ratio=0.5))  # spent on the input side first
     target = result.targets[0]
     m = verify_files(target.path)
     p = m.student["pruning"]
@@ -247,16 +247,23 @@ def test_keep_rejected_writes_the_whole_rejected_artifact(tiny_teacher, photos, 
     path.write_text("name: tiny-vision\nthreads: 1\nquantization: {recipe: fp32}\nvision:\n  quantization: {recipe: fp32}\n"
                     "  budget: {min_top1_agreement: 1.0}\n")
     res = runner.invoke(app, ["compile", tiny_teacher, "--data", str(photos), "--out", str(tmp_path / "out"),
-                              "--target", str(path), "--epochs", "1", "--batch-size", "16", "--keep-rejected"])
+                              "--target", str(path), "--epochs", "1", "--batch-size", "16", "--keep-rejected",
+                              "--macs-ratio", "0.5", "--resolution", "64"])
     assert res.exit_code == 2 and "a larger --macs-ratio" in res.stderr, res.output
     kept = tmp_path / "out" / "tiny-vision.rejected"
     m = verify_files(kept)  # hashes match: whole, not half-written
     assert not m.metrics["passed"] and "REJECTED" in (kept / "report.md").read_text()
     assert (tmp_path / "out" / "tiny-vision.rejected.md").is_file() and not (tmp_path / "out" / "tiny-vision").exists()
+    # the default student has the teacher's layers: the hint does not ask for a larger one
+    path.write_text(f"name: tiny-vision\nthreads: 1\nquantization: {{recipe: fp32}}\nvision:\n  quantization: {QAT_INT8}\n"
+                    "  budget: {min_top1_agreement: 1.0}\n")
+    res = runner.invoke(app, ["compile", tiny_teacher, "--data", str(photos), "--out", str(tmp_path / "o2"),
+                              "--target", str(path), "--epochs", "1", "--batch-size", "16"])
+    assert res.exit_code == 2 and "a lower vision budget in the target profile" in res.stderr, res.output
 
 
 @pytest.mark.parametrize("case", ["lm-option", "no-vision-section", "macs-ratio", "crop-scale", "resize", "mixup-alone",
-                                  "feature-weight:-1", "feature-weight:nan"])
+                                  "feature-weight:-1", "feature-weight:nan", "feature-weight-resized"])
 def test_bad_vision_input_one_line_exit_2(case, tiny_teacher, photos, tmp_path):
     args = ["compile", tiny_teacher, "--data", str(photos), "--out", str(tmp_path / "out")]
     if case == "lm-option":
@@ -278,6 +285,10 @@ def test_bad_vision_input_one_line_exit_2(case, tiny_teacher, photos, tmp_path):
     elif case == "mixup-alone":
         args += ["--target", str(profile(tmp_path / "p.yaml", "{recipe: fp32}")), "--mixup", "0.2"]
         expected = "--mixup 0.2 needs --fresh-views"
+    elif case == "feature-weight-resized":  # half the MACs are spent on the input side first: the maps differ
+        args += ["--target", str(profile(tmp_path / "p.yaml", "{recipe: fp32}")), "--feature-weight", "1",
+                 "--macs-ratio", "0.5"]
+        expected = "so its maps are smaller (hint: add --resolution 64 to prune channels only"
     else:
         args += ["--target", str(profile(tmp_path / "p.yaml", "{recipe: fp32}")), "--feature-weight", case.split(":")[1]]
         expected = f"--feature-weight {case.split(':')[1]} is not a weight >= 0"
@@ -463,7 +474,8 @@ def user_weights(tmp_path, monkeypatch) -> dict[str, Path]:
 @pytest.mark.parametrize("kind", ["safetensors", "pt2"])
 def test_a_users_model_compiles_with_its_normalization_inside(kind, user_weights, photos, tmp_path):
     o = opts(normalize="0.5,0.5,0.5/0.25,0.25,0.25", image_size=64, quantization_aware=False,
-             arch="usermodels:build" if kind != "pt2" else None, arch_kwargs={"num_classes": 10} if kind != "pt2" else None)
+             arch="usermodels:build" if kind != "pt2" else None, arch_kwargs={"num_classes": 10} if kind != "pt2" else None,
+             macs_ratio=0.5 if kind != "pt2" else None)
     result = compile(str(user_weights[kind]), str(photos), [str(profile(tmp_path / "p.yaml", "{recipe: fp32}"))],
                      tmp_path / "out", o)
     art = result.targets[0].path

@@ -51,6 +51,44 @@ def load_pte(path: Path):
     return run
 
 
+class Embedding4bit(torch.nn.Module):
+    """An nn.Embedding's table as ExecuTorch's quantized `embedding_4bit` kernel reads it (quantize/int4_rows.py:
+    4-bit values two per byte, a float scale per `block` values of a row, rounded as onnxruntime's int4)."""
+
+    def __init__(self, weight: torch.Tensor, block: int):
+        import executorch.exir.passes._quant_patterns_and_replacements  # noqa: F401  defines embedding_4bit
+        import executorch.kernels.quantized  # noqa: F401  its kernel
+
+        from edgedistill.quantize.int4_rows import pack_rows_int4
+
+        super().__init__()
+        packed, scales = pack_rows_int4(weight.detach().float().numpy(), block)
+        self.register_buffer("packed", torch.from_numpy(packed))
+        self.register_buffer("scales", torch.from_numpy(scales))
+
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized_decomposed.embedding_4bit.dtype(self.packed, self.scales, None, -8, 7, indices,
+                                                                   dtype=torch.float32)
+
+
+def with_4bit_token_table(module: torch.nn.Module, vocab_size: int, block: int) -> torch.nn.Module:
+    """Return a copy of `module` whose token-embedding table (the nn.Embedding with `vocab_size` rows) is an
+    Embedding4bit; the position and token-type tables are left to EmbeddingQuantizer (uint8): every input reads
+    every position row, and 4 bits there cost fidelity for little size (README "4-bit token embeddings")."""
+    import copy
+
+    module = copy.deepcopy(module)
+    found = [(name, m) for name, m in module.named_modules()
+             if isinstance(m, torch.nn.Embedding) and m.num_embeddings == vocab_size]
+    if len(found) != 1:
+        raise ExportError(f"found {len(found)} token-embedding tables of {vocab_size} rows, expected one",
+                          hint="set embedding_bits: 8 in the profile's quantization for this model")
+    name, table = found[0]
+    parent = module.get_submodule(name.rpartition(".")[0]) if "." in name else module
+    setattr(parent, name.rpartition(".")[2], Embedding4bit(table.weight, block))
+    return module
+
+
 def quantize_for_xnnpack(exported, example: tuple, calibration, per_channel: bool, dynamic: bool,
                          embeddings: bool = False):
     """Return `exported` (a torch.export program) quantized by PT2E with XNNPACKQuantizer's symmetric int8 config
@@ -105,10 +143,12 @@ def build_executorch(profile, ctx: BuildContext, stage_dir: Path) -> Built:
                                                   shape.sequence, shape.batch, fixed=True)]
     example = tuple(torch.from_numpy(v) for v in batches[0].values())
     module = ctx.student.eval()
+    cfg = profile.quantization
+    if isinstance(cfg, XnnpackDynamicInt8Config) and cfg.embeddings and cfg.embedding_bits == 4:
+        module = with_4bit_token_table(module, ctx.student.model.config.vocab_size, cfg.embedding_block_size)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.export / pytree deprecation chatter, one line per tensor
         exported = torch.export.export(module, example)
-        cfg = profile.quantization
         if isinstance(cfg, XnnpackDynamicInt8Config):
             exported = quantize_for_xnnpack(exported, example, ([torch.from_numpy(v) for v in feeds.values()]
                                                                 for feeds in batches[:8]), cfg.per_channel, dynamic=True,

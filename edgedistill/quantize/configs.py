@@ -54,6 +54,10 @@ class StaticQdqInt8Config(BaseModel):
             not survive a per-tensor uint8 range (a transformer's FFN down-projection, fed by GELU's long tail),
             at a quarter of the float weights' size.
         search: when the budget is missed, exclude node groups in order of measured sensitivity until it holds.
+        embedding_bits: 4 stores the token table (the largest Gathered constant) as 4-bit rows packed two per byte
+            with a float scale per `embedding_block_size` values, unpacked by standard operators after the lookup
+            (quantize/int4_rows.py: the ORT format holds no INT4 tensor); 8 leaves it to the QDQ quantizer (Gather
+            in op_types).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -68,6 +72,8 @@ class StaticQdqInt8Config(BaseModel):
     weight_only: list[str] = Field(default_factory=list,
                                    description="regexes of MatMul/Gemm node names with int8 weights, float activations")
     search: bool = True
+    embedding_bits: Literal[8, 4] = 8
+    embedding_block_size: Literal[16, 32, 64, 128] = 32
 
 
 class Fp16Config(BaseModel):
@@ -96,13 +102,17 @@ class XnnpackDynamicInt8Config(BaseModel):
     int8 of every op collapsed to 0.68, so dynamic is the recipe.
 
     Fields: per_channel weight scales; embeddings: the token/position embedding tables stored uint8 (one scale per
-    row, ExecuTorch's quantized embedding_byte kernel; the table is 11.7M of a 3-layer MiniLM student's 17M weights).
+    row, ExecuTorch's quantized embedding_byte kernel; the table is 11.7M of a 3-layer MiniLM student's 17M weights);
+    embedding_bits: 4 stores the token table as symmetric 4-bit blocks of `embedding_block_size` (ExecuTorch's
+    embedding_4bit kernel), the other tables uint8.
     """
 
     model_config = ConfigDict(extra="forbid")
     recipe: Literal["xnnpack-dynamic-int8"] = "xnnpack-dynamic-int8"
     per_channel: bool = True
     embeddings: bool = True
+    embedding_bits: Literal[8, 4] = 8
+    embedding_block_size: Literal[16, 32, 64, 128] = 32
 
 
 class XnnpackStaticInt8Config(BaseModel):

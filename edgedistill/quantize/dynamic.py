@@ -9,16 +9,7 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from edgedistill.quantize import excluded_nodes, register_recipe
 from edgedistill.quantize.configs import DynamicInt8Config
-
-
-def token_table_gathers(model: onnx.ModelProto, exclude: list[str]) -> list[str]:
-    """Return the Gather nodes that look rows up in the largest constant 2-D table (the token embeddings); the
-    position and token-type tables (every row used by every input) stay with the int8 quantizer."""
-    tables = {t.name: t.dims[0] * t.dims[1] for t in model.graph.initializer if len(t.dims) == 2}
-    gathers = [n for n in model.graph.node if n.op_type == "Gather" and n.input[0] in tables and n.name not in exclude
-               and not any(a.name == "axis" and a.i != 0 for a in n.attribute)]
-    largest = max((tables[n.input[0]] for n in gathers), default=0)
-    return [n.name for n in gathers if tables[n.input[0]] == largest]
+from edgedistill.quantize.int4_rows import token_table_gathers
 
 
 @register_recipe(DynamicInt8Config)

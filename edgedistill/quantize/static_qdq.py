@@ -15,6 +15,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from edgedistill.errors import DataError
 from edgedistill.quantize import Feeds, excluded_nodes, register_recipe
 from edgedistill.quantize.configs import StaticQdqInt8Config
+from edgedistill.quantize.int4_rows import pack_token_gathers, token_table_gathers
 
 _METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
             "percentile": CalibrationMethod.Percentile}
@@ -48,6 +49,8 @@ def quantize_static_qdq(model_path: Path, config: StaticQdqInt8Config, out_path:
         quant_pre_process(str(model_path), str(prepared), skip_symbolic_shape=True)
         excluded = excluded_nodes(prepared, config.exclude)
         weight_only = [n for n in excluded_nodes(prepared, config.weight_only) if n not in set(excluded)]
+        four_bit = token_table_gathers(onnx.load(str(prepared), load_external_data=False), excluded) \
+            if config.embedding_bits == 4 else []
         if config.calibration == "entropy" and not cache.is_file():
             _entropy_ranges(prepared, config, calibration, cache, Path(tmp))
         with contextlib.redirect_stdout(io.StringIO()):  # the entropy/percentile calibrators print progress
@@ -59,13 +62,15 @@ def quantize_static_qdq(model_path: Path, config: StaticQdqInt8Config, out_path:
                 activation_type=_TYPES[config.activation_type],
                 weight_type=_TYPES[config.weight_type],
                 calibrate_method=_METHODS[config.calibration],
-                nodes_to_exclude=excluded + weight_only,
+                nodes_to_exclude=excluded + weight_only + four_bit,
                 extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT,
                                "ActivationSymmetric": config.activation_type == "int8"},
                 calibration_cache_path=cache,
             )
     if weight_only:
         quantize_weights_only(out_path, weight_only)
+    if four_bit:
+        pack_token_gathers(out_path, four_bit, config.embedding_block_size)
     return out_path
 
 
