@@ -280,7 +280,7 @@ def bench_cmd(
     artifacts: Optional[list[Path]] = typer.Argument(None, help="OUT/<target> directories written by compile"),
     suite: Optional[Path] = typer.Option(None, "--suite", help="A suite YAML (benchmarks/ci.yaml); options below override it"),
     teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher to compare with (default: the manifest's)"),
-    runtime: Optional[list[str]] = typer.Option(None, "--runtime", help="ort-cpu | ort-mobile | ort-cuda | ort-tensorrt | torch; repeat or comma-separate (default: ort-cpu)"),
+    runtime: Optional[list[str]] = typer.Option(None, "--runtime", help="ort-cpu | ort-mobile | executorch | ort-cuda | ort-tensorrt | ort-web | ort-webgpu | torch; repeat or comma-separate (default: each artifact's own target runtime)"),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Intra-op threads (default: the profiles', capped at the cores)"),
     batch: Optional[str] = typer.Option(None, "--batch", help="Batch sizes, comma-separated (default: 1,8)"),
     seq: Optional[int] = typer.Option(None, "--seq", min=1, help="Sequence length (default: 128)"),

@@ -38,6 +38,9 @@ def parse_duration(text: str) -> float:
     m = _DURATION.match(text or "")
     if not text or not text.strip() or m is None or not any(m.groups()):
         raise EdgeDistillError(f"--time-budget {text!r} is not a duration", hint="pass e.g. 20m, 90s or 1h30m")
+    if re.search(r"[hm]\s*\d+(?:\.\d+)?\s*$", text):  # '1h30' or '5m30': a unit-less number after a unit
+        raise EdgeDistillError(f"--time-budget {text!r} ends in a number without a unit",
+                               hint="write the unit of every part, e.g. 1h30m or 5m30s")
     hours, minutes, seconds = (float(g) if g else 0.0 for g in m.groups())
     total = hours * 3600 + minutes * 60 + seconds
     if total <= 0:

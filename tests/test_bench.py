@@ -191,3 +191,16 @@ def test_artifacts_of_one_target_are_told_apart_by_their_folders(artifact, tmp_p
     assert res.exit_code == 0, res.output
     names = [r.name for r in BenchResult.model_validate_json(j.read_text()).results if r.role == "artifact"]
     assert names == ["tiny-cpu (out/tiny-cpu)", "tiny-cpu (other/tiny-cpu)"], names
+
+
+def test_each_artifact_is_benched_in_its_own_targets_runtime_by_default():
+    from edgedistill.runtimes.registry import RUNTIMES, native_runtime
+    from edgedistill.targets import builtin_profiles
+
+    got = {name: native_runtime(p.model_dump()) for name, p in builtin_profiles().items()}
+    assert got["x86-64-avx512"] == "ort-cpu" and got["arm64-mobile"] == "ort-mobile"
+    assert got["android-executorch"] == "executorch" and got["nvidia-gpu-fp16"] == "ort-cuda"
+    assert got["nvidia-tensorrt-int8"] == "ort-tensorrt"
+    assert got["browser-wasm"] == "ort-web" and got["browser-webgpu"] == "ort-webgpu"
+    for name, p in builtin_profiles().items():  # the runtime reads the file the profile writes
+        assert RUNTIMES[got[name]].model_suffix == f".{p.model_format}", name

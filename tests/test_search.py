@@ -46,12 +46,12 @@ def _search(teacher, data, profile, out, *extra):
                                "--epochs", "2", "--batch-size", "8", "--search", *extra])
 
 
-@pytest.mark.parametrize("text,seconds", [("20m", 1200), ("90s", 90), ("1h30m", 5400), ("1.5h", 5400), ("45", 45)])
+@pytest.mark.parametrize("text,seconds", [("20m", 1200), ("90s", 90), ("1h30m", 5400), ("1.5h", 5400), ("45", 45), ("5m30s", 330)])
 def test_durations(text, seconds):
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["", "abc", "20x", "0m", "m"])
+@pytest.mark.parametrize("text", ["", "abc", "20x", "0m", "m", "1h30", "5m 30"])
 def test_bad_durations_are_one_line_errors(text):
     with pytest.raises(EdgeDistillError):
         parse_duration(text)

@@ -118,21 +118,23 @@ def test_packed_4bit_gather_equals_its_table_in_onnxruntime_and_the_ort_format(t
         np.testing.assert_allclose(got, expected, atol=1e-6)
 
 
-def test_mobile_artifact_with_a_4bit_token_table_is_smaller_and_runs_as_ort(mobile_artifact, tmp_path):
+def test_mobile_artifact_has_a_4bit_token_table_smaller_than_uint8_and_runs_as_ort(mobile_artifact, tmp_path):
+    """The profile's default (embedding_bits: 4) against the same student built with a uint8 table."""
     result, teacher, data = mobile_artifact
+    assert resolve_target("arm64-mobile").quantization.embedding_bits == 4
     profile = tiny_version("arm64-mobile", tmp_path, quantization={
-        **resolve_target("arm64-mobile").quantization.model_dump(mode="json"), "embedding_bits": 4,
-        "embedding_block_size": 16})
-    four = compile(str(teacher), str(data), [str(profile)], tmp_path / "out",
-                   CompileOptions(distill=DistillConfig(epochs=1), cache_dir=result.targets[0].path.parent.parent / "cache"))
-    [target] = four.targets
+        **resolve_target("arm64-mobile").quantization.model_dump(mode="json"), "embedding_bits": 8})
+    eight = compile(str(teacher), str(data), [str(profile)], tmp_path / "out",
+                    CompileOptions(distill=DistillConfig(epochs=1), cache_dir=result.targets[0].path.parent.parent / "cache"))
+    [target] = result.targets
     m = verify_files(target.path)
+    assert m.quantization["chosen"]["embedding_bits"] == 4
     from onnx import numpy_helper
 
     def weight_bytes(path: Path) -> int:  # the tiny model's file is mostly node records; a real one's is its weights
         return sum(numpy_helper.to_array(t).nbytes for t in onnx.load(str(path)).graph.initializer)
 
-    assert weight_bytes(target.path / "model.onnx") < weight_bytes(result.targets[0].path / "model.onnx")
+    assert weight_bytes(target.path / "model.onnx") < weight_bytes(eight.targets[0].path / "model.onnx")
     graph = onnx.load(str(target.path / "model.onnx")).graph
     packed = [t for t in graph.initializer if t.name.endswith("_int4_packed")]
     vocab, hidden = result.student.model.config.vocab_size, result.student.model.config.hidden_size
@@ -143,6 +145,18 @@ def test_mobile_artifact_with_a_4bit_token_table_is_smaller_and_runs_as_ort(mobi
 
 
 TensorProtoInt8 = onnx.TensorProto.INT8
+
+
+def test_a_4bit_block_that_does_not_divide_the_table_width_is_cut_or_falls_back_to_8_bits():
+    from edgedistill.families.text_encoder_stages import fit_embedding_block
+
+    mobile = resolve_target("arm64-mobile")
+    assert fit_embedding_block(mobile, 384) is mobile
+    assert fit_embedding_block(mobile, 48).quantization.embedding_block_size == 16  # 48 = 3 x 16
+    kept = fit_embedding_block(mobile, 312).quantization  # TinyBERT's width: no block of 16-128 divides it
+    assert kept.embedding_bits == 8 and kept.recipe == mobile.quantization.recipe
+    x86 = resolve_target("x86-64-avx512")
+    assert fit_embedding_block(x86, 312).quantization.embedding_bits == 8
 
 
 def test_bench_measures_the_ort_format_model(mobile_artifact, tmp_path):
@@ -206,11 +220,14 @@ def test_executorch_artifact_runs_and_matches_the_student(tmp_path):
             expected = result.student(**{k: torch.from_numpy(v) for k, v in feeds.items()}).numpy()
         cos = float(np.sum(got * expected) / (np.linalg.norm(got) * np.linalg.norm(expected)))
         assert cos > 0.99
-    res = runner.invoke(app, ["bench", str(target.path), "--teacher", str(teacher), "--data", str(data), "--runtime",
-                              "executorch", "--batch", "1", "--seq", "16", "--min-time", "0.2", "--held-out", "30",
-                              "--no-memory"])
-    assert res.exit_code == 0, res.output
-    assert "| tiny-android-executorch | executorch |" in res.stdout
+    # bench in a fresh process (no quantized kernels imported before it), in the artifact's own runtime by default
+    res = subprocess.run([sys.executable, "-c", "from edgedistill.cli import app; app()", "bench", str(target.path),
+                          "--teacher", str(teacher), "--data", str(data), "--batch", "1", "--seq", "16",
+                          "--min-time", "0.2", "--rounds", "2", "--held-out", "30", "--no-memory"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    [row] = [line for line in res.stdout.splitlines() if line.startswith("| tiny-android-executorch |")]
+    assert "| executorch |" in row and "not measured" not in row and "cosine_mean" in row, row
 
 
 def test_4bit_token_table_rounds_as_documented():

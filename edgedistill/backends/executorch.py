@@ -34,21 +34,31 @@ def _quiet_stderr():
         os.close(saved)
 
 
-def load_pte(path: Path):
-    """Return a runner for a .pte file: feeds (numpy, in input order) -> first output as numpy.
+def load_pte_method(path: Path):
+    """Return a .pte file's loaded `forward` method (executorch.runtime.Method: execute(), metadata).
 
-    ExecuTorch's quantized kernels (embedding_byte, for the uint8 embedding tables) are registered first: the
-    runtime finds them only once `executorch.kernels.quantized` is imported; a phone app links the same library."""
+    ExecuTorch's quantized kernels (embedding_byte / embedding_4bit, for the quantized embedding tables) are
+    registered first: the runtime finds them only once `executorch.kernels.quantized` is imported (without it,
+    load_method fails with 'error: 0x:14'); a phone app links the same library."""
     import executorch.kernels.quantized  # noqa: F401
     from executorch.runtime import Runtime
 
     with _quiet_stderr():
-        method = Runtime.get().load_program(str(path)).load_method("forward")
+        return Runtime.get().load_program(str(path)).load_method("forward")
+
+
+def pte_runner(method):
+    """Return a runner for a loaded method: feeds (numpy, in input order) -> first output as numpy."""
 
     def run(feeds: dict[str, np.ndarray]) -> np.ndarray:
         return method.execute([torch.from_numpy(v) for v in feeds.values()])[0].numpy()
 
     return run
+
+
+def load_pte(path: Path):
+    """Return a runner for a .pte file (pte_runner of its forward method)."""
+    return pte_runner(load_pte_method(path))
 
 
 class Embedding4bit(torch.nn.Module):

@@ -19,7 +19,7 @@ from edgedistill.data import BUILTIN_SETS, builtin_texts, load_transfer_set
 from edgedistill.errors import ArtifactError, EdgeDistillError
 from edgedistill.progress import console, enabled
 from edgedistill.runtimes import predict_with
-from edgedistill.runtimes.registry import RUNTIMES
+from edgedistill.runtimes.registry import RUNTIMES, native_runtime
 from edgedistill.targets import cpu_flags
 from edgedistill.teachers import Teacher, load_teacher
 from edgedistill.teachers.hf import weights_mb
@@ -32,7 +32,7 @@ TEACHER_RUNTIME = "torch"
 class BenchSettings:
     """What to measure. threads None: the smallest profile thread count among the artifacts, capped at the cores."""
 
-    runtimes: list[str] = field(default_factory=lambda: ["ort-cpu"])
+    runtimes: list[str] | None = None  # None: each artifact in its own target's runtime (native_runtime)
     threads: int | None = None
     batches: list[int] = field(default_factory=lambda: [1, 8])
     sequence: int = 128
@@ -99,7 +99,7 @@ def _shape_latency(stats: LatencyStats, batch: int, seq: int, threads: int) -> S
 def run_bench(artifact_dirs: list[Path], teacher_spec: str | None, data_path: str | None,
               settings: BenchSettings) -> BenchResult:
     """Measure every artifact on every runtime and the teacher in torch, on the same inputs and threads."""
-    runtimes = _check_runtimes(settings.runtimes)
+    runtimes = None if settings.runtimes is None else _check_runtimes(settings.runtimes)
     if not artifact_dirs:
         raise EdgeDistillError("no artifact directories given", hint="pass one or more OUT/<target> directories")
     manifests = {d: verify_files(d) for d in artifact_dirs}
@@ -135,7 +135,7 @@ def run_bench(artifact_dirs: list[Path], teacher_spec: str | None, data_path: st
                                                                                   "intra_op_threads": threads})]
     runners = {0: teacher_run}
     for d, m in manifests.items():
-        for rt_name in runtimes:
+        for rt_name in runtimes if runtimes is not None else [native_runtime(m.target)]:
             rt = RUNTIMES[rt_name]
             model = rt.model_file(d, list(m.files))
             r = ModelResult(name=artifact_label(d, m, manifests), role="artifact", runtime=rt_name, artifact_dir=str(d))

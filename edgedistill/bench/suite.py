@@ -17,7 +17,7 @@ class BenchSuite(BaseModel):
     artifacts: list[str] = Field(min_length=1)
     teacher: str | None = None
     data: str | None = None
-    runtimes: list[str] = Field(default_factory=lambda: ["ort-cpu"])
+    runtimes: list[str] | None = Field(None, description="None: each artifact in its own target's runtime")
     threads: int | None = Field(None, ge=1)
     batches: list[int] = Field(default_factory=lambda: [1, 8])
     sequence: int = Field(128, ge=1)

@@ -177,11 +177,14 @@ class TextEncoderFamily(Family):
                                                                   else float(lat["artifact"]["p50_ms"]))
 
     def recipe_variants(self, profile) -> list:
+        """The profile's recipe, and (CPU recipes with a token table to quantize) the same with the table's other
+        bit width: 4-bit is a third smaller; whether it also costs fidelity or time the search measures."""
         q = profile.quantization
         variants = [(f"{q.recipe}", profile)]
-        if q.recipe == "dynamic-int8" and profile.runtime == "onnxruntime" and q.embedding_bits == 8:
-            four = profile.model_copy(update={"quantization": q.model_copy(update={"embedding_bits": 4})})
-            variants.append((f"{q.recipe}, int4 embeddings", four))
+        if hasattr(q, "embedding_bits") and getattr(q, "embeddings", True) and not profile.gpu:
+            bits = 12 - q.embedding_bits  # 8 <-> 4
+            other = profile.model_copy(update={"quantization": q.model_copy(update={"embedding_bits": bits})})
+            variants.append((f"{q.recipe}, int{bits} embeddings", other))
         return variants
 
     def num_layers(self, config) -> int:

@@ -237,10 +237,26 @@ def fit_sequence(profile: TargetProfile, teacher: Teacher) -> TargetProfile:
     return profile.model_copy(update={"input_shape": shape})
 
 
+EMBEDDING_BLOCKS = (128, 64, 32, 16)  # the 4-bit block sizes every embedding_bits: 4 path takes
+
+
+def fit_embedding_block(profile: TargetProfile, width: int) -> TargetProfile:
+    """Return the profile with a 4-bit token table's block size cut to one that divides the embedding width (the
+    largest such, not above the profile's), or with embedding_bits 8 where none does (a width of 312 takes no block
+    of 16-128); the manifest's quantization record shows what was built."""
+    q = profile.quantization
+    if getattr(q, "embedding_bits", 8) != 4 or width % q.embedding_block_size == 0:
+        return profile
+    fits = [b for b in EMBEDDING_BLOCKS if b <= q.embedding_block_size and width % b == 0]
+    update = {"embedding_block_size": fits[0]} if fits else {"embedding_bits": 8}
+    return profile.model_copy(update={"quantization": q.model_copy(update=update)})
+
+
 def build_target(d: Distilled, profile: TargetProfile, stage_dir: Path, opts) -> TargetBuild:
     """Build the profile's model (its runtime's backend), validate and time what ships, in `stage_dir`."""
     teacher = d.teacher
-    profile = fit_sequence(profile, teacher)
+    profile = fit_embedding_block(fit_sequence(profile, teacher),
+                                  int(d.trained.student.model.get_input_embeddings().weight.shape[1]))
     metric, floor = primary_metric(teacher.task, profile.accuracy_budget)
     search_texts, search_teacher = d.val_texts[:SEARCH_TEXTS], d.val_teacher[:SEARCH_TEXTS]
 

@@ -77,15 +77,12 @@ class ExecutorchRuntime:
 
     def load(self, model_path: Path, threads: int) -> tuple[Runner, dict[str, Any]]:
         import executorch
-        import torch
-        from executorch.runtime import Runtime
 
-        method = Runtime.get().load_program(str(model_path)).load_method("forward")
-        meta = method.metadata
-        fixed = list(meta.input_tensor_meta(0).sizes())[:2]
+        from edgedistill.backends.executorch import load_pte_method, pte_runner
 
-        def run(feeds: dict[str, np.ndarray]) -> np.ndarray:
-            return method.execute([torch.from_numpy(v) for v in feeds.values()])[0].numpy()
+        method = load_pte_method(model_path)
+        fixed = list(method.metadata.input_tensor_meta(0).sizes())[:2]
+        run = pte_runner(method)
 
         return run, {"runtime": "executorch", "executorch": getattr(executorch, "__version__", "unknown"),
                      "delegate": "XNNPACK", "threads": "runtime default", "fixed_input_shape": fixed}
@@ -103,3 +100,18 @@ RUNTIMES: dict[str, OrtRuntime | ExecutorchRuntime | OrtWebRuntime] = {
     "ort-web": OrtWebRuntime("ort-web", "wasm"),
     "ort-webgpu": OrtWebRuntime("ort-webgpu", "webgpu"),
 }
+
+
+def native_runtime(target: dict[str, Any]) -> str:
+    """Return the RUNTIMES name that runs an artifact as its target does (from the manifest's `target` record):
+    the .pte in ExecuTorch, the .ort in onnxruntime's mobile format, a GPU artifact on its provider, a browser
+    artifact in Chromium."""
+    runtime, provider = target.get("runtime"), target.get("execution_provider")
+    if runtime == "executorch":
+        return "executorch"
+    if runtime == "onnxruntime-web":
+        return "ort-webgpu" if provider == "webgpu" else "ort-web"
+    if target.get("model_format") == "ort":
+        return "ort-mobile"
+    return next((name for name, rt in RUNTIMES.items() if isinstance(rt, OrtRuntime) and rt.model_suffix == ".onnx"
+                 and rt.provider == provider), "ort-cpu")
