@@ -56,7 +56,9 @@ class CompileOptions:
     drop_blocks: int = 0  # vision: residual blocks the student goes without (least output change first), before pruning
     fresh_views: bool = False  # vision: every step draws new crops and the teacher labels them in the loop
     mixup: float = 0.0  # vision, with fresh_views: Beta(alpha, alpha) mixup; the teacher sees the same mixed images
-    feature_weight: float = 0.0  # vision: weight of the stage-output matching loss beside the logits' KL (0: off)
+    # vision: weight of the stage-output matching loss beside the logits' KL; encoders: of the last-layer token-state
+    # loss beside the embedding's or logits' (0: off)
+    feature_weight: float = 0.0
     ffn_ratio: float = 1.0  # causal LMs: share of each layer's FFN neurons the student keeps (activation importance)
     generate: int = 0  # causal LMs: training windows the teacher writes itself (sequence-level KD), cached
     quantization_aware: bool | None = None  # causal LMs: distill through the targets' weight rounding (None: when

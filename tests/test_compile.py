@@ -436,3 +436,30 @@ def test_a_width_pruned_encoder_compiles_and_its_artifact_has_the_narrow_ffn(tin
     texts = make_texts(10, seed=3)
     np.testing.assert_allclose(run_artifact(artifact, texts), torch_outputs(result.student, artifact, texts), atol=1e-4)
     assert "FFN 32 of 64 neurons" in (artifact / "report.md").read_text()
+
+
+@pytest.mark.parametrize("task", ["feature-extraction", "text-classification"])
+def test_token_states_are_matched_at_the_given_weight_and_off_at_zero(task, tiny_encoder, tiny_classifier, text_file,
+                                                                      labelled_jsonl, profile_file, tmp_path,
+                                                                      monkeypatch):
+    from edgedistill.families import text_encoder_stages as stages
+
+    teacher, data = (tiny_encoder, text_file) if task == "feature-extraction" else (tiny_classifier, labelled_jsonl)
+    calls = []
+    real = stages.token_state_loss
+    monkeypatch.setattr(stages, "token_state_loss", lambda s, t, m: calls.append(s.shape) or real(s, t, m))
+    cache = tmp_path / "cache"
+    on = compile(str(teacher), str(data), [str(profile_file)], tmp_path / "on",
+                 CompileOptions(distill=FAST, cache_dir=cache, feature_weight=1.0))
+    assert calls and all(len(shape) == 3 for shape in calls)  # (batch, tokens, hidden) of the last layer
+    [target] = on.targets
+    assert target.manifest.distillation["token_state_weight"] == 1.0
+    assert "the last layer's token states" in (target.path / "report.md").read_text()
+    n = len(calls)
+    off = compile(str(teacher), str(data), [str(profile_file)], tmp_path / "off",
+                  CompileOptions(distill=FAST, cache_dir=cache, feature_weight=0.0))
+    assert len(calls) == n, "weight 0: no token-state loss"
+    assert off.targets[0].manifest.distillation["token_state_weight"] == 0.0
+    # a different loss is a different student, never taken from the other's cache (its losses differ)
+    assert on.distilled.trained.history != off.distilled.trained.history
+    assert CompileOptions().feature_weight == 0.0  # off unless asked for (README "Token states": measured)

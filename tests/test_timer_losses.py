@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from edgedistill.bench.timer import LatencyStats, measure, percentile, summarize
-from edgedistill.distill.losses import classification_loss, embedding_loss, fidelity
+from edgedistill.distill.losses import classification_loss, embedding_loss, fidelity, token_state_loss
 from edgedistill.targets import AccuracyBudget
 from edgedistill.validate import check_budget, fidelity_metrics, validate
 
@@ -301,3 +301,23 @@ def test_measure_interleaved_blocks_and_paired_ratio_cancels_load():
     # a load burst that hits one block pair of both candidates does not move the paired ratio
     a, b = [2.0] * 9 + [20.0], [1.0] * 9 + [10.0]
     assert paired_ratio(a, b) == 2.0
+
+
+def test_token_state_loss_is_zero_for_equal_states_and_ignores_padding():
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.randn(3, 5, 8, generator=g)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 0, 0, 0]])
+    assert float(token_state_loss(teacher.clone(), teacher, mask)) == pytest.approx(0.0, abs=1e-6)
+    student = teacher + 0.3 * torch.randn(3, 5, 8, generator=g)
+    value = float(token_state_loss(student, teacher, mask))
+    assert value > 0.01
+    # what sits at padded positions does not count, on either side
+    pad = (mask == 0).unsqueeze(-1)
+    assert float(token_state_loss(student.masked_fill(pad, 1e3), teacher.masked_fill(pad, -7.0), mask)) \
+        == pytest.approx(value, rel=1e-6)
+    # scale-free: the MSE is relative to the teacher's energy, the cosine has no scale
+    assert float(token_state_loss(10 * student, 10 * teacher, mask)) == pytest.approx(value, rel=1e-5)
+    # the gradient reaches the student's states
+    s = student.clone().requires_grad_(True)
+    token_state_loss(s, teacher, mask).backward()
+    assert s.grad[mask.bool()].abs().sum() > 0 and s.grad[~mask.bool()].abs().sum() == 0

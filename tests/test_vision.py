@@ -302,10 +302,12 @@ def test_crop_options_are_refused_outside_vision(tmp_path):
     from conftest import tiny_workspace
 
     teacher, data = tiny_workspace(tmp_path)
+    # encoders take --feature-weight (their token-state loss), refusing what is not a weight, in one line
     res = runner.invoke(app, ["compile", str(teacher), "--data", str(data), "--out", str(tmp_path / "out"),
-                              "--feature-weight", "-1"])  # any value, not only positive ones
-    assert res.exit_code == 2 and "--feature-weight does not apply to text encoders" in res.stderr, res.output
-    for flag in ("--crop-scale", "--resize", "--drop-blocks", "--feature-weight"):
+                              "--feature-weight", "-1"])
+    assert res.exit_code == 2 and "--feature-weight -1 is not a weight >= 0" in res.stderr, res.output
+    assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+    for flag in ("--crop-scale", "--resize", "--drop-blocks"):
         res = runner.invoke(app, ["compile", str(teacher), "--data", str(data), "--out", str(tmp_path / "out"),
                                   flag, "1"])
         assert res.exit_code == 2 and f"{flag} does not apply to text encoders" in res.stderr, res.output

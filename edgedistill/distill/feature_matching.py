@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 
 import torch
 from torch import nn
@@ -76,6 +77,15 @@ class FeatureMatched(nn.Module):
         best model, which a graph's tensors cannot be)."""
         projected, self.projected = self.projected, []
         return projected
+
+
+def check_feature_weight(weight: float, what: str) -> None:
+    """Raise unless --feature-weight is a finite weight >= 0 (`what`: the loss it weighs, for the hint)."""
+    from edgedistill.errors import EdgeDistillError
+
+    if not math.isfinite(weight) or weight < 0:
+        raise EdgeDistillError(f"--feature-weight {weight:g} is not a weight >= 0",
+                               hint=f"pass a weight >= 0 for {what}, e.g. 1, or leave it out")
 
 
 def on_device(module: nn.Module, device: torch.device) -> nn.Module:

@@ -16,6 +16,14 @@ def embedding_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor
     return F.mse_loss(student, teacher) + (1.0 - cosine).mean()
 
 
+def token_state_loss(student: torch.Tensor, teacher: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Return, over the real tokens (mask 1), MSE / mean(teacher²) plus (1 - cosine) between the student's and the
+    teacher's last-layer token states: the per-token signal that pooling averages away (0 for equal states)."""
+    real = attention_mask.bool()
+    s, t = student[real].float(), teacher[real].float()
+    return F.mse_loss(s, t) / t.pow(2).mean().clamp_min(1e-12) + (1.0 - F.cosine_similarity(s, t, dim=-1)).mean()
+
+
 def classification_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None,
                         temperature: float, label_weight: float) -> torch.Tensor:
     """Return Hinton's soft-target loss KL(teacher_T || student_T) * T^2, plus label_weight * CE when labels exist."""

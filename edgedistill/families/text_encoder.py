@@ -69,14 +69,22 @@ class EncoderWithHead(nn.Module):
     def config(self):
         return self.model.config
 
-    def forward(self, input_ids, attention_mask, token_type_ids=None):
+    def forward(self, input_ids, attention_mask, token_type_ids=None, with_states: bool = False):
+        """Return the pooled embedding or logits; with `with_states`, also the last layer's token states (the
+        distillation's token-level target; exports trace the default)."""
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
+        if with_states and self.task == "text-classification":
+            kwargs["output_hidden_states"] = True
         out = self.model(**kwargs)
         if self.task == "text-classification":
-            return out.logits
+            return (out.logits, out.hidden_states[-1]) if with_states else out.logits
         hidden = out.last_hidden_state
+        pooled = self._pool(hidden, attention_mask)
+        return (pooled, hidden) if with_states else pooled
+
+    def _pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         if self.pooling.mode == "cls":
             pooled = hidden[:, 0]
@@ -114,6 +122,7 @@ class TextEncoderFamily(Family):
         stages.check_target(profile)
 
     def check_options(self, teacher, opts, profiles) -> None:
+        from edgedistill.distill.feature_matching import check_feature_weight
         from edgedistill.errors import EdgeDistillError
         from edgedistill.families import text_encoder_stages as stages
 
@@ -128,14 +137,13 @@ class TextEncoderFamily(Family):
                                   "it sets an image classifier student's input side"),
                                  ("--fresh-views", opts.fresh_views, "it draws image classifiers' training crops"),
                                  ("--mixup", opts.mixup != 0, "it mixes image classifiers' training crops"),
-                                 ("--feature-weight", opts.feature_weight != 0,
-                                  "it matches image classifiers' stage outputs"),
                                  ("--quantization-aware", opts.quantization_aware is True,
                                   "encoder targets choose their quantization by an accuracy-aware search")):
             if value:
                 raise EdgeDistillError(f"{flag} does not apply to text encoders: {why}", hint=f"leave out {flag}")
         stages.student_depth(teacher, opts.student_layers)
         stages.check_ffn_ratio(opts.ffn_ratio)
+        check_feature_weight(opts.feature_weight, "the token-state loss beside the embedding's")
         stages.check_max_length(teacher, opts.max_length or teacher.max_length)
 
     def distill_student(self, teacher, data, opts, run_dir, profiles):

@@ -16,7 +16,8 @@ from edgedistill.bench.timer import measure_interleaved, paired_ratio
 from edgedistill.cache import LabelStore, Rows, cache_key, default_cache_dir, label_sharded
 from edgedistill.data import OUT_OF_DOMAIN_NAME, TransferSet, out_of_domain_texts, split_indices
 from edgedistill.distill.loop import Checkpointing, DistillResult, Training, distill, resolved
-from edgedistill.distill.losses import classification_loss, embedding_loss, fidelity
+from edgedistill.distill.feature_matching import on_device
+from edgedistill.distill.losses import classification_loss, embedding_loss, fidelity, token_state_loss
 from edgedistill.distill.stage import load_stage, save_stage
 from edgedistill.errors import DataError, EdgeDistillError
 from edgedistill.families.base import TargetBuild
@@ -59,22 +60,35 @@ def evaluate(student: EncoderWithHead, tokenizer, texts, targets, input_names, m
 
 def encoder_training(student: EncoderWithHead, tokenizer, input_names: list[str], max_length: int,
                      train: tuple[list[str], np.ndarray, np.ndarray | None], val: tuple[list[str], np.ndarray],
-                     cfg) -> Training:
+                     cfg, token_states: tuple[EncoderWithHead, float] | None = None) -> Training:
     """Return the loop's view of encoder distillation: texts batched by length, embedding or soft-target loss,
-    fidelity (cosine or top-1 agreement) on the held-out texts."""
+    fidelity (cosine or top-1 agreement) on the held-out texts. With `token_states` (the teacher, a weight), the
+    student's last-layer token states are also pulled to the teacher's, which the teacher computes per batch."""
     texts, targets, labels = train
     val_texts, val_targets = val
     task = student.task
     if cfg.freeze_embeddings:
         student.model.get_input_embeddings().weight.requires_grad_(False)
+    teacher_module, token_weight = token_states or (None, 0.0)
 
     def loss(model, batch):
+        nonlocal teacher_module
         batch = dict(batch)
         teacher_out, batch_labels = batch.pop("teacher"), batch.pop("labels", None)
-        out = model(**batch)
+        if token_weight:
+            out, states = model(**batch, with_states=True)
+        else:
+            out = model(**batch)
         if task == "text-classification":
-            return classification_loss(out, teacher_out, batch_labels, cfg.temperature, cfg.label_weight)
-        return embedding_loss(out, teacher_out)
+            value = classification_loss(out, teacher_out, batch_labels, cfg.temperature, cfg.label_weight)
+        else:
+            value = embedding_loss(out, teacher_out)
+        if token_weight:
+            teacher_module = on_device(teacher_module, states.device)
+            with torch.no_grad():
+                _, teacher_states = teacher_module(**batch, with_states=True)
+            value = value + token_weight * token_state_loss(states, teacher_states, batch["attention_mask"])
+        return value
 
     return Training(lengths=[len(t) for t in texts],
                     collate=_collate(tokenizer, texts, targets, labels, input_names, max_length), loss=loss,
@@ -184,6 +198,7 @@ def distill_student(teacher: Teacher, data: TransferSet, num_layers: int, max_le
     teacher_outputs = label_with_teacher(teacher, data, max_length, cache_dir)
     input_names = teacher.family.input_names(teacher.tokenizer)
     student, kept_layers = derive_student(teacher, num_layers)
+    token_weight = float(opts.feature_weight)  # the token-state loss's weight (0: off; README "Token states")
     texts = lambda idx: [data.texts[i] for i in idx]  # noqa: E731
     ffn = None
     if opts.ffn_ratio < 1.0:
@@ -192,7 +207,8 @@ def distill_student(teacher: Teacher, data: TransferSet, num_layers: int, max_le
     head = asdict(teacher.module.pooling) if teacher.task == "feature-extraction" else teacher.task
     key = cache_key("student-v1", teacher.sha256, tokenizer_fingerprint(teacher.tokenizer), data.sha256, num_layers,
                     max_length, head, opts.val_fraction, encoder_settings(opts.distill), distributed.world(),
-                    torch.__version__, __version__, *([("ffn", ffn)] if ffn else []))
+                    torch.__version__, __version__, *([("ffn", ffn)] if ffn else []),
+                    *([("token-states", token_weight)] if token_weight else []))
     # a search's rung trains to its share (stop_at) and never takes a finished student from the cache: the rung's
     # shapes are compared at the same share of their steps
     trained = None if opts.stop_at is not None else load_stage(cache_dir / "students" / key, student)
@@ -202,7 +218,8 @@ def distill_student(teacher: Teacher, data: TransferSet, num_layers: int, max_le
                                                                     opts.resume)
         training = encoder_training(student, teacher.tokenizer, input_names, max_length,
                                     (texts(train_idx), Rows(teacher_outputs, train_idx), labels),
-                                    (texts(val_idx), teacher_outputs[val_idx]), opts.distill)
+                                    (texts(val_idx), teacher_outputs[val_idx]), opts.distill,
+                                    (teacher.module.eval(), token_weight) if token_weight else None)
         trained = distill(student, training, opts.distill, checkpointing, opts.stop_at)
         if distributed.is_main() and trained.complete:  # a search's rung stops early: not the finished student
             save_stage(cache_dir / "students" / key, trained)
@@ -374,7 +391,8 @@ def build_manifest(d: Distilled, profile: TargetProfile, built: Built, validatio
               "val_fraction": opts.val_fraction,
               "out_of_domain": {"source": OUT_OF_DOMAIN_NAME, "num_texts": len(d.ood_texts)} if d.ood_texts else None},
         distillation={"config": asdict(resolved(opts.distill)), "best_fidelity": trained.best_fidelity,
-                      "best_step": trained.best_step, "history": trained.history},
+                      "best_step": trained.best_step, "history": trained.history,
+                      "token_state_weight": float(opts.feature_weight)},
         export=built.record["export"],
         optimization=built.record["optimization"],
         quantization=built.record["quantization"],

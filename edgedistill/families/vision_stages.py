@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from edgedistill import __version__, distributed
 from edgedistill.cache import LabelStore, Rows, array_digests, cache_key, default_cache_dir, label_sharded
-from edgedistill.distill.feature_matching import TeacherStages, feature_matched, on_device, stage_names
+from edgedistill.distill.feature_matching import TeacherStages, check_feature_weight, feature_matched, on_device, stage_names
 from edgedistill.distill.losses import feature_loss
 from edgedistill.distill.loop import DEFAULT_LR, Checkpointing, DistillConfig, DistillResult, Training, distill, resolved
 from edgedistill.distill.qat import float_state_dict
@@ -115,9 +115,7 @@ def check_options(teacher: Teacher, opts, profiles) -> None:
                                    hint=f"leave out {flag}; --macs-ratio sets the student's size")
     if opts.mixup < 0:
         raise EdgeDistillError(f"--mixup {opts.mixup:g} is negative", hint="pass a Beta(alpha, alpha) alpha > 0, e.g. 0.2, or leave it out")
-    if not math.isfinite(opts.feature_weight) or opts.feature_weight < 0:
-        raise EdgeDistillError(f"--feature-weight {opts.feature_weight:g} is not a weight >= 0",
-                               hint="pass a weight > 0 for the stage-output loss beside the logits' KL, e.g. 1, or leave it out")
+    check_feature_weight(opts.feature_weight, "the stage-output loss beside the logits' KL")
     if opts.feature_weight and not is_program(teacher.module) and not stage_names(teacher.module, _example(teacher.family.input_size)):
         raise EdgeDistillError("--feature-weight: the teacher has no stage outputs to match (no nn.Sequential or "
                                "nn.ModuleList of blocks with 4-D outputs)", hint="leave out --feature-weight")
