@@ -146,7 +146,8 @@ def check_options(family: CausalLMFamily, teacher: Teacher, opts, profiles: list
                         ("--drop-blocks", opts.drop_blocks or None), ("--fresh-views", opts.fresh_views or None),
                         ("--mixup", opts.mixup or None), ("--feature-weight", opts.feature_weight or None)):
         if value is not None:
-            raise EdgeDistillError(f"{flag} is for image classifiers", hint="leave it out; --student-layers and "
+            users = "image classifiers and text encoders" if flag == "--feature-weight" else "image classifiers"
+            raise EdgeDistillError(f"{flag} is for {users}", hint="leave it out; --student-layers and "
                                    "--ffn-ratio set a language model's student")
     if opts.student and not (Path(opts.student) / "config.json").is_file():
         raise EdgeDistillError(f"--student {opts.student} is not a model directory (no config.json)",
