@@ -16,6 +16,8 @@ import math
 import torch
 from torch import nn
 
+from edgedistill.errors import EdgeDistillError
+
 RIDGE = 0.3  # least-squares start: each student channel's ridge, as a share of its own energy (scale-free). On 36
 # held-out views of a freshly pruned MobileNetV2, relative error at the last stage: 0.96 (0.01), 0.85 (0.1), 0.80
 # (0.3), 0.76 (1.0); at the first four stages 0.3 costs 0.03-0.05 against 0.01.
@@ -81,8 +83,6 @@ class FeatureMatched(nn.Module):
 
 def check_feature_weight(weight: float, what: str) -> None:
     """Raise unless --feature-weight is a finite weight >= 0 (`what`: the loss it weighs, for the hint)."""
-    from edgedistill.errors import EdgeDistillError
-
     if not math.isfinite(weight) or weight < 0:
         raise EdgeDistillError(f"--feature-weight {weight:g} is not a weight >= 0",
                                hint=f"pass a weight >= 0 for {what}, e.g. 1, or leave it out")
