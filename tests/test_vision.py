@@ -138,7 +138,9 @@ def test_int8_artifact_is_quantized_and_its_trials_recorded(tiny_teacher, photos
     assert ops.get("QuantizeLinear", 0) > 10 and ops.get("DequantizeLinear", 0) > 10, ops
     assert m.quantization["trials"][0]["description"] == "as the profile says"
     assert m.sizes["model_mb"] < 0.5 * m.sizes["teacher_weights_mb"]
-    assert 0.0 <= m.metrics["values"]["top1_agreement"] <= 1.0
+    v = m.metrics["values"]
+    assert 0.0 <= v["top1_agreement_low95"] <= v["top1_agreement"] <= v["top1_agreement_high95"] <= 1.0
+    assert "95% interval over the held-out photos" in (result.targets[0].path / "report.md").read_text()
 
 
 QAT_INT8 = "{recipe: static-qdq-int8, op_types: [Conv, Gemm, Clip], calibration_texts: 8, search: false}"
@@ -403,6 +405,17 @@ def test_a_depth_pruned_student_compiles_and_records_its_dropped_blocks(tiny_tea
                               "--target", str(profile(tmp_path / "p.yaml", "{recipe: fp32}")), "--drop-blocks", "40"])
     assert res.exit_code == 2 and "residual blocks that can be dropped" in res.stderr, res.output
     assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_the_agreement_interval_resamples_photos_not_views():
+    teacher = np.eye(3)[np.zeros(200, dtype=int)]
+    hits = np.repeat([True, True, False, False], 50)  # 4 photos of 50 alike views: two agree, two do not
+    ours = np.where(hits[:, None], teacher, np.eye(3)[np.ones(200, dtype=int)])
+    low, high = vision_stages.agreement_interval(ours, teacher, np.repeat(np.arange(4), 50))
+    assert low <= 0.25 and high >= 0.75  # 4 photos say little, however many views they are cut into
+    low, high = vision_stages.agreement_interval(ours, teacher, np.arange(200))  # 200 separate photos say more
+    assert 0.4 < low < 0.5 < high < 0.6
+    assert vision_stages.agreement_interval(teacher, teacher, np.repeat(np.arange(4), 50)) == (1.0, 1.0)
 
 
 def test_photos_are_held_out_whole_when_there_are_enough():

@@ -28,6 +28,7 @@ from edgedistill.families.vision_stages import (
     VisionDistilled,
     _pixels,
     agreement,
+    agreement_interval,
     calibration_views,
     crop_scale_of,
     intact,
@@ -223,6 +224,9 @@ def validated_build(d: VisionDistilled, profile: TargetProfile, stage_dir: Path,
     vision = profile.vision
     artifact_logits = run_onnx(session, d.val_views)
     metrics = agreement(artifact_logits, d.val_logits)
+    if d.val_groups is not None and len(np.unique(d.val_groups)) > 1:
+        metrics["top1_agreement_low95"], metrics["top1_agreement_high95"] = agreement_interval(
+            artifact_logits, d.val_logits, d.val_groups)
     for k, v in agreement(student_logits(d, d.val_views), d.val_logits).items():
         metrics[f"torch_student_{k}"] = v
     if d.val_labels is not None:

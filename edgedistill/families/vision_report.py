@@ -12,7 +12,9 @@ def summary_cells(m: Manifest) -> dict[str, str]:
     else:
         latency = (f"{lat['artifact']['p50_ms']:.2f} vs {lat['teacher']['p50_ms']:.2f} ms ({lat['speedup_vs_teacher']:.1f}x), "
                    f"batch {lat['batch']}, {lat['threads_measured']} threads")
-    return {"fidelity": f"top-1 agreement {v['top1_agreement']:.4f} (budget ≥ {budget['min_top1_agreement']:g}); top-5 "
+    interval = (f", 95% interval over the held-out photos {v['top1_agreement_low95']:.2f}–{v['top1_agreement_high95']:.2f}"
+                if "top1_agreement_low95" in v else "")
+    return {"fidelity": f"top-1 agreement {v['top1_agreement']:.4f} (budget ≥ {budget['min_top1_agreement']:g}{interval}); top-5 "
                         f"{v['top5_agreement']:.4f}; KL {v['kl_teacher']:.4f}; {m.data['num_validation']} held-out views "
                         f"of {m.data['num_validation_images']} photos"
                         + ("" if m.data.get("photos_held_out", True) else " (other crops of the training photos)"),

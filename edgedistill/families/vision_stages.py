@@ -35,6 +35,7 @@ VAL_VIEWS_PER_IMAGE = 8  # augmented views of each held-out photo, beside its ce
 VERDICT_VIEWS = 512  # held-out images from which the verdict is on center crops alone (what the artifact is fed)
 MIN_PHOTOS_TO_HOLD_OUT = 50  # below this, held-out views are other crops of the training photos (see split_images)
 MIN_HELD_OUT_PHOTOS = 24  # when photos are held out, at least this many (but at most a third): a verdict on 8 is luck
+INTERVAL_RESAMPLES = 2000  # bootstrap resamples of the held-out images behind the verdict's 95% interval
 SEARCH_VIEWS = 128  # held-out views the quantization search scores on
 DEFAULT_MACS_RATIO = 1.0  # --macs-ratio when not given: the teacher's layers, quantization-aware. Measured on MobileNetV2
 # (full compiles, x86 int8, 216 held-out views of 24 photos the compile never saw): 1.0 -> 0.903 top-1 agreement, passes
@@ -69,6 +70,7 @@ class VisionDistilled:
     quantization_aware: int | None = None  # calibration views of the int8 rounding it trained through, if any
     feature_stages: list[str] | None = None  # the stage outputs it was pulled to, with --feature-weight
     distill_config: DistillConfig | None = None  # the hyper-parameters it trained with (--lr resolved)
+    val_groups: np.ndarray | None = None  # the held-out image each held-out view was cut from (for agreement_interval)
 
 
 def check_target(profile: TargetProfile) -> None:
@@ -260,6 +262,19 @@ def agreement(logits: np.ndarray, teacher: np.ndarray) -> dict[str, float]:
     return {"top1_agreement": top1, "top5_agreement": top5, "kl_teacher": kl}
 
 
+def agreement_interval(logits: np.ndarray, teacher: np.ndarray, groups: np.ndarray, resamples: int = INTERVAL_RESAMPLES,
+                       seed: int = 0) -> tuple[float, float]:
+    """Return the 95% interval of top-1 agreement when the held-out images are resampled with replacement (a
+    bootstrap over images, not views: the views of one photo are alike, so they do not count as independent)."""
+    hits = (logits.argmax(-1) == teacher.argmax(-1)).astype(np.float64)
+    _, index = np.unique(groups, return_inverse=True)
+    per_hits, per_views = np.bincount(index, hits), np.bincount(index).astype(np.float64)
+    draw = np.random.default_rng(seed).integers(0, len(per_views), (resamples, len(per_views)))
+    shares = per_hits[draw].sum(1) / per_views[draw].sum(1)
+    low, high = np.quantile(shares, [0.025, 0.975])
+    return float(low), float(high)
+
+
 class QuantizationAwareSchedule:
     """When the student trains through the simulated int8 rounding: in float until step `start`, then through the
     rounding (ranges re-measured on the calibration views every RECALIBRATE_EVERY steps). Validation always goes
@@ -398,7 +413,8 @@ def distill_student(family, teacher: Teacher, data: ImageSet, opts, run_dir: Pat
                    "importance": "none: a torch.export program is quantized as it is"}
         trained = DistillResult(student=teacher.module, best_fidelity=1.0, best_step=0, history=[])
         return VisionDistilled(teacher, data, trained, train_views, train_logits, val_views, val_logits, val_labels,
-                               len(train_img), len(val_img), per, size, pruning, photos_held_out, None)
+                               len(train_img), len(val_img), per, size, pruning, photos_held_out, None,
+                               val_groups=val_src)
     student, depth = teacher.module, {}
     if opts.drop_blocks:
         student, depth = drop_blocks(teacher.module, size, _pixels(train_views[:DEPTH_VIEWS]), opts.drop_blocks)
@@ -460,7 +476,8 @@ def distill_student(family, teacher: Teacher, data: ImageSet, opts, run_dir: Pat
             save_stage(cache_dir / "students" / key, trained)
     return VisionDistilled(teacher, data, trained, train_views, train_logits, val_views, val_logits, val_labels,
                            len(train_img), len(val_img), per, size, pruning, photos_held_out, qat,
-                           stage_names(teacher.module, _example(size)) if opts.feature_weight else None, cfg)
+                           stage_names(teacher.module, _example(size)) if opts.feature_weight else None, cfg,
+                           val_groups=val_src)
 
 
 def student_resolution(opts, size: int, teacher: Teacher, student: torch.nn.Module, teacher_macs: int) -> tuple[int, float]:
