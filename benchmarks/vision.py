@@ -8,7 +8,8 @@ interleaved blocks.
 
 Artifacts may be rejected ones kept with `compile --keep-rejected` (OUT/<target>.rejected/). Prints, per model:
 batch-1 latency and batch-8 images/s with their ratios to the teacher in torch fp32 and to the peer, top-1 / top-5
-agreement and KL to the teacher on the artifact's held-out views, size and its share of the teacher's weights.
+agreement and KL to the teacher on the artifact's held-out views (with top-1's 95% interval over the held-out photos
+when the artifact carries validation-photos.npy), size and its share of the teacher's weights.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from edgedistill.bench.timer import measure_interleaved, paired_ratio  # noqa: E402
 from edgedistill.families.vision_build import export_vision, run_onnx  # noqa: E402
-from edgedistill.families.vision_stages import INPUT, agreement, teacher_logits  # noqa: E402
+from edgedistill.families.vision_stages import INPUT, VAL_PHOTOS, agreement, agreement_interval, teacher_logits  # noqa: E402
 from edgedistill.images import load_image_set, make_views  # noqa: E402
 from edgedistill.quantize import quantize  # noqa: E402
 from edgedistill.quantize.configs import StaticQdqInt8Config  # noqa: E402
@@ -62,6 +63,8 @@ def main() -> int:
     teacher = load_vision_teacher(names.pop())
     size = manifests[0]["data"]["image_size"]
     views = np.load(args.artifact[0] / "validation-views.npy")
+    photos_of = args.artifact[0] / VAL_PHOTOS  # which held-out photo each view is of: the interval's resampling unit
+    groups = np.load(photos_of) if photos_of.is_file() else None
     reference = teacher_logits(teacher.module, views)
     photos = load_image_set(None, None)  # calibration crops for the peer: another seed than any compile's views
     calibration, _ = make_views(photos.images, max(1, 64 // len(photos)), size, 12345, train=True)
@@ -72,7 +75,13 @@ def main() -> int:
         for a in args.artifact:  # OUT/target: artifacts of one target from several compiles differ by OUT
             models[f"ours: {a.parent.name}/{a.name}"] = a / "model.onnx"
         sessions = {name: cpu_session(p, args.threads) for name, p in models.items()}
-        fidelity = {name: agreement(run_onnx(s, views), reference) for name, s in sessions.items()}
+        fidelity = {}
+        for name, s in sessions.items():
+            logits = run_onnx(s, views)
+            fidelity[name] = agreement(logits, reference)
+            if groups is not None:
+                low, high = agreement_interval(logits, reference, groups)
+                fidelity[name].update(top1_agreement_low95=low, top1_agreement_high95=high)
         sizes = {name: p.stat().st_size / 1e6 for name, p in models.items()}
         timing = {}
         for batch in (1, 8):
@@ -88,8 +97,8 @@ def main() -> int:
     peer = "peer: teacher + plain onnxruntime int8"
     table = Table(title=f"{teacher.name}: {len(views)} held-out views of {args.artifact[0].name}, {args.threads} threads, "
                         "interleaved; ratios = medians of paired block ratios")
-    for col in ("model", "b1 ms", "b1 × teacher", "b1 × peer", "b8 img/s", "b8 × teacher", "top-1", "top-5", "KL",
-                "MB", "% teacher"):
+    for col in ("model", "b1 ms", "b1 × teacher", "b1 × peer", "b8 img/s", "b8 × teacher", "top-1",
+                *(["top-1 95%"] if groups is not None else []), "top-5", "KL", "MB", "% teacher"):
         table.add_column(col)
     for name in ["teacher, torch fp32", *models]:
         t1, t8 = timing[1][name], timing[8][name]
@@ -101,7 +110,9 @@ def main() -> int:
         rows.append({"model": name, "b1_ms": t1.p50_ms, "b1_speedup_vs_teacher": speed[1], "b1_speedup_vs_peer": vs_peer,
                      "b8_images_per_s": 8000 / t8.p50_ms, "b8_speedup_vs_teacher": speed[8], **f, "size_mb": mb})
         table.add_row(name, f"{t1.p50_ms:.2f}", f"{speed[1]:.2f}", f"{vs_peer:.2f}", f"{8000 / t8.p50_ms:.0f}",
-                      f"{speed[8]:.2f}", f"{f['top1_agreement']:.4f}", f"{f['top5_agreement']:.4f}",
+                      f"{speed[8]:.2f}", f"{f['top1_agreement']:.4f}",
+                      *([f"{f.get('top1_agreement_low95', 1.0):.2f}–{f.get('top1_agreement_high95', 1.0):.2f}"]
+                        if groups is not None else []), f"{f['top5_agreement']:.4f}",
                       f"{f['kl_teacher']:.4f}", f"{mb:.2f}", f"{mb / teacher_mb:.1%}")
     Console(width=200).print(table)
     if args.json:

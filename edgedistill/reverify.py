@@ -127,7 +127,7 @@ VAL_VIEWS = "validation-views.npy"
 def revalidate_vision(artifact_dir: Path, m: Manifest) -> Revalidation:
     """Re-run a vision artifact on its held-out views and compare top-1 agreement with the record."""
     from edgedistill.families.vision_build import run_onnx
-    from edgedistill.families.vision_stages import agreement
+    from edgedistill.families.vision_stages import VAL_PHOTOS, agreement, agreement_interval
     from edgedistill.runtimes.ort_cpu import cpu_session
 
     if VAL_VIEWS not in m.files or VAL_TEACHER not in m.files:
@@ -141,11 +141,17 @@ def revalidate_vision(artifact_dir: Path, m: Manifest) -> Revalidation:
         session = PteSession(path, tuple(m.model["input_shape"]))
     else:
         session = cpu_session(path, 1)
-    measured = agreement(run_onnx(session, views), teacher)
+    logits = run_onnx(session, views)
+    measured = agreement(logits, teacher)
     recorded = {k: v for k, v in m.metrics["values"].items() if k in measured}
     floor = m.metrics["budget"]["min_top1_agreement"]
     passed = measured["top1_agreement"] >= floor
     verdict = f"top-1 agreement {measured['top1_agreement']:.4f} {'≥' if passed else '<'} the budget's {floor:g}"
+    if VAL_PHOTOS in m.files:
+        low, high = agreement_interval(logits, teacher, np.load(artifact_dir / VAL_PHOTOS, allow_pickle=False))
+        measured.update(top1_agreement_low95=low, top1_agreement_high95=high)
+        recorded.update({k: v for k, v in m.metrics["values"].items() if k in ("top1_agreement_low95", "top1_agreement_high95")})
+        verdict += f" (95% interval over the held-out photos {low:.2f}–{high:.2f})"
     drift = abs(measured["top1_agreement"] - recorded["top1_agreement"])
     tolerance = 2.0 / len(views) + 1e-9  # another machine's int8 kernels may flip a view or two
     if drift > tolerance:

@@ -17,6 +17,7 @@ from edgedistill.cli import app
 from edgedistill.distill.loop import DistillConfig
 from edgedistill.families import vision_stages
 from edgedistill.pipeline import CompileOptions, compile
+from edgedistill.reverify import revalidate
 from edgedistill.teachers import vision
 from edgedistill.teachers.vision_archs import mobilenet_v2
 
@@ -141,6 +142,16 @@ def test_int8_artifact_is_quantized_and_its_trials_recorded(tiny_teacher, photos
     v = m.metrics["values"]
     assert 0.0 <= v["top1_agreement_low95"] <= v["top1_agreement"] <= v["top1_agreement_high95"] <= 1.0
     assert "95% interval over the held-out photos" in (result.targets[0].path / "report.md").read_text()
+    # the artifact carries which held-out photo each view is of, so verify (and the bench) re-derive the interval
+    art = result.targets[0].path
+    photos_of = np.load(art / "validation-photos.npy")
+    assert "validation-photos.npy" in m.files and len(photos_of) == m.data["num_validation"]
+    assert len(np.unique(photos_of)) == m.data["num_validation_images"]
+    verified = runner.invoke(app, ["verify", str(art)])
+    assert verified.exit_code == 0 and "95% interval over the held-out photos" in verified.output, verified.output
+    again = revalidate(art, m)
+    assert again.measured["top1_agreement_low95"] == pytest.approx(v["top1_agreement_low95"])
+    assert again.measured["top1_agreement_high95"] == pytest.approx(v["top1_agreement_high95"])
 
 
 QAT_INT8 = "{recipe: static-qdq-int8, op_types: [Conv, Gemm, Clip], calibration_texts: 8, search: false}"

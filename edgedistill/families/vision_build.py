@@ -25,6 +25,7 @@ from edgedistill.families.vision_stages import (
     OUTPUT,
     RECALIBRATE_EVERY,
     SEARCH_VIEWS,
+    VAL_PHOTOS,
     VisionDistilled,
     _pixels,
     agreement,
@@ -242,6 +243,9 @@ def validated_build(d: VisionDistilled, profile: TargetProfile, stage_dir: Path,
     np.save(stage_dir / "validation-teacher.npy", d.val_logits.astype(np.float32))
     files.update({"validation-views.npy": stage_dir / "validation-views.npy",
                   "validation-teacher.npy": stage_dir / "validation-teacher.npy"})
+    if "top1_agreement_low95" in metrics:  # which held-out photo each view was cut from: verify and the bench re-derive the interval
+        np.save(stage_dir / VAL_PHOTOS, d.val_groups.astype(np.int32))
+        files[VAL_PHOTOS] = stage_dir / VAL_PHOTOS
     manifest = vision_manifest(d, profile, model_path, config, trials, export_checks, metrics, passed, verdict, latency,
                                opts, device_file, model_record or {})
     return TargetBuild(files, manifest, passed)

@@ -47,6 +47,7 @@ QAT_FLOAT_SHARE = 0.5  # a pruned student distils in float for this share of the
 FEATURE_INIT_VIEWS = 64  # training views the feature projectors' least-squares start is fitted on
 DEPTH_VIEWS = 32  # training views --drop-blocks measures each block's importance on
 MODEL_FILE = "model.onnx"
+VAL_PHOTOS = "validation-photos.npy"  # the held-out photo (index) each validation view was cut from
 INPUT, OUTPUT = "pixels", "logits"
 
 
