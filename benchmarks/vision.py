@@ -29,7 +29,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from edgedistill.bench.timer import measure_interleaved, paired_ratio  # noqa: E402
 from edgedistill.families.vision_build import export_vision, run_onnx  # noqa: E402
-from edgedistill.families.vision_stages import INPUT, VAL_PHOTOS, agreement, agreement_interval, teacher_logits  # noqa: E402
+from edgedistill.families.vision_stages import INPUT, teacher_logits  # noqa: E402
+from edgedistill.families.vision_validation import VAL_PHOTOS, agreement, agreement_interval  # noqa: E402
 from edgedistill.images import load_image_set, make_views  # noqa: E402
 from edgedistill.quantize import quantize  # noqa: E402
 from edgedistill.quantize.configs import StaticQdqInt8Config  # noqa: E402

@@ -127,7 +127,7 @@ VAL_VIEWS = "validation-views.npy"
 def revalidate_vision(artifact_dir: Path, m: Manifest) -> Revalidation:
     """Re-run a vision artifact on its held-out views and compare top-1 agreement with the record."""
     from edgedistill.families.vision_build import run_onnx
-    from edgedistill.families.vision_stages import VAL_PHOTOS, agreement, agreement_interval
+    from edgedistill.families.vision_validation import VAL_PHOTOS, agreement, agreement_interval
     from edgedistill.runtimes.ort_cpu import cpu_session
 
     if VAL_VIEWS not in m.files or VAL_TEACHER not in m.files:

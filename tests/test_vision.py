@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from edgedistill.artifact import verify_files
 from edgedistill.cli import app
 from edgedistill.distill.loop import DistillConfig
-from edgedistill.families import vision_stages
+from edgedistill.families import vision_stages, vision_validation
 from edgedistill.pipeline import CompileOptions, compile
 from edgedistill.reverify import revalidate
 from edgedistill.teachers import vision
@@ -422,11 +422,11 @@ def test_the_agreement_interval_resamples_photos_not_views():
     teacher = np.eye(3)[np.zeros(200, dtype=int)]
     hits = np.repeat([True, True, False, False], 50)  # 4 photos of 50 alike views: two agree, two do not
     ours = np.where(hits[:, None], teacher, np.eye(3)[np.ones(200, dtype=int)])
-    low, high = vision_stages.agreement_interval(ours, teacher, np.repeat(np.arange(4), 50))
+    low, high = vision_validation.agreement_interval(ours, teacher, np.repeat(np.arange(4), 50))
     assert low <= 0.25 and high >= 0.75  # 4 photos say little, however many views they are cut into
-    low, high = vision_stages.agreement_interval(ours, teacher, np.arange(200))  # 200 separate photos say more
+    low, high = vision_validation.agreement_interval(ours, teacher, np.arange(200))  # 200 separate photos say more
     assert 0.4 < low < 0.5 < high < 0.6
-    assert vision_stages.agreement_interval(teacher, teacher, np.repeat(np.arange(4), 50)) == (1.0, 1.0)
+    assert vision_validation.agreement_interval(teacher, teacher, np.repeat(np.arange(4), 50)) == (1.0, 1.0)
 
 
 def test_photos_are_held_out_whole_when_there_are_enough():

@@ -16,6 +16,7 @@ from edgedistill.artifact import Manifest
 from edgedistill.backends import unmeasured_latency
 from edgedistill.bench.timer import measure_interleaved, paired_ratio
 from edgedistill.distill.loop import resolved
+from edgedistill.distill.qat_conv import ConvQuantSim
 from edgedistill.errors import EdgeDistillError, ProfileError
 from edgedistill.families.base import TargetBuild
 from edgedistill.families.vision_stages import (
@@ -25,18 +26,17 @@ from edgedistill.families.vision_stages import (
     OUTPUT,
     RECALIBRATE_EVERY,
     SEARCH_VIEWS,
-    VAL_PHOTOS,
     VisionDistilled,
+    _example,
     _pixels,
-    agreement,
-    agreement_interval,
     calibration_views,
     crop_scale_of,
     intact,
     qat_start,
-    student_logits,
+    teacher_logits,
     val_views_per_image,
 )
+from edgedistill.families.vision_validation import VAL_PHOTOS, agreement, agreement_interval
 from edgedistill.images import eval_resize
 from edgedistill.runtimes.ort_cpu import cpu_session
 from edgedistill.targets import TargetProfile
@@ -215,6 +215,21 @@ def build_target(d: VisionDistilled, profile: TargetProfile, stage_dir: Path, op
                            "does not build", hint="use model_format onnx or ort, or another target")
     return validated_build(d, profile, stage_dir, opts, files, final, device_file, session_of(device_file),
                            config, trials, export_checks, model_record, not_measured=unusable)
+
+
+def student_logits(d: VisionDistilled, views: np.ndarray) -> np.ndarray:
+    """Return the torch student's logits on `views`; a quantization-aware student's through its int8 rounding
+    (ranges measured on the calibration views), which is what its artifact is meant to equal."""
+    student = d.trained.student.eval()
+    sim = None
+    if d.quantization_aware:
+        sim = ConvQuantSim(student, _example(d.size))
+        sim.calibrate(_pixels(calibration_views(d.train_views, d.quantization_aware)))
+    try:
+        return teacher_logits(student, views, batch_size=64)
+    finally:
+        if sim is not None:
+            sim.remove()
 
 
 def validated_build(d: VisionDistilled, profile: TargetProfile, stage_dir: Path, opts, files: dict[str, Path],

@@ -1,6 +1,6 @@
 """The vision family's stages: seeded augmented views of the photos (split by photo), the teacher's logits on each
-(cached), a channel-pruned student distilled on them, ONNX export checked against torch, the profile's quantization
-with the accuracy search, validation against the teacher (top-1 / top-5 agreement, KL) and latency."""
+(cached), a channel-pruned student distilled on them (in float, or through the simulated int8 rounding); the
+targets are built from it in vision_build.py and measured against the teacher by vision_validation.py."""
 from __future__ import annotations
 
 import contextlib
@@ -23,6 +23,7 @@ from edgedistill.distill.qat import float_state_dict
 from edgedistill.distill.qat_conv import ConvQuantSim, fold_batchnorm
 from edgedistill.distill.stage import load_stage, save_stage
 from edgedistill.errors import DataError, EdgeDistillError, ProfileError
+from edgedistill.families.vision_validation import agreement
 from edgedistill.families.vision import (MACS_TOLERANCE, Downsampled, auto_resolution, count_macs, drop_blocks,
                                          is_program, prune_to_macs)
 from edgedistill.images import DEFAULT_CROP_SCALE, ImageSet, eval_resize, make_views
@@ -35,7 +36,6 @@ VAL_VIEWS_PER_IMAGE = 8  # augmented views of each held-out photo, beside its ce
 VERDICT_VIEWS = 512  # held-out images from which the verdict is on center crops alone (what the artifact is fed)
 MIN_PHOTOS_TO_HOLD_OUT = 50  # below this, held-out views are other crops of the training photos (see split_images)
 MIN_HELD_OUT_PHOTOS = 24  # when photos are held out, at least this many (but at most a third): a verdict on 8 is luck
-INTERVAL_RESAMPLES = 2000  # bootstrap resamples of the held-out images behind the verdict's 95% interval
 SEARCH_VIEWS = 128  # held-out views the quantization search scores on
 DEFAULT_MACS_RATIO = 1.0  # --macs-ratio when not given: the teacher's layers, quantization-aware. Measured on MobileNetV2
 # (full compiles, x86 int8, 216 held-out views of 24 photos the compile never saw): 1.0 -> 0.903 top-1 agreement (passed
@@ -47,7 +47,6 @@ QAT_FLOAT_SHARE = 0.5  # a pruned student distils in float for this share of the
 FEATURE_INIT_VIEWS = 64  # training views the feature projectors' least-squares start is fitted on
 DEPTH_VIEWS = 32  # training views --drop-blocks measures each block's importance on
 MODEL_FILE = "model.onnx"
-VAL_PHOTOS = "validation-photos.npy"  # the held-out photo (index) each validation view was cut from
 INPUT, OUTPUT = "pixels", "logits"
 
 
@@ -251,30 +250,6 @@ def label_views(teacher: Teacher, views: np.ndarray, cache_dir: Path) -> np.ndar
         return label_sharded(store, list(views), assembled, lambda items: teacher_logits(teacher.module, np.stack(items)),
                              distributed.rank(), distributed.world(), distributed.barrier, on_todo,
                              lambda n: bars and progress.update(bars[0], advance=n), digests=digests)
-
-
-def agreement(logits: np.ndarray, teacher: np.ndarray) -> dict[str, float]:
-    """Return top-1 agreement, top-5 agreement (the teacher's top class among ours) and mean KL(teacher || ours)."""
-    t = torch.from_numpy(np.array(teacher, dtype=np.float32))
-    s = torch.from_numpy(np.array(logits, dtype=np.float32))
-    top1 = (s.argmax(-1) == t.argmax(-1)).float().mean().item()
-    k = min(5, s.shape[-1])
-    top5 = (s.topk(k, -1).indices == t.argmax(-1, keepdim=True)).any(-1).float().mean().item()
-    kl = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean").item()
-    return {"top1_agreement": top1, "top5_agreement": top5, "kl_teacher": kl}
-
-
-def agreement_interval(logits: np.ndarray, teacher: np.ndarray, groups: np.ndarray, resamples: int = INTERVAL_RESAMPLES,
-                       seed: int = 0) -> tuple[float, float]:
-    """Return the 95% interval of top-1 agreement when the held-out images are resampled with replacement (a
-    bootstrap over images, not views: the views of one photo are alike, so they do not count as independent)."""
-    hits = (logits.argmax(-1) == teacher.argmax(-1)).astype(np.float64)
-    _, index = np.unique(groups, return_inverse=True)
-    per_hits, per_views = np.bincount(index, hits), np.bincount(index).astype(np.float64)
-    draw = np.random.default_rng(seed).integers(0, len(per_views), (resamples, len(per_views)))
-    shares = per_hits[draw].sum(1) / per_views[draw].sum(1)
-    low, high = np.quantile(shares, [0.025, 0.975])
-    return float(low), float(high)
 
 
 class QuantizationAwareSchedule:
@@ -545,18 +520,3 @@ def _example(size: int) -> torch.Tensor:
 
 def _pixels(views: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.asarray(views)).float() / 255.0
-
-
-def student_logits(d: VisionDistilled, views: np.ndarray) -> np.ndarray:
-    """Return the torch student's logits on `views`; a quantization-aware student's through its int8 rounding
-    (ranges measured on the calibration views), which is what its artifact is meant to equal."""
-    student = d.trained.student.eval()
-    sim = None
-    if d.quantization_aware:
-        sim = ConvQuantSim(student, _example(d.size))
-        sim.calibrate(_pixels(calibration_views(d.train_views, d.quantization_aware)))
-    try:
-        return teacher_logits(student, views, batch_size=64)
-    finally:
-        if sim is not None:
-            sim.remove()
