@@ -298,9 +298,9 @@ class CausalLMFamily(Family):
         return stages.distill_student(self, teacher, data, opts, run_dir, profiles)
 
     def build_target(self, distilled, profile, stage_dir, opts):
-        from edgedistill.families import causal_lm_stages as stages
+        from edgedistill.families import causal_lm_build
 
-        return stages.build_target(distilled, profile, stage_dir, opts)
+        return causal_lm_build.build_target(distilled, profile, stage_dir, opts)
 
     def render_report(self, manifest, published: bool) -> str:
         from edgedistill.families.causal_lm_report import render_report
