@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from edgedistill.errors import BudgetError, EdgeDistillError
@@ -29,13 +30,14 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
     """Distill, quantize and verify a teacher model into a device artifact per target."""
 targets_app = typer.Typer(help="List, show and describe target profiles.", pretty_exceptions_enable=False)
 app.add_typer(targets_app, name="targets")
-out = Console(width=None if sys.stdout.isatty() else 120)
-err = Console(stderr=True)
+# emoji off: a path or --arch such as mynet:factory: is printed as typed, not as an emoji
+out = Console(width=None if sys.stdout.isatty() else 120, emoji=False)
+err = Console(stderr=True, emoji=False)
 
 
 def fail(e: EdgeDistillError) -> None:
-    err.print(f"[bold red]error:[/] {e.message}" + (f" [dim](hint: {e.hint})[/]" if e.hint else ""), highlight=False,
-              soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(e.message)}" + (f" [dim](hint: {escape(e.hint)})[/]" if e.hint else ""),
+              highlight=False, soft_wrap=True)  # escaped: a path like a[/]b is text, not markup
     raise typer.Exit(2)
 
 
@@ -252,9 +254,9 @@ def verify_cmd(
     try:
         manifest = verify_files(artifact_dir)
     except ArtifactError as e:
-        err.print(f"[bold red]FAILED:[/] {e.message}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]FAILED:[/] {escape(e.message)}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
-    out.print(f"[green]ok[/]: {len(manifest.files)} files match {artifact_dir}/manifest.json")
+    out.print(f"[green]ok[/]: {len(manifest.files)} files match {escape(str(artifact_dir))}/manifest.json")
     if hashes_only:
         return
     from edgedistill.reverify import revalidate
@@ -270,9 +272,9 @@ def verify_cmd(
         table.add_row(k, f"{r.recorded.get(k, float('nan')):.4f}", f"{v:.4f}")
     out.print(table)
     if not r.passed:
-        err.print(f"[bold red]FAILED:[/] {r.verdict}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]FAILED:[/] {escape(r.verdict)}", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
-    out.print(f"[green]ok[/]: {r.verdict}")
+    out.print(f"[green]ok[/]: {escape(r.verdict)}")
 
 
 @app.command("bench")

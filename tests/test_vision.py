@@ -476,6 +476,10 @@ from edgedistill.teachers.vision_archs import mobilenet_v2
 
 def build(num_classes=10, width=0.25):
     return mobilenet_v2(num_classes=num_classes, width_mult=width)
+
+
+def broken(**kwargs):
+    raise ValueError("no such width")
 '''
 
 
@@ -518,10 +522,24 @@ def test_a_users_model_compiles_with_its_normalization_inside(kind, user_weights
         with torch.no_grad():
             expected = user_weights["model"]((x - 0.5) / 0.25).numpy()
         np.testing.assert_allclose(session.run(None, {"pixels": x.numpy()})[0], expected, atol=1e-4)
+    # bench rebuilds the teacher as the manifest records it (file, --arch, its kwargs, the normalization) and
+    # measures the artifact against it and the peer's plain int8 on the held-out views, at batch 1 and 8
+    bench = runner.invoke(app, ["bench", str(art), "--min-time", "0.05", "--rounds", "1", "--json", str(tmp_path / "b.json")])
+    assert bench.exit_code == 0, bench.output
+    b = json.loads((tmp_path / "b.json").read_text())
+    rows = {r["role"]: r for r in b["results"]}
+    assert {"teacher", "peer", "artifact"} <= set(rows) and b["teacher"]["sha256"] == m.teacher["sha256"]
+    ours = rows["artifact"]
+    assert set(ours["ratio_to_teacher"]) == {"b1_s64_t1", "b8_s64_t1"} and all(v > 0 for v in ours["ratio_to_teacher"].values())
+    assert ours["accuracy"]["top1_agreement"] == pytest.approx(m.metrics["values"]["top1_agreement"], abs=1e-6)
+    assert ours["accuracy"]["top1_agreement_low95"] <= ours["accuracy"]["top1_agreement"]
+    assert any(r["name"].startswith("peer: teacher + plain onnxruntime int8") for r in b["results"])
+    refused = runner.invoke(app, ["bench", str(art), "--data", str(photos)])
+    assert refused.exit_code == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.output
 
 
 @pytest.mark.parametrize("case", ["unsafe-pickle", "no-arch", "bad-import", "mismatch", "arch-for-builtin",
-                                  "static-batch", "bad-kwargs", "prune-program"])
+                                  "static-batch", "bad-kwargs", "prune-program", "factory-raises", "markup-in-name"])
 def test_bad_user_models_one_line_exit_2(case, user_weights, photos, tmp_path):
     args = ["compile", "--data", str(photos), "--out", str(tmp_path / "out"),
             "--target", str(profile(tmp_path / "p.yaml", "{recipe: fp32}")), "--image-size", "64"]
@@ -550,6 +568,14 @@ def test_bad_user_models_one_line_exit_2(case, user_weights, photos, tmp_path):
     elif case == "bad-kwargs":
         args += [str(user_weights["pt"]), "--arch", "usermodels:build", "--arch-kwargs", "[1, 2]"]
         expected = "--arch-kwargs must be a JSON object"
+    elif case == "factory-raises":  # the user's code fails: one line, whatever it raises
+        args += [str(user_weights["pt"]), "--arch", "usermodels:broken"]
+        expected = "--arch usermodels:broken raised ValueError while building the model: no such width"
+    elif case == "markup-in-name":  # a name is printed as typed: not read as rich markup or an emoji code
+        odd = tmp_path / "[red]x:factory:.pt"
+        odd.write_bytes(user_weights["pt"].read_bytes())
+        args += [str(odd)]
+        expected = "[red]x:factory:.pt is a file of weights, not a model"
     else:
         args += [str(user_weights["pt2"]), "--macs-ratio", "0.5"]
         expected = "a torch.export program (.pt2) has no module structure to prune"

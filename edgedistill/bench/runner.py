@@ -113,6 +113,15 @@ def run_bench(artifact_dirs: list[Path], teacher_spec: str | None, data_path: st
         sequence = 128 if settings.sequence is None else settings.sequence
         return run_lm_bench(artifact_dirs, teacher_spec, settings.threads, sequence, settings.new_tokens,
                             max(2, settings.held_out // 16), settings.min_time_s, settings.memory, settings.peer)
+    if families == {"vision"}:
+        from edgedistill.bench.vision import run_vision_bench
+
+        for flag, value in (("--data", data_path), ("--runtime", settings.runtimes)):
+            if value:
+                raise EdgeDistillError(f"{flag}: image classifiers are measured on the held-out views their artifact "
+                                       "carries, each in its own target's runtime", hint=f"leave out {flag}")
+        return run_vision_bench(artifact_dirs, teacher_spec, settings.threads, settings.batches, settings.min_time_s,
+                                settings.rounds, settings.peer)
     teacher = _teacher_for(manifests, teacher_spec)
     source, texts, labels = _held_out(manifests, data_path, teacher, settings.held_out)
     if len(texts) < 2:

@@ -34,7 +34,7 @@ def render_report(m: Manifest, published: bool) -> str:
     qat = m.distillation.get("quantization_aware")
     if not m.distillation["history"]:
         trained = (f"Not distilled: {p.get('importance')}; calibrated on views of {d['num_train_images']} photos of "
-                   f"`{d['source']}`. Held out: {d['views']}.")
+                   f"`{d['source']}`. Views: {d['views']}.")
     else:
         trained = (f"Distilled on {d['num_train']:,} views ({d['views_per_train_image']} per photo) of "
                    f"{d['num_train_images']} photos of `{d['source']}` against the teacher's cached logits, temperature "
@@ -42,7 +42,7 @@ def render_report(m: Manifest, published: bool) -> str:
                    + (f", quantization-aware (through {qat['simulated']}; ranges from {qat['calibration_views']} "
                       "calibration views)" if qat else "")
                    + f"; best validation top-1 agreement {m.distillation['best_validation_top1_agreement']:.4f} at step "
-                   f"{m.distillation['best_step']}. Held out: {d['views']}.")
+                   f"{m.distillation['best_step']}. Views: {d['views']}.")
     lines = [
         f"# {m.target['name']}: {m.teacher['name']} → student at {p['macs_ratio']:.0%} of its MACs", "",
         f"**Status:** {status}. {m.metrics['verdict']}.", "",

@@ -265,6 +265,10 @@ def load_user_vision_teacher(path: Path, user: UserVisionModel):
         except TypeError as e:
             raise CheckpointError(f"--arch {user.arch} did not build with --arch-kwargs {user.arch_kwargs or {}}: {e}",
                                   hint="pass the keyword arguments it takes as JSON in --arch-kwargs") from None
+        except Exception as e:  # the user's own code: whatever it raises is reported in one line
+            first = (str(e).splitlines() or [""])[0][:200]
+            raise CheckpointError(f"--arch {user.arch} raised {type(e).__name__} while building the model: {first}",
+                                  hint="check the factory (run it in Python with the same --arch-kwargs)") from None
         if not isinstance(model, nn.Module):
             raise CheckpointError(f"--arch {user.arch} returned a {type(model).__name__}, not a torch.nn.Module",
                                   hint="name a factory that returns the model")
