@@ -524,8 +524,10 @@ def test_a_users_model_compiles_with_its_normalization_inside(kind, user_weights
         np.testing.assert_allclose(session.run(None, {"pixels": x.numpy()})[0], expected, atol=1e-4)
     # bench rebuilds the teacher as the manifest records it (file, --arch, its kwargs, the normalization) and
     # measures the artifact against it and the peer's plain int8 on the held-out views, at batch 1 and 8
-    bench = runner.invoke(app, ["bench", str(art), "--min-time", "0.05", "--rounds", "1", "--json", str(tmp_path / "b.json")])
+    bench = runner.invoke(app, ["bench", str(art), "--min-time", "0.05", "--rounds", "1", "--json", str(tmp_path / "b.json"),
+                                "--html", str(tmp_path / "b.html")])
     assert bench.exit_code == 0, bench.output
+    assert "top1_agreement" in bench.output and "<img" in (tmp_path / "b.html").read_text()
     b = json.loads((tmp_path / "b.json").read_text())
     rows = {r["role"]: r for r in b["results"]}
     assert {"teacher", "peer", "artifact"} <= set(rows) and b["teacher"]["sha256"] == m.teacher["sha256"]
