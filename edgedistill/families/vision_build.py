@@ -258,7 +258,7 @@ def validated_build(d: VisionDistilled, profile: TargetProfile, stage_dir: Path,
     np.save(stage_dir / "validation-teacher.npy", d.val_logits.astype(np.float32))
     files.update({"validation-views.npy": stage_dir / "validation-views.npy",
                   "validation-teacher.npy": stage_dir / "validation-teacher.npy"})
-    if "top1_agreement_low95" in metrics:  # which held-out photo each view was cut from: verify and the bench re-derive the interval
+    if "top1_agreement_low95" in metrics:  # the photo each view was cut from: verify and bench re-derive the interval
         np.save(stage_dir / VAL_PHOTOS, d.val_groups.astype(np.int32))
         files[VAL_PHOTOS] = stage_dir / VAL_PHOTOS
     manifest = vision_manifest(d, profile, model_path, config, trials, export_checks, metrics, passed, verdict, latency,
