@@ -90,7 +90,7 @@ def _held_out(manifests: dict[Path, Manifest], data_path: str | None, teacher: T
     return f"{name}[{used}:{used + n}]", builtin_texts(name, used + n)[used:], None
 
 
-def _shape_latency(stats: LatencyStats, batch: int, seq: int, threads: int) -> ShapeLatency:
+def shape_latency(stats: LatencyStats, batch: int, seq: int, threads: int) -> ShapeLatency:
     summary = {k: v for k, v in vars(stats).items() if k not in ("samples_ms", "block_p50_ms")}
     return ShapeLatency(batch=batch, sequence=seq, threads=threads, **summary,
                         throughput_items_s=batch * 1000.0 / stats.mean_ms, samples_ms=[round(x, 4) for x in stats.samples_ms])
@@ -190,7 +190,7 @@ def run_bench(artifact_dirs: list[Path], teacher_spec: str | None, data_path: st
                   for _ in range(settings.rounds)]
         for i in timed:
             merged = summarize([x for stats in rounds for x in stats[str(i)].samples_ms])
-            lat = _shape_latency(merged, batch, seq, threads)
+            lat = shape_latency(merged, batch, seq, threads)
             results[i].latency.append(lat)
             per_round = [paired_ratio(stats[str(i)].block_p50_ms, stats["0"].block_p50_ms) for stats in rounds]
             results[i].ratio_to_teacher[lat.key] = statistics.median(per_round)

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from edgedistill.artifact import Manifest, verify_files
-from edgedistill.bench.results import BenchResult, ModelResult, ShapeLatency
-from edgedistill.bench.timer import LatencyStats, measure_interleaved, paired_ratio, summarize
+from edgedistill.bench.results import BenchResult, ModelResult
+from edgedistill.bench.timer import measure_interleaved, paired_ratio, summarize
 from edgedistill.errors import ArtifactError, EdgeDistillError
 from edgedistill.progress import console, enabled
 from edgedistill.teachers import Teacher
@@ -106,16 +106,10 @@ def _session(d: Path, m: Manifest, threads: int):
     return cpu_session(path, threads), "ort-cpu", None
 
 
-def _latency(stats: LatencyStats, batch: int, size: int, threads: int) -> ShapeLatency:
-    summary = {k: v for k, v in vars(stats).items() if k not in ("samples_ms", "block_p50_ms")}
-    return ShapeLatency(batch=batch, sequence=size, threads=threads, **summary,
-                        throughput_items_s=batch * 1000.0 / stats.mean_ms, samples_ms=[round(x, 4) for x in stats.samples_ms])
-
-
 def run_vision_bench(artifact_dirs: list[Path], teacher_spec: str | None, threads: int | None, batches: list[int],
                      min_time_s: float, rounds: int, peer: bool = True) -> BenchResult:
     """Measure image-classifier artifacts against their teacher (torch fp32) and the peer path."""
-    from edgedistill.bench.runner import ISA_FLAGS, _cpu_name, artifact_label
+    from edgedistill.bench.runner import ISA_FLAGS, _cpu_name, artifact_label, shape_latency
     from edgedistill.families.vision_build import run_onnx
     from edgedistill.families.vision_stages import INPUT, teacher_logits
     from edgedistill.families.vision_validation import VAL_PHOTOS, agreement, agreement_interval
@@ -186,7 +180,7 @@ def run_vision_bench(artifact_dirs: list[Path], teacher_spec: str | None, thread
                                                 settle=1) for _ in range(rounds)]
             for key in timed:
                 i = int(key)
-                lat = _latency(summarize([v for stats in measured for v in stats[key].samples_ms]), batch, size, threads)
+                lat = shape_latency(summarize([v for stats in measured for v in stats[key].samples_ms]), batch, size, threads)
                 results[i].latency.append(lat)
                 per_round = [paired_ratio(stats[key].block_p50_ms, stats["0"].block_p50_ms) for stats in measured]
                 results[i].ratio_to_teacher[lat.key] = statistics.median(per_round)
