@@ -452,10 +452,10 @@ def test_the_readme_jpeg_snippet_classifies_as_the_artifact_was_validated(tiny_t
     image = np.load(photos)["images"][3]
     Image.fromarray(image).save(tmp_path / "photo.png")  # lossless: the same pixels the views were made from
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    code = re.search(r"```python\n(import numpy as np, onnxruntime as ort\nfrom PIL import Image\n\nart, photo.*?)```",
+    code = re.search(r"```python\n(import json, numpy as np, onnxruntime as ort\nfrom PIL import Image\n\nart, photo.*?)```",
                      readme, re.S).group(1)
     code = code.replace('"build/vision/x86-64-avx512", "photo.jpg"', f'"{art}", "{tmp_path / "photo.png"}"')
-    code = code.replace("256", "73").replace("224", "64")  # the tiny teacher's resize / crop
+    assert "256" not in code and "224" not in code  # the sizes come from the manifest (73 / 64 for the tiny teacher)
     scope: dict = {}
     exec(compile_code(code), scope)  # noqa: S102 (our own README)
     view, _ = make_views([image], 1, 64, 0, train=False)
