@@ -535,6 +535,7 @@ def test_a_users_model_compiles_with_its_normalization_inside(kind, user_weights
     assert set(ours["ratio_to_teacher"]) == {"b1_s64_t1", "b8_s64_t1"} and all(v > 0 for v in ours["ratio_to_teacher"].values())
     assert ours["accuracy"]["top1_agreement"] == pytest.approx(m.metrics["values"]["top1_agreement"], abs=1e-6)
     assert ours["accuracy"]["top1_agreement_low95"] <= ours["accuracy"]["top1_agreement"]
+    assert ours["peak_rss_mb"] > ours["rss_growth_mb"] > 0  # a fresh process per model: imports, session, 20 runs
     assert any(r["name"].startswith("peer: teacher + plain onnxruntime int8") for r in b["results"])
     refused = runner.invoke(app, ["bench", str(art), "--data", str(photos)])
     assert refused.exit_code == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.output

@@ -19,10 +19,14 @@ def _status_mb(field: str) -> float:
 
 
 def measure_peak_rss(kind: str, target: str, threads: int, batch: int, seq: int, vocab_size: int,
-                     runtime: str = "ort-cpu", runs: int = 20) -> dict[str, float]:
-    """Return {'peak_rss_mb', 'rss_after_imports_mb'} of a fresh process that loads `target` and runs it `runs` times."""
+                     runtime: str = "ort-cpu", runs: int = 20, vision_model: dict | None = None) -> dict[str, float]:
+    """Return {'peak_rss_mb', 'rss_after_imports_mb'} of a fresh process that loads `target` and runs it `runs` times.
+    With `vision_model` (UserVisionModel's fields) the model is an image classifier fed (batch, 3, seq, seq) pixels:
+    `seq` is the image side, and a teacher spec is loaded as the manifest recorded it."""
     cmd = [sys.executable, "-m", "edgedistill.bench.memory", kind, target, "--threads", str(threads), "--batch",
            str(batch), "--seq", str(seq), "--vocab-size", str(vocab_size), "--runtime", runtime, "--runs", str(runs)]
+    if vision_model is not None:
+        cmd += ["--vision-model", json.dumps(vision_model)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"memory probe failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
@@ -39,9 +43,13 @@ def main() -> None:
     ap.add_argument("--vocab-size", type=int, required=True, help="token ids are drawn below this")
     ap.add_argument("--runtime", default="ort-cpu")
     ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--vision-model", help="an image classifier: UserVisionModel's fields as JSON")
     args = ap.parse_args()
     import numpy as np
 
+    if args.vision_model is not None:
+        _image_probe(args)
+        return
     if args.kind == "onnx":
         import onnxruntime  # noqa: F401  (imports count as the baseline, not as the model's cost)
 
@@ -70,6 +78,40 @@ def main() -> None:
         run(feeds)
     peak = _status_mb("VmHWM")
     print(json.dumps({"peak_rss_mb": round(peak, 1), "rss_after_imports_mb": round(base, 1)}))
+
+
+def _image_probe(args) -> None:
+    """The image-classifier probe: an onnxruntime session of the model file, or the teacher in torch, fed uint8-range
+    pixels in [0, 1] at (batch, 3, side, side)."""
+    import numpy as np
+
+    x = np.random.default_rng(0).random((args.batch, 3, args.seq, args.seq), dtype=np.float32)
+    if args.kind == "onnx":
+        import onnxruntime  # noqa: F401
+
+        from edgedistill.runtimes.ort_cpu import cpu_session
+
+        base = _status_mb("VmRSS")
+        session = cpu_session(Path(args.target), args.threads)
+        run = lambda: session.run(None, {"pixels": x})  # noqa: E731
+    else:
+        import torch
+
+        from edgedistill.teachers import load_teacher
+        from edgedistill.teachers.vision import UserVisionModel
+
+        torch.set_num_threads(args.threads)
+        base = _status_mb("VmRSS")
+        module = load_teacher(args.target, "image-classification",
+                              vision_model=UserVisionModel(**json.loads(args.vision_model))).module
+        tx = torch.from_numpy(x)
+
+        def run():
+            with torch.inference_mode():
+                return module(tx)
+    for _ in range(args.runs):
+        run()
+    print(json.dumps({"peak_rss_mb": round(_status_mb("VmHWM"), 1), "rss_after_imports_mb": round(base, 1)}))
 
 
 if __name__ == "__main__":

@@ -121,7 +121,7 @@ def run_bench(artifact_dirs: list[Path], teacher_spec: str | None, data_path: st
                 raise EdgeDistillError(f"{flag}: image classifiers are measured on the held-out views their artifact "
                                        "carries, each in its own target's runtime", hint=f"leave out {flag}")
         return run_vision_bench(artifact_dirs, teacher_spec, settings.threads, settings.batches, settings.min_time_s,
-                                settings.rounds, settings.peer)
+                                settings.rounds, settings.peer, settings.memory)
     teacher = _teacher_for(manifests, teacher_spec)
     source, texts, labels = _held_out(manifests, data_path, teacher, settings.held_out)
     if len(texts) < 2:

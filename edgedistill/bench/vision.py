@@ -9,6 +9,7 @@ import os
 import platform
 import statistics
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -54,9 +55,10 @@ def peer_calibration(size: int) -> np.ndarray:
     return views[:64]
 
 
-def vision_teacher(manifests: dict[Path, Manifest], teacher_spec: str | None) -> Teacher:
-    """Return the artifacts' teacher: --teacher if given, else the built-in the manifest names, else the user's model
-    rebuilt as the manifest records it (file, --arch, --arch-kwargs, normalization, crop); the sha256 must match."""
+def vision_teacher(manifests: dict[Path, Manifest], teacher_spec: str | None):
+    """Return (teacher, spec, how to build it) for the artifacts: --teacher if given, else the built-in the manifest
+    names, else the user's model rebuilt as the manifest records it (file, --arch, --arch-kwargs, normalization,
+    crop); the sha256 must match."""
     from edgedistill.teachers import load_teacher
     from edgedistill.teachers.vision import BUILTIN_VISION_TEACHERS, UserVisionModel
 
@@ -83,7 +85,7 @@ def vision_teacher(manifests: dict[Path, Manifest], teacher_spec: str | None) ->
     if teacher.sha256 not in shas:
         raise ArtifactError(f"teacher {spec} is not the one the artifacts were compiled from (sha256 differs)",
                             hint="pass the --teacher the artifacts were compiled from")
-    return teacher
+    return teacher, spec, user
 
 
 def _session(d: Path, m: Manifest, threads: int):
@@ -106,8 +108,29 @@ def _session(d: Path, m: Manifest, threads: int):
     return cpu_session(path, threads), "ort-cpu", None
 
 
+def _probe_memory(results: list[ModelResult], files: dict[int, Path], spec: str, user: dict, threads: int,
+                  batch: int, size: int) -> None:
+    """Peak RSS of a fresh process per model (imports, session or teacher load, 20 runs at `batch`): the teacher in
+    torch and every onnxruntime model on the CPU; an ExecuTorch or GPU artifact says why it was not probed."""
+    from edgedistill.bench.memory import measure_peak_rss
+
+    for i, r in enumerate(results):
+        if r.status != "measured":
+            continue
+        if i and (i not in files or files[i].suffix == ".pte" or r.runtime not in ("ort-cpu",)):
+            r.notes.append(f"peak memory not measured: the probe runs onnxruntime's CPU kernels, not {r.runtime}")
+            continue
+        kind, target = ("teacher", spec) if i == 0 else ("onnx", str(files[i]))
+        try:
+            mem = measure_peak_rss(kind, target, threads, batch, size, 0, vision_model=user)
+        except RuntimeError as e:
+            r.notes.append(f"peak memory not measured: {e}")
+            continue
+        r.peak_rss_mb, r.rss_growth_mb = mem["peak_rss_mb"], mem["peak_rss_mb"] - mem["rss_after_imports_mb"]
+
+
 def run_vision_bench(artifact_dirs: list[Path], teacher_spec: str | None, threads: int | None, batches: list[int],
-                     min_time_s: float, rounds: int, peer: bool = True) -> BenchResult:
+                     min_time_s: float, rounds: int, peer: bool = True, memory: bool = True) -> BenchResult:
     """Measure image-classifier artifacts against their teacher (torch fp32) and the peer path."""
     from edgedistill.bench.runner import ISA_FLAGS, _cpu_name, artifact_label, shape_latency
     from edgedistill.families.vision_build import run_onnx
@@ -116,7 +139,7 @@ def run_vision_bench(artifact_dirs: list[Path], teacher_spec: str | None, thread
     from edgedistill.targets import cpu_flags
 
     manifests = {d: verify_files(d) for d in artifact_dirs}
-    teacher = vision_teacher(manifests, teacher_spec)
+    teacher, spec, user = vision_teacher(manifests, teacher_spec)
     first = next(iter(manifests))
     size = int(manifests[first].data["image_size"])
     views = np.load(first / "validation-views.npy", allow_pickle=False)
@@ -136,6 +159,7 @@ def run_vision_bench(artifact_dirs: list[Path], teacher_spec: str | None, thread
                            model_size_mb=teacher.source["fp32_mb"],
                            runtime_settings={"torch": torch.__version__, "intra_op_threads": threads})]
     sessions: dict[int, object] = {}
+    files: dict[int, Path] = {}  # the model file of each onnxruntime or ExecuTorch row, for the memory probe
     fixed: dict[int, int] = {}  # a model whose batch is fixed (a .pte, a mobile .ort) is timed at that batch only
     with tempfile.TemporaryDirectory() as tmp:
         from edgedistill.runtimes.ort_cpu import cpu_session
@@ -146,6 +170,7 @@ def run_vision_bench(artifact_dirs: list[Path], teacher_spec: str | None, thread
                                 model_size_mb=path.stat().st_size / 1e6, runtime_settings={"intra_op_threads": threads},
                                 notes=[PEER] if name.startswith("peer") else [])
                 sessions[len(results)] = cpu_session(path, threads)
+                files[len(results)] = path
                 results.append(r)
         for d, m in manifests.items():
             session, runtime, reason = _session(d, m, threads)
@@ -160,6 +185,7 @@ def run_vision_bench(artifact_dirs: list[Path], teacher_spec: str | None, thread
             if isinstance(shape, int):
                 fixed[len(results)] = shape
             sessions[len(results)] = session
+            files[len(results)] = d / m.model["file"]
             results.append(r)
         for i, s in sessions.items():
             results[i].accuracy = fidelity(run_onnx(s, views))
@@ -186,10 +212,9 @@ def run_vision_bench(artifact_dirs: list[Path], teacher_spec: str | None, thread
                 results[i].ratio_to_teacher[lat.key] = statistics.median(per_round)
                 if i:
                     results[i].ratio_rounds[lat.key] = [round(v, 4) for v in per_round]
+        if memory:
+            _probe_memory(results, files, spec, asdict(user), threads, batches[0], size)
     torch.set_num_threads(previous)
-    for r in results:
-        if r.status == "measured":
-            r.notes.append("peak memory not measured for image classifiers")
     return BenchResult(
         created_utc=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         machine={"platform": platform.platform(), "machine": platform.machine(), "processor": _cpu_name(),
@@ -199,6 +224,7 @@ def run_vision_bench(artifact_dirs: list[Path], teacher_spec: str | None, thread
               "num_photos": None if groups is None else int(len(np.unique(groups)))},
         settings={"threads": threads, "batches": batches, "image_size": size, "min_time_s_per_shape": min_time_s,
                   "rounds": rounds, "peer": PEER if peer else None,
+                  "memory_probe": f"fresh process, batch {batches[0]}, 20 runs" if memory else None,
                   "timing": "interleaved ~0.3 s blocks, 1 untimed call each; the same views for every model; "
                             "ratio_to_teacher = median over rounds of each round's median of paired block-median "
                             "ratios; a latency's `sequence` is the image side in pixels"},
