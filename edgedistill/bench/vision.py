@@ -117,7 +117,7 @@ def _probe_memory(results: list[ModelResult], files: dict[int, Path], spec: str,
     for i, r in enumerate(results):
         if r.status != "measured":
             continue
-        if i and (i not in files or files[i].suffix == ".pte" or r.runtime not in ("ort-cpu",)):
+        if i and r.runtime != "ort-cpu":
             r.notes.append(f"peak memory not measured: the probe runs onnxruntime's CPU kernels, not {r.runtime}")
             continue
         kind, target = ("teacher", spec) if i == 0 else ("onnx", str(files[i]))
@@ -134,7 +134,7 @@ def run_vision_bench(artifact_dirs: list[Path], teacher_spec: str | None, thread
     """Measure image-classifier artifacts against their teacher (torch fp32) and the peer path."""
     from edgedistill.bench.runner import ISA_FLAGS, _cpu_name, artifact_label, shape_latency
     from edgedistill.families.vision_build import run_onnx
-    from edgedistill.families.vision_stages import INPUT, teacher_logits
+    from edgedistill.families.vision_stages import INPUT
     from edgedistill.families.vision_validation import VAL_PHOTOS, agreement, agreement_interval
     from edgedistill.targets import cpu_flags
 
@@ -145,9 +145,9 @@ def run_vision_bench(artifact_dirs: list[Path], teacher_spec: str | None, thread
     views = np.load(first / "validation-views.npy", allow_pickle=False)
     groups = np.load(first / VAL_PHOTOS, allow_pickle=False) if (first / VAL_PHOTOS).is_file() else None
     threads = min(threads or min(m.target["threads"] for m in manifests.values()), os.cpu_count() or 1)
+    reference = np.load(first / "validation-teacher.npy", allow_pickle=False)  # what compile computed (sha256 checked)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
-    reference = teacher_logits(teacher.module, views)
 
     def fidelity(logits: np.ndarray) -> dict[str, float]:
         out = agreement(logits, reference)
