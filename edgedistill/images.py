@@ -267,6 +267,11 @@ def eval_resize(size: int, resize_px: int | None = None) -> int:
     return resize_px if resize_px is not None else round(size * 256 / 224)
 
 
+def to_pixels(views: np.ndarray) -> torch.Tensor:
+    """Return uint8 views (N, 3, H, W) as the float [0, 1] pixels every model here takes."""
+    return torch.from_numpy(np.asarray(views)).float() / 255.0
+
+
 def make_views(images: list[np.ndarray], views_per_image: int, size: int, seed: int, train: bool,
                crop_scale: float = DEFAULT_CROP_SCALE, resize_px: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Return (uint8 (M, 3, size, size) views, the source image index of each view).

@@ -13,7 +13,7 @@ from torch import nn
 from edgedistill.artifact import verify_files
 from edgedistill.distill import feature_matching as fm
 from edgedistill.distill.losses import feature_loss
-from edgedistill.families import vision_stages
+from edgedistill.families import vision_training
 from edgedistill.pipeline import compile
 from edgedistill.teachers.vision_archs import mobilenet_v2
 from test_vision import opts, photos, profile, tiny_teacher  # noqa: F401 (fixtures)
@@ -83,7 +83,7 @@ def test_a_feature_matched_compile_trains_on_the_loss_and_records_it(tiny_teache
         seen.append(loss.item())
         return loss
 
-    monkeypatch.setattr(vision_stages, "feature_loss", spy)
+    monkeypatch.setattr(vision_training, "feature_loss", spy)
     matched = compile(tiny_teacher, str(photos), [spec], tmp_path / "fm", opts(macs_ratio=0.5, resolution=64, feature_weight=1.0))
     plain = compile(tiny_teacher, str(photos), [spec], tmp_path / "plain", opts(macs_ratio=0.5, resolution=64))
     assert len(seen) == 3 and all(np.isfinite(seen))  # 48 views / 16: one loss per step, of the matched run only

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from edgedistill.artifact import verify_files
 from edgedistill.cli import app
 from edgedistill.distill.loop import DistillConfig
-from edgedistill.families import vision_stages, vision_validation
+from edgedistill.families import vision_stages, vision_training, vision_validation
 from edgedistill.pipeline import CompileOptions, compile
 from edgedistill.reverify import revalidate
 from edgedistill.teachers import vision
@@ -696,7 +696,7 @@ def test_fresh_views_are_new_crops_labelled_by_the_teacher_in_the_loop(tiny_teac
     them in the loop; with --mixup the teacher sees the mixed images; the student caches apart from the cached-view
     one; labelled data refuses --mixup in one line."""
     seen: list[np.ndarray] = []
-    real = vision_stages.FreshViews.batch
+    real = vision_training.FreshViews.batch
 
     def spy(self, idx, device="cpu"):
         x, logits = real(self, idx, device)
@@ -705,7 +705,7 @@ def test_fresh_views_are_new_crops_labelled_by_the_teacher_in_the_loop(tiny_teac
             np.testing.assert_allclose(logits.numpy(), self.teacher(x).numpy(), atol=1e-5)  # the teacher's, on x
         return x, logits
 
-    monkeypatch.setattr(vision_stages.FreshViews, "batch", spy)
+    monkeypatch.setattr(vision_training.FreshViews, "batch", spy)
     spec = str(profile(tmp_path / "p.yaml", "{recipe: fp32}"))
     result = compile(tiny_teacher, str(photos), [spec], tmp_path / "out", opts(fresh_views=True))
     assert len(seen) == 3  # 48 views / 16 per batch, 1 epoch
@@ -713,7 +713,7 @@ def test_fresh_views_are_new_crops_labelled_by_the_teacher_in_the_loop(tiny_teac
     drawn = np.concatenate(seen)
     assert drawn.shape == (48, 3, 64, 64) and not any(np.round(v * 255).astype(np.uint8).tobytes() in cached for v in drawn)
     assert verify_files(result.targets[0].path)
-    fresh = vision_stages.FreshViews(result.distilled.data.images, np.zeros(48, int), 64, 0.25,
+    fresh = vision_training.FreshViews(result.distilled.data.images, np.zeros(48, int), 64, 0.25,
                                      result.distilled.teacher.module)
     torch.manual_seed(1)
     plain, _ = real(fresh, np.arange(4))
@@ -738,7 +738,7 @@ def test_fresh_views_resume_after_an_interruption_as_if_uninterrupted(tiny_teach
     three_epochs = dict(distill=DistillConfig(epochs=3, batch_size=16), fresh_views=True, checkpoint_every=2)
     ref = compile(tiny_teacher, str(photos), [spec], tmp_path / "ref", CompileOptions(cache_dir=tmp_path / "c1",
                                                                                        **three_epochs))
-    real, calls = vision_stages.FreshViews.batch, [0]
+    real, calls = vision_training.FreshViews.batch, [0]
 
     def stop_at_the_fifth(self, idx, device="cpu"):
         calls[0] += 1
@@ -746,7 +746,7 @@ def test_fresh_views_resume_after_an_interruption_as_if_uninterrupted(tiny_teach
             raise KeyboardInterrupt
         return real(self, idx, device)
 
-    monkeypatch.setattr(vision_stages.FreshViews, "batch", stop_at_the_fifth)
+    monkeypatch.setattr(vision_training.FreshViews, "batch", stop_at_the_fifth)
     with pytest.raises(KeyboardInterrupt):
         compile(tiny_teacher, str(photos), [spec], tmp_path / "out", CompileOptions(cache_dir=tmp_path / "c2", **three_epochs))
     after: list[int] = []
@@ -755,7 +755,7 @@ def test_fresh_views_resume_after_an_interruption_as_if_uninterrupted(tiny_teach
         after.append(1)
         return real(self, idx, device)
 
-    monkeypatch.setattr(vision_stages.FreshViews, "batch", count)
+    monkeypatch.setattr(vision_training.FreshViews, "batch", count)
     resumed = compile(tiny_teacher, str(photos), [spec], tmp_path / "out",
                       CompileOptions(cache_dir=tmp_path / "c2", resume=True, **three_epochs))
     # (step 0's train loss is NaN: no step taken yet)

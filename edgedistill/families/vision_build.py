@@ -24,11 +24,9 @@ from edgedistill.families.vision_stages import (
     MIN_PHOTOS_TO_HOLD_OUT,
     MODEL_FILE,
     OUTPUT,
-    RECALIBRATE_EVERY,
     SEARCH_VIEWS,
     VisionDistilled,
     _example,
-    _pixels,
     calibration_views,
     crop_scale_of,
     intact,
@@ -37,7 +35,8 @@ from edgedistill.families.vision_stages import (
     val_views_per_image,
 )
 from edgedistill.families.vision_validation import VAL_PHOTOS, agreement, agreement_interval
-from edgedistill.images import eval_resize
+from edgedistill.families.vision_training import RECALIBRATE_EVERY
+from edgedistill.images import eval_resize, to_pixels
 from edgedistill.runtimes.ort_cpu import cpu_session
 from edgedistill.targets import TargetProfile
 from edgedistill.teachers.hf import count_parameters
@@ -127,7 +126,7 @@ def build_pte(d: VisionDistilled, profile: TargetProfile, stage_dir: Path):
         raise ExportError("the ExecuTorch target needs the executorch package", hint="run `make install`") from None
     cfg, batch = profile.vision.quantization, profile.vision.batch
     student = d.trained.student.eval()
-    example = _pixels(np.resize(d.val_views, (batch, *d.val_views.shape[1:])))
+    example = to_pixels(np.resize(d.val_views, (batch, *d.val_views.shape[1:])))
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.export / pytree deprecation chatter
         exported = torch.export.export(student, (example,))
@@ -135,7 +134,7 @@ def build_pte(d: VisionDistilled, profile: TargetProfile, stage_dir: Path):
 
         if isinstance(cfg, XnnpackStaticInt8Config):
             views = calibration_views(d.train_views, cfg.calibration_texts)
-            exported = quantize_for_xnnpack(exported, (example,), ((_pixels(views[i : i + batch]),)
+            exported = quantize_for_xnnpack(exported, (example,), ((to_pixels(views[i : i + batch]),)
                                                                    for i in range(0, len(views) - batch + 1, batch)),
                                             cfg.per_channel, dynamic=False)
         buffer = lower_to_pte(exported)
@@ -224,7 +223,7 @@ def student_logits(d: VisionDistilled, views: np.ndarray) -> np.ndarray:
     sim = None
     if d.quantization_aware:
         sim = ConvQuantSim(student, _example(d.size))
-        sim.calibrate(_pixels(calibration_views(d.train_views, d.quantization_aware)))
+        sim.calibrate(to_pixels(calibration_views(d.train_views, d.quantization_aware)))
     try:
         return teacher_logits(student, views, batch_size=64)
     finally:

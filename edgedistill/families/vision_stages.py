@@ -1,32 +1,29 @@
 """The vision family's stages: seeded augmented views of the photos (split by photo), the teacher's logits on each
-(cached), a channel-pruned student distilled on them (in float, or through the simulated int8 rounding); the
-targets are built from it in vision_build.py and measured against the teacher by vision_validation.py."""
+(cached), a channel-pruned student distilled on them (in float, or through the simulated int8 rounding: how it
+trains is vision_training.py); the targets are built from it in vision_build.py and measured against the teacher by
+vision_validation.py."""
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from edgedistill import __version__, distributed
-from edgedistill.cache import LabelStore, Rows, array_digests, cache_key, default_cache_dir, label_sharded
-from edgedistill.distill.feature_matching import TeacherStages, check_feature_weight, feature_matched, on_device, stage_names
-from edgedistill.distill.losses import feature_loss
-from edgedistill.distill.loop import DEFAULT_LR, Checkpointing, DistillConfig, DistillResult, Training, distill, resolved
+from edgedistill.cache import LabelStore, array_digests, cache_key, default_cache_dir, label_sharded
+from edgedistill.distill.feature_matching import check_feature_weight, feature_matched, stage_names
+from edgedistill.distill.loop import DEFAULT_LR, Checkpointing, DistillConfig, DistillResult, distill, resolved
 from edgedistill.distill.qat import float_state_dict
 from edgedistill.distill.qat_conv import ConvQuantSim, fold_batchnorm
 from edgedistill.distill.stage import load_stage, save_stage
 from edgedistill.errors import DataError, EdgeDistillError, ProfileError
-from edgedistill.families.vision_validation import agreement
 from edgedistill.families.vision import (MACS_TOLERANCE, Downsampled, auto_resolution, count_macs, drop_blocks,
                                          is_program, prune_to_macs)
-from edgedistill.images import DEFAULT_CROP_SCALE, ImageSet, eval_resize, make_views
+from edgedistill.families.vision_training import RECALIBRATE_EVERY, FreshViews, QuantizationAwareSchedule, vision_training
+from edgedistill.images import DEFAULT_CROP_SCALE, ImageSet, eval_resize, make_views, to_pixels
 from edgedistill.progress import new_progress
 from edgedistill.targets import TargetProfile, builtin_profiles
 from edgedistill.teachers import Teacher
@@ -41,7 +38,6 @@ DEFAULT_MACS_RATIO = 1.0  # --macs-ratio when not given: the teacher's layers, q
 # (full compiles, x86 int8, 216 held-out views of 24 photos the compile never saw): 1.0 -> 0.903 top-1 agreement (passed
 # the 0.9 budget) at a803e3d, 0.880 (95% interval 0.82-0.94, rejected) at 4341761; 0.5 as 160 px -> 0.583; 0.5 as
 # channels pruned -> 0.176. Smaller shapes are asked for, or --search
-RECALIBRATE_EVERY = 16  # quantization-aware training re-measures the activation ranges this often (steps)
 TEACHER_SHAPE_QAT_LR = 1e-5  # --lr for the teacher's own shape distilled quantization-aware (see distill_config)
 QAT_FLOAT_SHARE = 0.5  # a pruned student distils in float for this share of the steps, then through the rounding
 FEATURE_INIT_VIEWS = 64  # training views the feature projectors' least-squares start is fitted on
@@ -252,114 +248,6 @@ def label_views(teacher: Teacher, views: np.ndarray, cache_dir: Path) -> np.ndar
                              lambda n: bars and progress.update(bars[0], advance=n), digests=digests)
 
 
-class QuantizationAwareSchedule:
-    """When the student trains through the simulated int8 rounding: in float until step `start`, then through the
-    rounding (ranges re-measured on the calibration views every RECALIBRATE_EVERY steps). Validation always goes
-    through the rounding, so the best step is the best int8 student whichever phase it is in."""
-
-    def __init__(self, sim: ConvQuantSim, calibration: torch.Tensor, start: int) -> None:
-        self.sim, self.calibration, self.start = sim, calibration, start
-
-    def before_step(self, step: int) -> None:
-        if step < self.start:
-            self.sim.enabled = False
-            return
-        if step == self.start or (step - self.start) % RECALIBRATE_EVERY == 0:
-            self.sim.calibrate(self.calibration)
-        self.sim.enabled = True
-
-    @contextmanager
-    def evaluating(self):
-        previous = self.sim.enabled
-        self.sim.calibrate(self.calibration)
-        self.sim.enabled = True
-        try:
-            yield
-        finally:
-            self.sim.enabled = previous
-
-
-@dataclass
-class FreshViews:
-    """Function matching: each step draws new training crops of the photos (seeded from torch's global RNG, which
-    a resumed run restores) and the teacher labels them in the loop, optionally mixed up (the teacher sees the same
-    mixed images: Beyer et al., "Knowledge distillation: A good teacher is patient and consistent")."""
-
-    images: list[np.ndarray]  # the training photos
-    source: np.ndarray  # the photo of each training example index
-    size: int
-    crop_scale: float
-    teacher: torch.nn.Module
-    mixup_alpha: float = 0.0
-
-    def batch(self, idx: np.ndarray, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (pixels, teacher logits) of fresh views of the photos behind `idx`, on `device` (the teacher runs
-        there: a copy of it is moved once)."""
-        from edgedistill.images import mixup
-
-        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
-        views = np.concatenate([make_views([self.images[self.source[i]]], 1, self.size, seed + k, True, self.crop_scale)[0]
-                                for k, i in enumerate(idx)])
-        x = _pixels(views)
-        if self.mixup_alpha > 0:
-            x, _, _ = mixup(x, self.mixup_alpha, torch.Generator().manual_seed(seed))
-        x = x.to(device)
-        self.teacher = on_device(self.teacher, x.device)
-        with torch.no_grad():
-            logits = self.teacher.eval()(x).float()
-        return x, logits
-
-
-def vision_training(train_views: np.ndarray, train_logits: np.ndarray, train_labels: np.ndarray | None,
-                    val_views: np.ndarray, val_logits: np.ndarray, cfg,
-                    schedule: QuantizationAwareSchedule | None = None, fresh: FreshViews | None = None,
-                    features: tuple[TeacherStages, float] | None = None) -> Training:
-    """Return the loop's view of logit distillation: KL at temperature T (T² scaled) to the teacher's logits (cached
-    on the fixed training views, or computed on fresh views each step with `fresh`), plus `label_weight`
-    cross-entropy when labels exist, plus (with `features`: the teacher's stages and a weight) the weighted
-    feature-matching loss of a FeatureMatched student; validation top-1 agreement (higher is better), through the
-    int8 rounding when `schedule` says the student is distilled quantization-aware."""
-    rows = Rows(train_logits, np.arange(len(train_views)))
-    calls = [0]
-    t = cfg.temperature
-    val_x = torch.from_numpy(np.asarray(val_views[:512])).float() / 255.0
-
-    def collate(indices):
-        idx = np.sort(np.asarray(indices))
-        batch = {"index": torch.from_numpy(idx)} if fresh is not None else {
-            "pixels": torch.from_numpy(train_views[idx]).float() / 255.0, "teacher": torch.from_numpy(np.asarray(rows[idx]))}
-        if train_labels is not None:
-            batch["labels"] = torch.from_numpy(train_labels[idx].astype(np.int64))
-        return batch
-
-    def loss(model, batch):
-        if schedule is not None:
-            schedule.before_step(calls[0])
-        calls[0] += 1
-        if fresh is not None:  # drawn here, after the loop fetched the batch (and restored a resumed run's RNG)
-            batch["pixels"], batch["teacher"] = fresh.batch(batch["index"].numpy(), next(model.parameters()).device)
-        logits = model(batch["pixels"]).float()
-        kd = F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(batch["teacher"] / t, -1), log_target=True,
-                      reduction="batchmean") * t * t
-        if "labels" in batch:
-            kd = (1 - cfg.label_weight) * kd + cfg.label_weight * F.cross_entropy(logits, batch["labels"])
-        if features is None:
-            return kd
-        teacher_stages, weight = features
-        _, theirs = teacher_stages(batch["pixels"])
-        return kd + weight * feature_loss(getattr(model, "module", model).take_projected(), theirs)
-
-    def evaluate(model) -> float:
-        model.eval()
-        device = next(model.parameters()).device
-        with torch.no_grad(), schedule.evaluating() if schedule is not None else contextlib.nullcontext():
-            out = torch.cat([model(x.to(device)).float().cpu() for x in val_x.split(64)]).numpy()
-        return agreement(out, val_logits[: len(out)])["top1_agreement"]
-
-    return Training(lengths=[1] * len(train_views), collate=collate, loss=loss, evaluate=evaluate, maximize=True,
-                    describe=lambda a: f"top-1 agreement {a:.4f}")
-
-
 def distill_student(family, teacher: Teacher, data: ImageSet, opts, run_dir: Path | None,
                     profiles: list[TargetProfile]) -> VisionDistilled:
     """Split by photo, make views, label them (cached), prune the teacher to the MACs share, distill (cached)."""
@@ -394,7 +282,7 @@ def distill_student(family, teacher: Teacher, data: ImageSet, opts, run_dir: Pat
                                val_groups=val_src)
     student, depth = teacher.module, {}
     if opts.drop_blocks:
-        student, depth = drop_blocks(teacher.module, size, _pixels(train_views[:DEPTH_VIEWS]), opts.drop_blocks)
+        student, depth = drop_blocks(teacher.module, size, to_pixels(train_views[:DEPTH_VIEWS]), opts.drop_blocks)
     teacher_macs = count_macs(teacher.module, size)
     resolution, budget = student_resolution(opts, size, teacher, student, teacher_macs)
     if resolution < size:
@@ -429,7 +317,7 @@ def distill_student(family, teacher: Teacher, data: ImageSet, opts, run_dir: Pat
         sim, schedule = None, None
         if qat:
             sim = ConvQuantSim(student, _example(size))
-            schedule = QuantizationAwareSchedule(sim, _pixels(calibration_views(train_views, qat)),
+            schedule = QuantizationAwareSchedule(sim, to_pixels(calibration_views(train_views, qat)),
                                                  qat_start(len(train_views), cfg, kept))
         fresh = None
         if opts.fresh_views:
@@ -437,7 +325,7 @@ def distill_student(family, teacher: Teacher, data: ImageSet, opts, run_dir: Pat
         trainee, features = student, None
         if opts.feature_weight:
             trainee, stages = feature_matched(student, teacher.module, _example(size),
-                                              _pixels(calibration_views(train_views, FEATURE_INIT_VIEWS)))
+                                              to_pixels(calibration_views(train_views, FEATURE_INIT_VIEWS)))
             features = (stages, opts.feature_weight)
         training = vision_training(train_views, train_logits, train_labels, val_views, val_logits, cfg,
                                    schedule, fresh, features)
@@ -517,6 +405,3 @@ def program_macs(module: torch.nn.Module, size: int) -> int:
 def _example(size: int) -> torch.Tensor:
     return torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
 
-
-def _pixels(views: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(views)).float() / 255.0
