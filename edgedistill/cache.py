@@ -8,6 +8,8 @@ each example beside it, so a changed transfer set re-labels only texts the store
 not seen, a killed labelling run keeps every finished shard, and N processes label disjoint shards side by side.
 Training reads one memory-mapped array assembled from the shards, so memory does not grow with the transfer set.
 Every file is written under a temporary name and renamed: a killed run never leaves a partial entry.
+A RaggedLabelStore holds outputs of varying length per example (an encoder teacher's token states: one row per
+real token), concatenated per shard beside their offsets, read back as RaggedRows.
 """
 from __future__ import annotations
 
@@ -115,6 +117,10 @@ class LabelStore:
         save_npy(self.root / f"shard-{name}.npy", np.ascontiguousarray(outputs))
         save_npy(self.root / f"shard-{name}.keys.npy", digests)
 
+    def load(self, path: Path) -> np.ndarray:
+        """Return what `assemble` wrote at `path`, memory-mapped read-only."""
+        return np.load(path, mmap_mode="r")
+
     def assemble(self, digests: np.ndarray, path: Path) -> None:
         """Write the outputs of `digests`, in order, to one .npy at `path`, shard by shard through memory maps."""
         index = self.index()
@@ -135,11 +141,11 @@ class LabelStore:
 
 
 def label_sharded(store: LabelStore, texts: Sequence, assembled: Path,
-                  compute: Callable[[list], np.ndarray], rank: int = 0, world: int = 1,
+                  compute: Callable[[list], np.ndarray | list[np.ndarray]], rank: int = 0, world: int = 1,
                   barrier: Callable[[], None] = lambda: None, on_todo: Callable[[int], None] | None = None,
                   on_progress: Callable[[int], None] | None = None, digests: np.ndarray | None = None) -> np.ndarray:
     """Return the teacher outputs of `texts` (any examples; `digests` identify them, the texts' sha1 by default)
-    as a read-only memory map, labelling only examples the store lacks.
+    as a read-only memory map (RaggedRows from a RaggedLabelStore), labelling only examples the store lacks.
 
     With `world` processes, the missing texts are cut into shards of SHARD_TEXTS and process `rank` labels shards
     rank, rank + world, ...; `barrier` waits for all of them; process 0 then assembles the array the rest map.
@@ -161,4 +167,77 @@ def label_sharded(store: LabelStore, texts: Sequence, assembled: Path,
             assembled.parent.mkdir(parents=True, exist_ok=True)
             store.assemble(digests, assembled)
         barrier()
-    return np.load(assembled, mmap_mode="r")
+    return store.load(assembled)
+
+
+def _offsets_path(path: Path) -> Path:
+    return path.with_name(path.name.replace(".npy", ".offsets.npy"))
+
+
+class RaggedRows:
+    """Rows of varying length over one memory-mapped array: row i is flat[starts[i]:ends[i]] (offsets: n + 1
+    boundaries); `rows(index)` is the view of some of them, as Rows is for fixed-shape outputs."""
+
+    def __init__(self, flat: np.ndarray, offsets: np.ndarray | None = None,
+                 spans: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        self.flat = flat
+        if spans is None:
+            offsets = np.asarray(offsets, dtype=np.int64)
+            spans = (offsets[:-1], offsets[1:])
+        self.starts, self.ends = spans
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def rows(self, index: Sequence[int]) -> RaggedRows:
+        """Return the view of rows `index`, in that order."""
+        index = np.asarray(index)
+        return RaggedRows(self.flat, spans=(self.starts[index], self.ends[index]))
+
+    def lengths(self, idx: Sequence[int]) -> np.ndarray:
+        """Return the length of each row in `idx`."""
+        idx = np.asarray(idx)
+        return self.ends[idx] - self.starts[idx]
+
+    def padded(self, idx: Sequence[int], length: int) -> np.ndarray:
+        """Return rows `idx` as one (len(idx), length, ...) float32 array, zeros after each row's end."""
+        out = np.zeros((len(idx), length, *self.flat.shape[1:]), dtype=np.float32)
+        for j, i in enumerate(np.asarray(idx).tolist()):
+            row = self.flat[self.starts[i] : self.ends[i]]
+            out[j, : len(row)] = row[:length]
+        return out
+
+
+class RaggedLabelStore(LabelStore):
+    """Outputs of varying length per example (`add` takes a list of arrays with the same trailing shape), stored
+    as float16: each shard is the rows concatenated, its offsets (written before the keys that make it visible)."""
+
+    def add(self, digests: np.ndarray, outputs: list[np.ndarray]) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        name = hashlib.sha256(digests.tobytes()).hexdigest()[:24]
+        offsets = np.concatenate([[0], np.cumsum([len(o) for o in outputs])]).astype(np.int64)
+        save_npy(self.root / f"shard-{name}.npy", np.concatenate(outputs).astype(np.float16))
+        save_npy(self.root / f"shard-{name}.offsets.npy", offsets)
+        save_npy(self.root / f"shard-{name}.keys.npy", digests)
+
+    def load(self, path: Path) -> RaggedRows:
+        return RaggedRows(np.load(path, mmap_mode="r"), np.load(_offsets_path(path)))
+
+    def assemble(self, digests: np.ndarray, path: Path) -> None:
+        """Write the rows of `digests`, in order, to `path` and their offsets beside it (offsets first: the rows'
+        file, renamed last, is what marks the assembly complete)."""
+        index = self.index()
+        shards = {shard: (np.load(shard, mmap_mode="r"), np.load(_offsets_path(shard)))
+                  for shard in {index[d][0] for d in digests.tolist()}}
+        spans = [(shards[index[d][0]], index[d][1]) for d in digests.tolist()]
+        lengths = [int(offs[row + 1] - offs[row]) for (_, offs), row in spans]
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        first = next(iter(shards.values()))[0]
+        save_npy(_offsets_path(path), offsets)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=first.dtype, shape=(int(offsets[-1]), *first.shape[1:]))
+        for k, ((values, offs), row) in enumerate(spans):
+            out[offsets[k] : offsets[k + 1]] = values[offs[row] : offs[row + 1]]
+        out.flush()
+        del out
+        os.replace(tmp, path)

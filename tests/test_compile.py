@@ -463,3 +463,35 @@ def test_token_states_are_matched_at_the_given_weight_and_off_at_zero(task, tiny
     # a different loss is a different student, never taken from the other's cache (its losses differ)
     assert on.distilled.trained.history != off.distilled.trained.history
     assert CompileOptions().feature_weight == 0.0  # off unless asked for (README "Token states": measured)
+
+
+def test_token_states_are_labelled_once_with_the_outputs_and_equal_the_teachers(tiny_encoder, text_file, tmp_path,
+                                                                               monkeypatch):
+    from edgedistill.cache import LabelStore, RaggedLabelStore
+    from edgedistill.data import load_transfer_set
+    from edgedistill.families import text_encoder_stages as stages
+    from edgedistill.teachers import load_teacher
+
+    teacher, data = load_teacher(str(tiny_encoder)), load_transfer_set(str(text_file))
+    cache = tmp_path / "cache"
+    states = stages.label_token_states(teacher, data, 32, cache)
+    assert len(states) == len(data)
+    # the same pass stored the outputs: labelling them finds nothing to do, and they are what labelling computes
+    monkeypatch.setattr(LabelStore, "add", lambda *a: pytest.fail("the outputs were labelled in a second pass"))
+    outputs = np.asarray(stages.label_with_teacher(teacher, data, 32, cache))
+    monkeypatch.undo()
+    np.testing.assert_allclose(outputs, np.asarray(stages.label_with_teacher(teacher, data, 32, tmp_path / "fresh")),
+                               atol=1e-6)
+    # each text's rows are the teacher's last-layer states of its real tokens (float16)
+    texts = [data.texts[i] for i in (0, 7, 100)]
+    enc = teacher.tokenizer(texts, padding=True, truncation=True, max_length=32, return_tensors="pt")
+    with torch.no_grad():
+        _, live = teacher.module.eval()(enc["input_ids"], enc["attention_mask"], with_states=True)
+    cached = states.padded([0, 7, 100], enc["input_ids"].shape[1])
+    assert list(states.lengths([0, 7, 100])) == enc["attention_mask"].sum(1).tolist()
+    mask = enc["attention_mask"].bool().numpy()
+    np.testing.assert_allclose(cached[mask], live.numpy()[mask], rtol=2e-3, atol=2e-3)
+    assert not cached[~mask].any()
+    # a second compile's labelling reads the store
+    monkeypatch.setattr(RaggedLabelStore, "add", lambda *a: pytest.fail("token states were labelled again"))
+    stages.label_token_states(teacher, data, 32, cache)

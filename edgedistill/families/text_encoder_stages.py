@@ -13,10 +13,10 @@ from edgedistill import __version__, distributed
 from edgedistill.artifact import Manifest
 from edgedistill.backends import BuildContext, Built, build_model, unmeasured_latency
 from edgedistill.bench.timer import measure_interleaved, paired_ratio
-from edgedistill.cache import LabelStore, Rows, cache_key, default_cache_dir, label_sharded
+from edgedistill.cache import (LabelStore, RaggedLabelStore, RaggedRows, Rows, cache_key, default_cache_dir,
+                               label_sharded, text_digests)
 from edgedistill.data import OUT_OF_DOMAIN_NAME, TransferSet, out_of_domain_texts, split_indices
 from edgedistill.distill.loop import Checkpointing, DistillResult, Training, distill, resolved
-from edgedistill.distill.feature_matching import on_device
 from edgedistill.distill.losses import classification_loss, embedding_loss, fidelity, token_state_loss
 from edgedistill.distill.stage import load_stage, save_stage
 from edgedistill.errors import DataError, EdgeDistillError
@@ -34,7 +34,7 @@ from edgedistill.validate import fidelity_metrics, primary_metric, validate
 SEARCH_TEXTS = 300  # held-out texts each quantization trial is scored on (the final validation uses all)
 
 
-def _collate(tokenizer, texts, targets, labels, input_names, max_length):
+def _collate(tokenizer, texts, targets, labels, input_names, max_length, states: RaggedRows | None = None):
     def collate(indices):
         idx = np.asarray(indices)
         enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
@@ -42,6 +42,10 @@ def _collate(tokenizer, texts, targets, labels, input_names, max_length):
         batch["teacher"] = torch.from_numpy(np.asarray(targets[idx], dtype=np.float32))
         if labels is not None:
             batch["labels"] = torch.as_tensor(np.asarray(labels)[idx], dtype=torch.long)
+        if states is not None:  # the teacher's cached token states, padded as the batch is
+            if not np.array_equal(states.lengths(idx), enc["attention_mask"].sum(1).numpy()):
+                raise RuntimeError("cached token states do not line up with the tokenizer's tokens")
+            batch["teacher_states"] = torch.from_numpy(states.padded(idx, enc["input_ids"].shape[1]))
         return batch
 
     return collate
@@ -60,21 +64,21 @@ def evaluate(student: EncoderWithHead, tokenizer, texts, targets, input_names, m
 
 def encoder_training(student: EncoderWithHead, tokenizer, input_names: list[str], max_length: int,
                      train: tuple[list[str], np.ndarray, np.ndarray | None], val: tuple[list[str], np.ndarray],
-                     cfg, token_states: tuple[EncoderWithHead, float] | None = None) -> Training:
+                     cfg, token_states: tuple[RaggedRows, float] | None = None) -> Training:
     """Return the loop's view of encoder distillation: texts batched by length, embedding or soft-target loss,
-    fidelity (cosine or top-1 agreement) on the held-out texts. With `token_states` (the teacher, a weight), the
-    student's last-layer token states are also pulled to the teacher's, which the teacher computes per batch."""
+    fidelity (cosine or top-1 agreement) on the held-out texts. With `token_states` (the teacher's cached states of
+    the training texts, a weight), the student's last-layer token states are also pulled to the teacher's."""
     texts, targets, labels = train
     val_texts, val_targets = val
     task = student.task
     if cfg.freeze_embeddings:
         student.model.get_input_embeddings().weight.requires_grad_(False)
-    teacher_module, token_weight = token_states or (None, 0.0)
+    teacher_states, token_weight = token_states or (None, 0.0)
 
     def loss(model, batch):
-        nonlocal teacher_module
         batch = dict(batch)
         teacher_out, batch_labels = batch.pop("teacher"), batch.pop("labels", None)
+        teacher_token_states = batch.pop("teacher_states", None)
         if token_weight:
             out, states = model(**batch, with_states=True)
         else:
@@ -84,14 +88,12 @@ def encoder_training(student: EncoderWithHead, tokenizer, input_names: list[str]
         else:
             value = embedding_loss(out, teacher_out)
         if token_weight:
-            teacher_module = on_device(teacher_module, states.device)
-            with torch.no_grad():
-                _, teacher_states = teacher_module(**batch, with_states=True)
-            value = value + token_weight * token_state_loss(states, teacher_states, batch["attention_mask"])
+            value = value + token_weight * token_state_loss(states, teacher_token_states, batch["attention_mask"])
         return value
 
     return Training(lengths=[len(t) for t in texts],
-                    collate=_collate(tokenizer, texts, targets, labels, input_names, max_length), loss=loss,
+                    collate=_collate(tokenizer, texts, targets, labels, input_names, max_length, teacher_states),
+                    loss=loss,
                     evaluate=lambda m: evaluate(m, tokenizer, val_texts, val_targets, input_names, max_length, task))
 
 
@@ -195,10 +197,12 @@ def distill_student(teacher: Teacher, data: TransferSet, num_layers: int, max_le
     """
     cache_dir = opts.cache_dir or default_cache_dir()
     train_idx, val_idx = split_indices(len(data), opts.val_fraction, opts.distill.seed)
+    token_weight = float(opts.feature_weight)  # the token-state loss's weight (0: off; README "Token states")
+    # labelled first, in the same pass as the outputs of texts the cache lacks
+    token_states = label_token_states(teacher, data, max_length, cache_dir) if token_weight else None
     teacher_outputs = label_with_teacher(teacher, data, max_length, cache_dir)
     input_names = teacher.family.input_names(teacher.tokenizer)
     student, kept_layers = derive_student(teacher, num_layers)
-    token_weight = float(opts.feature_weight)  # the token-state loss's weight (0: off; README "Token states")
     texts = lambda idx: [data.texts[i] for i in idx]  # noqa: E731
     ffn = None
     if opts.ffn_ratio < 1.0:
@@ -208,7 +212,7 @@ def distill_student(teacher: Teacher, data: TransferSet, num_layers: int, max_le
     key = cache_key("student-v1", teacher.sha256, tokenizer_fingerprint(teacher.tokenizer), data.sha256, num_layers,
                     max_length, head, opts.val_fraction, encoder_settings(opts.distill), distributed.world(),
                     torch.__version__, __version__, *([("ffn", ffn)] if ffn else []),
-                    *([("token-states", token_weight)] if token_weight else []))
+                    *([("token-states", token_weight, "cached-fp16")] if token_weight else []))
     # a search's rung trains to its share (stop_at) and never takes a finished student from the cache: the rung's
     # shapes are compared at the same share of their steps
     trained = None if opts.stop_at is not None else load_stage(cache_dir / "students" / key, student)
@@ -219,7 +223,7 @@ def distill_student(teacher: Teacher, data: TransferSet, num_layers: int, max_le
         training = encoder_training(student, teacher.tokenizer, input_names, max_length,
                                     (texts(train_idx), Rows(teacher_outputs, train_idx), labels),
                                     (texts(val_idx), teacher_outputs[val_idx]), opts.distill,
-                                    (teacher.module.eval(), token_weight) if token_weight else None)
+                                    (token_states.rows(train_idx), token_weight) if token_weight else None)
         trained = distill(student, training, opts.distill, checkpointing, opts.stop_at)
         if distributed.is_main() and trained.complete:  # a search's rung stops early: not the finished student
             save_stage(cache_dir / "students" / key, trained)
@@ -302,29 +306,69 @@ def build_target(d: Distilled, profile: TargetProfile, stage_dir: Path, opts) ->
     return TargetBuild(files, manifest, validation.passed)
 
 
-def label_with_teacher(teacher: Teacher, data: TransferSet, max_length: int, cache_dir: Path) -> np.ndarray:
-    """Return the teacher's outputs for every text as a read-only memory map: texts the cache has seen (with this
-    teacher, max length and head) are not labelled again; the rest are labelled in shards, split across processes."""
+def _store_root(cache_dir: Path, teacher: Teacher, max_length: int, *what: str) -> Path:
+    """Return a label store's folder: one per teacher, tokenizer, max length and head (and `what`, when not the
+    outputs themselves)."""
     head = asdict(teacher.module.pooling) if teacher.task == "feature-extraction" else teacher.task
-    store = LabelStore(cache_dir / "labels" / cache_key("v2", teacher.sha256, tokenizer_fingerprint(teacher.tokenizer),
-                                                       max_length, head))
-    names = teacher.family.input_names(teacher.tokenizer)
+    return cache_dir / "labels" / cache_key("v2", teacher.sha256, tokenizer_fingerprint(teacher.tokenizer), max_length,
+                                            head, *what)
+
+
+def _labelled(store: LabelStore, data: TransferSet, compute, description: str):
     assembled = store.root / f"assembled-{data.sha256[:24]}-{len(data)}.npy"
     with new_progress() as progress:
         bars = []
 
-        def compute(texts: list[str]) -> np.ndarray:
-            return torch_cpu.predict(teacher.module, teacher.tokenizer, texts, names, max_length)
-
         def on_todo(n: int) -> None:
             if n:
-                bars.append(progress.add_task("labelling with the teacher", total=n, status=""))
+                bars.append(progress.add_task(description, total=n, status=""))
 
-        outputs = label_sharded(store, data.texts, assembled, compute, distributed.rank(), distributed.world(),
-                                distributed.barrier, on_todo, lambda n: bars and progress.update(bars[0], advance=n))
+        return label_sharded(store, data.texts, assembled, compute, distributed.rank(), distributed.world(),
+                             distributed.barrier, on_todo, lambda n: bars and progress.update(bars[0], advance=n))
+
+
+def label_with_teacher(teacher: Teacher, data: TransferSet, max_length: int, cache_dir: Path) -> np.ndarray:
+    """Return the teacher's outputs for every text as a read-only memory map: texts the cache has seen (with this
+    teacher, max length and head) are not labelled again; the rest are labelled in shards, split across processes."""
+    store = LabelStore(_store_root(cache_dir, teacher, max_length))
+    names = teacher.family.input_names(teacher.tokenizer)
+
+    def compute(texts: list[str]) -> np.ndarray:
+        return torch_cpu.predict(teacher.module, teacher.tokenizer, texts, names, max_length)
+
+    outputs = _labelled(store, data, compute, "labelling with the teacher")
     if not all(np.isfinite(outputs[i : i + 65536]).all() for i in range(0, len(outputs), 65536)):  # in bounded chunks
         raise DataError("the teacher produced non-finite outputs on the transfer set", hint="check the teacher checkpoint")
     return outputs
+
+
+@torch.no_grad()
+def label_token_states(teacher: Teacher, data: TransferSet, max_length: int, cache_dir: Path) -> RaggedRows:
+    """Return the teacher's last-layer states of every real token of every text (float16, ragged, memory-mapped),
+    labelling only texts the cache lacks. The same pass stores the outputs `label_with_teacher` would compute for
+    those texts, so turning token states on costs no second pass over the data."""
+    outputs_store = LabelStore(_store_root(cache_dir, teacher, max_length))
+    store = RaggedLabelStore(_store_root(cache_dir, teacher, max_length, "token-states"))
+    names = teacher.family.input_names(teacher.tokenizer)
+    module = teacher.module.eval()
+
+    def compute(texts: list[str]) -> list[np.ndarray]:
+        rows: list[np.ndarray] = [np.empty(0)] * len(texts)
+        outputs = None
+        for idx, inputs in iter_batches(teacher.tokenizer, texts, names, max_length, 64):
+            device = next(module.parameters()).device
+            out, states = module(**{k: torch.from_numpy(v).to(device) for k, v in inputs.items()}, with_states=True)
+            out, states = out.float().cpu().numpy(), states.float().cpu().numpy()
+            outputs = np.empty((len(texts), out.shape[-1]), np.float32) if outputs is None else outputs
+            outputs[idx] = out
+            for j, i in enumerate(idx.tolist()):
+                rows[i] = states[j][inputs["attention_mask"][j].astype(bool)].astype(np.float16)
+        digests = text_digests(texts)
+        if outputs is not None and outputs_store.missing(digests):
+            outputs_store.add(digests, outputs)
+        return rows
+
+    return _labelled(store, data, compute, "labelling with the teacher (outputs and token states)")
 
 
 def derive_student(teacher: Teacher, num_layers: int) -> tuple[EncoderWithHead, list[int]]:
