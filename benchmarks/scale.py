@@ -35,7 +35,8 @@ def worker(args) -> None:
     from edgedistill import distributed
     from edgedistill.data import load_transfer_set
     from edgedistill.distill.loop import DistillConfig
-    from edgedistill.families.text_encoder_stages import distill_student, label_with_teacher
+    from edgedistill.families.text_encoder_labels import label_with_teacher
+    from edgedistill.families.text_encoder_stages import distill_student
     from edgedistill.pipeline import CompileOptions
     from edgedistill.teachers import load_teacher
 

@@ -469,18 +469,18 @@ def test_token_states_are_labelled_once_with_the_outputs_and_equal_the_teachers(
                                                                                monkeypatch):
     from edgedistill.cache import LabelStore, RaggedLabelStore
     from edgedistill.data import load_transfer_set
-    from edgedistill.families import text_encoder_stages as stages
+    from edgedistill.families import text_encoder_labels as labels
     from edgedistill.teachers import load_teacher
 
     teacher, data = load_teacher(str(tiny_encoder)), load_transfer_set(str(text_file))
     cache = tmp_path / "cache"
-    states = stages.label_token_states(teacher, data, 32, cache)
+    states = labels.label_token_states(teacher, data, 32, cache)
     assert len(states) == len(data)
     # the same pass stored the outputs: labelling them finds nothing to do, and they are what labelling computes
     monkeypatch.setattr(LabelStore, "add", lambda *a: pytest.fail("the outputs were labelled in a second pass"))
-    outputs = np.asarray(stages.label_with_teacher(teacher, data, 32, cache))
+    outputs = np.asarray(labels.label_with_teacher(teacher, data, 32, cache))
     monkeypatch.undo()
-    np.testing.assert_allclose(outputs, np.asarray(stages.label_with_teacher(teacher, data, 32, tmp_path / "fresh")),
+    np.testing.assert_allclose(outputs, np.asarray(labels.label_with_teacher(teacher, data, 32, tmp_path / "fresh")),
                                atol=1e-6)
     # each text's rows are the teacher's last-layer states of its real tokens (float16)
     texts = [data.texts[i] for i in (0, 7, 100)]
@@ -494,4 +494,4 @@ def test_token_states_are_labelled_once_with_the_outputs_and_equal_the_teachers(
     assert not cached[~mask].any()
     # a second compile's labelling reads the store
     monkeypatch.setattr(RaggedLabelStore, "add", lambda *a: pytest.fail("token states were labelled again"))
-    stages.label_token_states(teacher, data, 32, cache)
+    labels.label_token_states(teacher, data, 32, cache)

@@ -154,7 +154,7 @@ def test_disk_full_or_read_only_output_is_a_clear_error_and_nothing_is_published
 
 def test_labels_are_streamed_from_a_memory_map(workspace, tmp_path):
     from edgedistill.data import load_transfer_set
-    from edgedistill.families.text_encoder_stages import label_with_teacher
+    from edgedistill.families.text_encoder_labels import label_with_teacher
     from edgedistill.teachers import load_teacher
 
     root, teacher_dir, data, _ = workspace

@@ -13,16 +13,15 @@ from edgedistill import __version__, distributed
 from edgedistill.artifact import Manifest
 from edgedistill.backends import BuildContext, Built, build_model, unmeasured_latency
 from edgedistill.bench.timer import measure_interleaved, paired_ratio
-from edgedistill.cache import (LabelStore, RaggedLabelStore, RaggedRows, Rows, cache_key, default_cache_dir,
-                               label_sharded, text_digests)
+from edgedistill.cache import RaggedRows, Rows, cache_key, default_cache_dir
 from edgedistill.data import OUT_OF_DOMAIN_NAME, TransferSet, out_of_domain_texts, split_indices
 from edgedistill.distill.loop import Checkpointing, DistillResult, Training, distill, resolved
 from edgedistill.distill.losses import classification_loss, embedding_loss, fidelity, token_state_loss
 from edgedistill.distill.stage import load_stage, save_stage
-from edgedistill.errors import DataError, EdgeDistillError
+from edgedistill.errors import EdgeDistillError
 from edgedistill.families.base import TargetBuild
 from edgedistill.families.text_encoder import EncoderWithHead
-from edgedistill.progress import new_progress
+from edgedistill.families.text_encoder_labels import label_token_states, label_with_teacher
 from edgedistill.reverify import write_validation_set
 from edgedistill.runtimes import iter_batches, predict_with, torch_cpu
 from edgedistill.targets import TargetProfile
@@ -304,71 +303,6 @@ def build_target(d: Distilled, profile: TargetProfile, stage_dir: Path, opts) ->
              **write_validation_set(stage_dir, d.val_texts, d.val_teacher, d.val_labels)}
     manifest = build_manifest(d, profile, built, validation, latency, opts)
     return TargetBuild(files, manifest, validation.passed)
-
-
-def _store_root(cache_dir: Path, teacher: Teacher, max_length: int, *what: str) -> Path:
-    """Return a label store's folder: one per teacher, tokenizer, max length and head (and `what`, when not the
-    outputs themselves)."""
-    head = asdict(teacher.module.pooling) if teacher.task == "feature-extraction" else teacher.task
-    return cache_dir / "labels" / cache_key("v2", teacher.sha256, tokenizer_fingerprint(teacher.tokenizer), max_length,
-                                            head, *what)
-
-
-def _labelled(store: LabelStore, data: TransferSet, compute, description: str):
-    assembled = store.root / f"assembled-{data.sha256[:24]}-{len(data)}.npy"
-    with new_progress() as progress:
-        bars = []
-
-        def on_todo(n: int) -> None:
-            if n:
-                bars.append(progress.add_task(description, total=n, status=""))
-
-        return label_sharded(store, data.texts, assembled, compute, distributed.rank(), distributed.world(),
-                             distributed.barrier, on_todo, lambda n: bars and progress.update(bars[0], advance=n))
-
-
-def label_with_teacher(teacher: Teacher, data: TransferSet, max_length: int, cache_dir: Path) -> np.ndarray:
-    """Return the teacher's outputs for every text as a read-only memory map: texts the cache has seen (with this
-    teacher, max length and head) are not labelled again; the rest are labelled in shards, split across processes."""
-    store = LabelStore(_store_root(cache_dir, teacher, max_length))
-    names = teacher.family.input_names(teacher.tokenizer)
-
-    def compute(texts: list[str]) -> np.ndarray:
-        return torch_cpu.predict(teacher.module, teacher.tokenizer, texts, names, max_length)
-
-    outputs = _labelled(store, data, compute, "labelling with the teacher")
-    if not all(np.isfinite(outputs[i : i + 65536]).all() for i in range(0, len(outputs), 65536)):  # in bounded chunks
-        raise DataError("the teacher produced non-finite outputs on the transfer set", hint="check the teacher checkpoint")
-    return outputs
-
-
-@torch.no_grad()
-def label_token_states(teacher: Teacher, data: TransferSet, max_length: int, cache_dir: Path) -> RaggedRows:
-    """Return the teacher's last-layer states of every real token of every text (float16, ragged, memory-mapped),
-    labelling only texts the cache lacks. The same pass stores the outputs `label_with_teacher` would compute for
-    those texts, so turning token states on costs no second pass over the data."""
-    outputs_store = LabelStore(_store_root(cache_dir, teacher, max_length))
-    store = RaggedLabelStore(_store_root(cache_dir, teacher, max_length, "token-states"))
-    names = teacher.family.input_names(teacher.tokenizer)
-    module = teacher.module.eval()
-
-    def compute(texts: list[str]) -> list[np.ndarray]:
-        rows: list[np.ndarray] = [np.empty(0)] * len(texts)
-        outputs = None
-        for idx, inputs in iter_batches(teacher.tokenizer, texts, names, max_length, 64):
-            device = next(module.parameters()).device
-            out, states = module(**{k: torch.from_numpy(v).to(device) for k, v in inputs.items()}, with_states=True)
-            out, states = out.float().cpu().numpy(), states.float().cpu().numpy()
-            outputs = np.empty((len(texts), out.shape[-1]), np.float32) if outputs is None else outputs
-            outputs[idx] = out
-            for j, i in enumerate(idx.tolist()):
-                rows[i] = states[j][inputs["attention_mask"][j].astype(bool)].astype(np.float16)
-        digests = text_digests(texts)
-        if outputs is not None and outputs_store.missing(digests):
-            outputs_store.add(digests, outputs)
-        return rows
-
-    return _labelled(store, data, compute, "labelling with the teacher (outputs and token states)")
 
 
 def derive_student(teacher: Teacher, num_layers: int) -> tuple[EncoderWithHead, list[int]]:
