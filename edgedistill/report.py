@@ -140,7 +140,7 @@ def render_report(m: Manifest, published: bool) -> str:
         f"Transfer set `{m.data['source']}`: {m.data['num_train']} training texts, max length {m.data['max_length']}. "
         f"Best validation fidelity {m.distillation['best_fidelity']:.4f} at step {m.distillation['best_step']}."
         + (f" Loss: the {'embedding' if m.teacher['task'] == 'feature-extraction' else 'logits'} loss and, at weight "
-           f"{w:g}, the last layer's token states against the teacher's (computed on every batch)."
+           f"{w:g}, the last layer's token states against the teacher's (labelled once, cached in float16)."
            if (w := m.distillation.get("token_state_weight")) else ""),
         "",
         "| step | validation fidelity | train loss |",
