@@ -495,3 +495,23 @@ def test_token_states_are_labelled_once_with_the_outputs_and_equal_the_teachers(
     # a second compile's labelling reads the store
     monkeypatch.setattr(RaggedLabelStore, "add", lambda *a: pytest.fail("token states were labelled again"))
     labels.label_token_states(teacher, data, 32, cache)
+
+
+def test_token_states_add_only_the_outputs_the_store_lacks(tiny_encoder, text_file, tmp_path):
+    from edgedistill.cache import LabelStore
+    from edgedistill.data import TransferSet, load_transfer_set
+    from edgedistill.families import text_encoder_labels as labels
+    from edgedistill.teachers import load_teacher
+
+    teacher, data = load_teacher(str(tiny_encoder)), load_transfer_set(str(text_file))
+    cache = tmp_path / "cache"
+    half = TransferSet("half", data.texts[: len(data) // 2], None, "half-" + data.sha256)
+    first = np.asarray(labels.label_with_teacher(teacher, half, 32, cache))
+    labels.label_token_states(teacher, data, 32, cache)  # outputs for the other half come from the same pass
+    store = LabelStore(labels._store_root(cache, teacher, 32))
+    keys = np.concatenate([np.load(k) for k in store._shards()])
+    assert len(keys) == len(set(keys.tolist())) == len(set(data.texts)), "each text's outputs stored once"
+    outputs = np.asarray(labels.label_with_teacher(teacher, data, 32, cache))
+    np.testing.assert_array_equal(outputs[: len(half)], first)
+    np.testing.assert_allclose(outputs, np.asarray(labels.label_with_teacher(teacher, data, 32, tmp_path / "fresh")),
+                               atol=1e-6)

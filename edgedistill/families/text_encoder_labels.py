@@ -63,6 +63,8 @@ def label_token_states(teacher: Teacher, data: TransferSet, max_length: int, cac
     store = RaggedLabelStore(_store_root(cache_dir, teacher, max_length, "token-states"))
     names = teacher.family.input_names(teacher.tokenizer)
     module = teacher.module.eval()
+    all_digests = text_digests(data.texts)
+    lacking = {all_digests[i].tobytes() for i in outputs_store.missing(all_digests)}  # the outputs store's index, read once
 
     def compute(texts: list[str]) -> list[np.ndarray]:
         rows: list[np.ndarray] = [np.empty(0)] * len(texts)
@@ -76,8 +78,9 @@ def label_token_states(teacher: Teacher, data: TransferSet, max_length: int, cac
             for j, i in enumerate(idx.tolist()):
                 rows[i] = states[j][inputs["attention_mask"][j].astype(bool)].astype(np.float16)
         digests = text_digests(texts)
-        if outputs is not None and outputs_store.missing(digests):
-            outputs_store.add(digests, outputs)
+        new = [i for i, d in enumerate(digests.tolist()) if d in lacking]
+        if outputs is not None and new:  # only the texts the outputs store lacks: no duplicate rows
+            outputs_store.add(digests[new], outputs[new])
         return rows
 
     return _labelled(store, data, compute, "labelling with the teacher (outputs and token states)")
