@@ -3,7 +3,10 @@
 Everything is measured in one run, on the same held-out inputs and thread counts, so the ratios hold on a noisy
 machine. Held-out texts come from the built-in English set *after* the part `compile` trains and validates on.
 
-    python benchmarks/minilm_cpu.py --artifact build/x86-64-avx512 [--json results.json]
+    python benchmarks/minilm_cpu.py --artifact build/x86-64-avx512 [OTHER_ARTIFACT ...] [--json results.json]
+
+Several artifacts (e.g. one revision's beside another's) are timed in the same interleaved run; the goals are
+checked on the first.
 """
 from __future__ import annotations
 
@@ -63,16 +66,19 @@ def ort_embed(session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> np
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--artifact", type=Path, default=Path("build/x86-64-avx512"))
+    ap.add_argument("--artifact", type=Path, nargs="+", default=[Path("build/x86-64-avx512")],
+                    help="artifact directories, timed in the same run; goals are checked on the first")
     ap.add_argument("--held-out", type=int, default=1000, help="held-out texts for the cosine column")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--min-time", type=float, default=4.0, help="seconds of timing per shape, all models interleaved")
     args = ap.parse_args()
     console = Console(width=160)
-    manifest = verify_files(args.artifact)
+    manifests = [verify_files(a) for a in args.artifact]
+    manifest = manifests[0]
     teacher = load_teacher("minilm")
-    if manifest.teacher["sha256"] != checkpoint_sha256(teacher.path):
-        sys.exit(f"{args.artifact} was not compiled from the minilm teacher")
+    for a, m in zip(args.artifact, manifests):
+        if m.teacher["sha256"] != checkpoint_sha256(teacher.path):
+            sys.exit(f"{a} was not compiled from the minilm teacher")
     # held out: the compile's built-in set after the part it used (another data file: the varied set from its start)
     source = manifest.data["source"] if manifest.data["source"] in BUILTIN_SETS else BUILTIN_VARIED
     used = manifest.data["num_texts"] if manifest.data["source"] == source else 0
@@ -106,8 +112,12 @@ def main() -> int:
         candidates = {
             "optimum int8, docs recipe (per-tensor)": optimum_int8(teacher.path, Path(work), per_channel=False),
             "optimum int8, per-channel": optimum_int8(teacher.path, Path(work), per_channel=True),
-            f"edgedistill {args.artifact.name}": args.artifact / "model.onnx",
         }
+        ours_names = []
+        for a in args.artifact:
+            name = f"edgedistill {a.parent.name}/{a.name}" if len(args.artifact) > 1 else f"edgedistill {a.name}"
+            candidates[name] = a / "model.onnx"
+            ours_names.append(name)
         teacher_mb = sum(f.stat().st_size for f in teacher.path.glob("*.safetensors")) / 1e6
         rows = [{"name": "teacher, torch fp32", "size_mb": teacher_mb, "cosine_mean": 1.0, "cosine_min": 1.0,
                  "ood_cosine_mean": 1.0}]
@@ -148,7 +158,7 @@ def main() -> int:
                       f"{base['b1_t2_ms'] / r['b1_t2_ms']:.2f}x", f"{r['size_mb']:.1f} ({r['size_mb'] / base['size_mb']:.0%})",
                       f"{r['cosine_mean']:.4f} / {r['cosine_min']:.4f}", f"{r['ood_cosine_mean']:.4f}")
     console.print(table)
-    ours = rows[-1]
+    ours = next(r for r in rows if r["name"] == ours_names[0])
     goals = [("speedup vs teacher at b1 t2 >= 4x", base["b1_t2_ms"] / ours["b1_t2_ms"] >= 4),
              ("size <= 25% of teacher", ours["size_mb"] / base["size_mb"] <= 0.25),
              ("held-out cosine to teacher >= 0.90", ours["cosine_mean"] >= 0.90),

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -34,27 +33,38 @@ def fix_input_shapes(onnx_path: Path, dims: dict[str, int], out_path: Path) -> P
     return out_path
 
 
+# onnxruntime's converter (tools.convert_onnx_models_to_ort) with one change: SkipLayerNormFusion is off, since
+# onnxruntime's CPU kernel of SkipLayerNormalization is slower than the Add and LayerNormalization it replaces
+# (README: "SkipLayerNormalization on the CPU"); NchwcTransformer is off as the converter turns it off for any
+# platform but amd64 (its layouts are x86-only).
+DISABLED_OPTIMIZERS = ["NchwcTransformer", "SkipLayerNormFusion"]
+
+
 def convert_to_ort(onnx_path: Path, out_dir: Path) -> OrtFormatModel:
-    """Convert an ONNX model to ORT format with fixed (build-time) optimizations; also write required_operators.config."""
-    from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
+    """Convert an ONNX model to ORT format with fixed (build-time) optimizations at onnxruntime's converter's level
+    ('all', less DISABLED_OPTIMIZERS); also write required_operators.config."""
+    import onnxruntime as ort
+    from onnxruntime.tools.ort_format_model import create_config_from_models
 
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "model.onnx"
-        shutil.copyfile(onnx_path, src)
-        logging.disable(logging.WARNING)
+        ort_file = Path(tmp) / "model.ort"
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.optimized_model_filepath = str(ort_file)
+        opts.add_session_config_entry("session.save_model_format", "ORT")
+        opts.add_session_config_entry("session.qdqisint8allowed", "0")  # the converter's default platform
+        opts.log_severity_level = 3
         try:
-            with contextlib.redirect_stdout(io.StringIO()):  # the converter prints progress lines
-                convert_onnx_models_to_ort(src, output_dir=Path(tmp) / "ort", optimization_styles=[OptimizationStyle.Fixed])
-        except Exception as e:  # the converter raises plain exceptions for unsupported graphs
+            ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"],
+                                 disabled_optimizers=DISABLED_OPTIMIZERS)
+            with contextlib.redirect_stdout(io.StringIO()):
+                create_config_from_models([ort_file], Path(tmp) / "required_operators.config", False)
+        except Exception as e:  # onnxruntime raises plain exceptions for unsupported graphs
             raise ExportError(f"ORT-format conversion failed: {str(e).splitlines()[0]}",
                               hint="this operator set may not be supported by ORT Mobile") from None
-        finally:
-            logging.disable(logging.NOTSET)
-        ort_files = sorted((Path(tmp) / "ort").glob("*.ort"))
-        configs = sorted((Path(tmp) / "ort").glob("*.config"))
-        if not ort_files or not configs:
+        if not ort_file.is_file():
             raise ExportError("ORT-format conversion produced no .ort model", hint="report this model")
-        model = shutil.copyfile(ort_files[0], out_dir / "model.ort")
-        config = shutil.copyfile(configs[0], out_dir / "required_operators.config")
+        model = shutil.copyfile(ort_file, out_dir / "model.ort")
+        config = shutil.copyfile(Path(tmp) / "required_operators.config", out_dir / "required_operators.config")
     return OrtFormatModel(Path(model), Path(config))

@@ -48,6 +48,7 @@ def test_minilm_compile_end_to_end(tmp_path):
     assert not m.optimization["fused_ops"].get("EmbedLayerNormalization")
     ops = {n.op_type for n in onnx.load(str(target.path / "model.onnx")).graph.node}
     assert "QAttention" in ops and "GatherBlockQuantized" in ops
+    assert "SkipLayerNormalization" not in ops  # split for the CPU: its kernel is slower than Add + LayerNormalization
     assert m.sizes["size_ratio"] < 1 / 6
     values = m.metrics["values"]
     assert values["cosine_mean"] >= 0.80

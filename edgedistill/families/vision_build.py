@@ -201,11 +201,11 @@ def build_target(d: VisionDistilled, profile: TargetProfile, stage_dir: Path, op
         if unusable:
             model_record["validated_with"] = "CPUExecutionProvider (the same graph on onnxruntime's CPU kernels)"
     if profile.model_format == "ort":
-        from edgedistill.ort_format import convert_to_ort
+        from edgedistill.ort_format import DISABLED_OPTIMIZERS, convert_to_ort
 
         ort_model = convert_to_ort(final, stage_dir / "ort")
         files.update({ort_model.model.name: ort_model.model, ort_model.operators_config.name: ort_model.operators_config})
-        reference = run_onnx(cpu_session(final, 1), d.val_views[:16])
+        reference = run_onnx(cpu_session(final, 1, disabled_optimizers=DISABLED_OPTIMIZERS), d.val_views[:16])
         export_checks["ort_format_max_abs_diff_vs_onnx"] = float(np.abs(
             run_onnx(cpu_session(ort_model.model, 1), d.val_views[:16]) - reference).max())
         device_file = ort_model.model  # validate and time what the device runs

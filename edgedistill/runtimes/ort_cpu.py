@@ -9,9 +9,10 @@ import onnxruntime as ort
 from edgedistill.runtimes import predict_with
 
 
-def cpu_session(model_path: Path, threads: int, provider: str = "CPUExecutionProvider") -> ort.InferenceSession:
-    """Return a session with all graph optimizations, `threads` intra-op threads (one inter-op thread), on `provider`
-    (the CPU by default)."""
+def cpu_session(model_path: Path, threads: int, provider: str = "CPUExecutionProvider",
+                disabled_optimizers: list[str] | None = None) -> ort.InferenceSession:
+    """Return a session with all graph optimizations (less `disabled_optimizers`), `threads` intra-op threads (one
+    inter-op thread), on `provider` (the CPU by default)."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
@@ -22,7 +23,7 @@ def cpu_session(model_path: Path, threads: int, provider: str = "CPUExecutionPro
     # process (the teacher, interleaved call by call when timing): measured here, a 2-thread torch teacher went from
     # 24 ms to 90 ms beside spinning sessions. Deployments may turn spinning back on for back-to-back calls.
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(model_path), opts, providers=[provider])
+    return ort.InferenceSession(str(model_path), opts, providers=[provider], disabled_optimizers=disabled_optimizers)
 
 
 def provider_available(provider: str) -> bool:
