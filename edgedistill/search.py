@@ -281,6 +281,26 @@ def run_search(family: Family, teacher, data, profile, run_dir: Path, opts) -> t
 
     alive = [s["id"] for s in state.shapes]
     by_id = {s["id"]: s for s in state.shapes}
+    last = len(shares) - 1
+    # the plain compile's shape: once its first rung is measured it runs its whole schedule (when that fits), so the
+    # search's choice is never worse than a compile without --search; the other shapes go on halving
+    default = family.default_shape(teacher, opts)
+    incumbent = next((sh["id"] for sh in state.shapes if sh["shape"] == default), None) if last else None
+    finished: list[str] = []
+
+    def attempt(sid: str, rung: int) -> None:
+        try:
+            e = evaluate(by_id[sid], rung, base_recipe, profile)
+        except EdgeDistillError as err:  # this shape failed (training diverged, ...): the others go on
+            state.failed[sid] = str(err)
+            state.save(elapsed())
+            progress.console.print(f"search: {by_id[sid]['label']} failed and is dropped: {err}")
+            return
+        if e.latency_ms is None:
+            raise EdgeDistillError(f"--search picks the fastest student, and {profile.name}'s latency cannot be "
+                                   "measured on this machine", hint="run the search where the target's device is, "
+                                   "or compile without --search")
+
     reached = -1
     for rung in range(len(shares)):
         for sid in alive:
@@ -289,38 +309,39 @@ def run_search(family: Family, teacher, data, profile, run_dir: Path, opts) -> t
             if state.evaluations and elapsed() + estimate(by_id[sid], rung) > opts.time_budget_s:
                 out_of_time = True  # this one would overrun; a smaller shape of the rung may still fit
                 continue
-            try:
-                e = evaluate(by_id[sid], rung, base_recipe, profile)
-            except EdgeDistillError as err:  # this shape failed (training diverged, ...): the others go on
-                state.failed[sid] = str(err)
-                state.save(elapsed())
-                progress.console.print(f"search: {by_id[sid]['label']} failed and is dropped: {err}")
-                continue
-            if e.latency_ms is None:
-                raise EdgeDistillError(f"--search picks the fastest student, and {profile.name}'s latency cannot be "
-                                       "measured on this machine", hint="run the search where the target's device is, "
-                                       "or compile without --search")
+            attempt(sid, rung)
         alive = [sid for sid in alive if sid not in state.failed]
         if not alive:
             break
         if out_of_time:
             break
         reached = rung
+        if rung == 0 and incumbent in alive:
+            if (state.find(incumbent, last, base_recipe) is None
+                    and elapsed() + estimate(by_id[incumbent], last) <= opts.time_budget_s):
+                attempt(incumbent, last)
+            if state.find(incumbent, last, base_recipe) is not None:
+                finished.append(incumbent)
+            alive = [sid for sid in alive if sid not in state.failed and sid not in finished]
+            if not alive:
+                break
         if rung + 1 < len(shares):
             evals = [state.find(sid, rung, base_recipe) for sid in alive]
             alive = promoted(evals, limits, math.ceil(len(evals) / 2))
     if not out_of_time:  # the finished students with the family's other recipes (no training: the students are cached)
-        for sid in alive:
+        for sid in finished + alive:
+            at = last if sid in finished else reached
             for recipe, target in family.recipe_variants(profile)[1:]:
-                if state.find(sid, reached, recipe) is None:
-                    if elapsed() + state.find(sid, reached, base_recipe).build_s > opts.time_budget_s:
+                if state.find(sid, at, recipe) is None:
+                    if elapsed() + state.find(sid, at, base_recipe).build_s > opts.time_budget_s:
                         out_of_time = True
                         break
-                    evaluate(by_id[sid], reached, recipe, target)
+                    evaluate(by_id[sid], at, recipe, target)
     if not state.evaluations:
         raise EdgeDistillError("the search measured nothing" + (f": {next(iter(state.failed.values()))}" if state.failed
                                                                 else ""), hint="pass a larger --time-budget")
-    return choose(family, state, limits, opts, out_of_time, elapsed())
+    plain = None if incumbent is None else {"label": by_id[incumbent]["label"], "whole_schedule": incumbent in finished}
+    return choose(family, state, limits, opts, out_of_time, elapsed(), plain)
 
 
 def latest(state: SearchState) -> list[Evaluation]:
@@ -334,8 +355,9 @@ def latest(state: SearchState) -> list[Evaluation]:
 
 
 def choose(family: Family, state: SearchState, limits: Limits, opts, out_of_time: bool,
-           elapsed_s: float) -> tuple[TargetBuild, dict]:
-    """Return the fastest point that meets every limit (else the closest, rejected) as a build, and the record."""
+           elapsed_s: float, plain: dict | None = None) -> tuple[TargetBuild, dict]:
+    """Return the fastest point that meets every limit (else the closest, rejected) as a build, and the record
+    (`plain`: the plain compile's shape and whether it ran its whole schedule)."""
     points = latest(state)
     meets = [e for e in points if not limits.misses(e)]
     if meets:  # the fastest; within the timing's noise of it (LATENCY_TIE), the most faithful
@@ -351,7 +373,7 @@ def choose(family: Family, state: SearchState, limits: Limits, opts, out_of_time
                   "latency or size limit last)",
         "time_budget_s": opts.time_budget_s, "elapsed_s": round(elapsed_s, 1), "out_of_time": out_of_time,
         "rung_shares": state.shares, "limits": limits.as_dict(),
-        "shapes": state.shapes,
+        "shapes": state.shapes, "plain_compile_shape": plain,
         "evaluations": [{**dataclasses.asdict(e), "label": labels[e.shape_id], "on_front": e.key in front,
                          "latest": e in points, "misses": limits.misses(e)} for e in state.evaluations],
         "failed": {labels[k]: v for k, v in state.failed.items()},

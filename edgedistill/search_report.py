@@ -13,6 +13,16 @@ def clock(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
+def _plain_line(plain: dict | None) -> list[str]:
+    if not plain:
+        return []
+    if plain["whole_schedule"]:
+        return [f"The plain compile's student ({plain['label']}) ran its whole schedule once its first rung was "
+                "measured, so the choice is never worse than a compile without --search; the other shapes halved.", ""]
+    return [f"The plain compile's student ({plain['label']}) could not run its whole schedule within the budget "
+            "after its first rung; it went on halving with the others.", ""]
+
+
 def render_search_md(record: dict) -> str:
     """Return the report's search section: every evaluation, the front marked, the choice and why."""
     c = record["chosen"]
@@ -25,6 +35,7 @@ def render_search_md(record: dict) -> str:
              f"**Chosen:** {c['label']}, {c['recipe']} (rung {c['rung'] + 1}: trained {c['steps']} of its "
              f"{c['total_steps']} steps{'' if c['steps'] >= c['total_steps'] else ', stopped early by the search'})"
              + ("" if c["meets_every_limit"] else " — **no student met every limit**; this is the closest") + ".", "",
+             *_plain_line(record.get("plain_compile_shape")),
              "| student | recipe | rung (steps) | fidelity | latency ms | MB | front | misses |", "|---|---|---|---|---|---|---|---|"]
     for e in record["evaluations"]:
         lat = "—" if e["latency_ms"] is None else f"{e['latency_ms']:.2f}"

@@ -88,13 +88,20 @@ def test_search_measures_every_shape_and_keeps_the_fastest_that_meets_the_limits
     assert len(shapes) == 6  # 1-3 layers (below the teacher's 4) x FFN 1 and 1/2
     assert record["rung_shares"] == [0.125, 0.25, 0.5, 1.0]
     base = [e for e in evals if e["recipe"] == "dynamic-int8"]
-    assert [sum(e["rung"] == r for e in base) for r in range(4)] == [6, 3, 2, 1]  # halved each rung
+    # the plain compile's shape (2 layers: half the teacher's, FFN 1) runs its whole schedule right after the first
+    # rung; the other 5 halve: 3, 2, 1
+    assert [sum(e["rung"] == r for e in base) for r in range(4)] == [6, 3, 2, 2]
+    plain = next(i for i, s in shapes.items() if s == {"student_layers": 2, "ffn_ratio": 1.0})
+    assert (base[6]["shape_id"], base[6]["rung"]) == (plain, 3) and base[6]["steps"] == base[6]["total_steps"]
+    assert all(e["shape_id"] != plain for e in base if e["rung"] in (1, 2))
+    assert record["plain_compile_shape"] == {"label": "2 layers", "whole_schedule": True}
     first = {e["shape_id"]: e for e in base if e["rung"] == 0}
     for e in base:
         assert e["steps"] >= 1 and e["steps"] <= e["total_steps"]
     assert all(e["steps"] < e["total_steps"] for e in first.values())
     finished = [e for e in evals if e["rung"] == 3]
     assert {e["recipe"] for e in finished} == {"dynamic-int8", "dynamic-int8, int4 embeddings"}
+    assert len(finished) == 4  # both finished students with both recipes
     assert all(e["steps"] == e["total_steps"] for e in finished)
     # the choice: among the latest points that pass, within 5% of the lowest latency, the most faithful; it is the
     # artifact that was published
@@ -109,6 +116,11 @@ def test_search_measures_every_shape_and_keeps_the_fastest_that_meets_the_limits
     assert page.count("<circle") >= len([e for e in evals if e["latest"]]) and "<svg" in page
     report = (artifact / "report.md").read_text()
     assert "## Search" in report and "**Chosen:**" in report
+    assert "The plain compile's student (2 layers) ran its whole schedule" in report
+    # the choice is never worse than the plain compile's student: as fast or more faithful
+    plain_point = next(e for e in base if e["shape_id"] == plain and e["rung"] == 3)
+    if not plain_point["misses"]:
+        assert picked["latency_ms"] <= plain_point["latency_ms"] * 1.05 or picked["fidelity"] >= plain_point["fidelity"]
     assert not (out / RUN_DIR).exists()
 
 
@@ -157,8 +169,9 @@ def test_a_killed_search_resumes_without_measuring_again(workspace, tmp_path, mo
     assert res.exit_code == 0, res.output
     record = json.loads((out / "tiny-cpu" / "manifest.json").read_text())["search"]
     assert record["time_budget_s"] == 360
-    # 2 shapes: rung 1 (both), rung 2 (one) and its int4 recipe = 4 builds in all, the first not repeated
-    assert len(record["evaluations"]) == 4 and len(builds) == 4
+    # 2 shapes: rung 1 (both), rung 2 (both: the plain compile's 1 layer runs its whole schedule, the other is
+    # promoted) and their int4 recipe = 6 builds in all, the first not repeated
+    assert len(record["evaluations"]) == 6 and len(builds) == 6
     assert record["evaluations"][0] == {**record["evaluations"][0], **{k: v for k, v in state["evaluations"][0].items()}}
 
 

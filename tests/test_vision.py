@@ -775,7 +775,9 @@ def test_search_works_for_image_classifiers_too(tiny_teacher, photos, tmp_path):
     assert res.exit_code == 0, res.output
     record = json.loads((out / "tiny-vision" / "manifest.json").read_text())["search"]
     assert [s["shape"]["macs_ratio"] for s in record["shapes"]] == [1.0, 0.7, 0.5, 0.35]
-    assert [sum(e["rung"] == r for e in record["evaluations"]) for r in range(3)] == [4, 2, 1]
+    # the teacher's shape (a plain compile's) runs its whole schedule after the first rung; the other three halve
+    assert [sum(e["rung"] == r for e in record["evaluations"]) for r in range(3)] == [4, 2, 2]
+    assert record["plain_compile_shape"]["whole_schedule"] and record["plain_compile_shape"]["label"].startswith("100%")
     assert "--macs-ratio and --search" in " ".join(runner.invoke(app, [
         "compile", tiny_teacher, "--data", str(photos), "--out", str(tmp_path / "o2"), "--search", "--macs-ratio", "0.5",
         "--target", str(profile(tmp_path / "p.yaml", "{recipe: fp32}"))]).output.split())

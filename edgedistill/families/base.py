@@ -80,6 +80,12 @@ class Family(ABC):
         raise EdgeDistillError(f"--search: the {self.name} family offers no student shapes to search",
                                hint="leave out --search and choose the student with the family's options")
 
+    def default_shape(self, teacher: Teacher, opts: Any) -> dict[str, Any] | None:
+        """Return the shape a plain compile (no --search) trains, as student_shapes writes it, or None: the search
+        runs that shape to its whole schedule once its first rung is measured, so its choice is never worse than
+        the plain compile's student."""
+        return None
+
     def shape_label(self, shape: dict[str, Any]) -> str:
         """Return a short name for a student shape (for tables and the plot)."""
         return ", ".join(f"{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"{k.replace('_', '-')} {v}"

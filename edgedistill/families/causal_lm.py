@@ -273,6 +273,11 @@ class CausalLMFamily(Family):
         depths = sorted({max(1, round(total * f)) for f in (2 / 3, 1 / 2, 1 / 3)}, reverse=True)
         return [{"student_layers": d, "ffn_ratio": r} for d in depths for r in (1.0, 0.75)]
 
+    def default_shape(self, teacher, opts) -> dict:
+        from edgedistill.families import causal_lm_stages as stages
+
+        return {"student_layers": stages.student_layers(self, teacher, None), "ffn_ratio": 1.0}
+
     def shape_label(self, shape) -> str:
         return depth_width_label(shape)
 

@@ -175,6 +175,11 @@ class TextEncoderFamily(Family):
         depths = sorted({d for d in SEARCH_DEPTHS if d < total} or {total}, reverse=True)
         return [{"student_layers": d, "ffn_ratio": r} for d in depths for r in SEARCH_FFN_RATIOS]
 
+    def default_shape(self, teacher, opts) -> dict:
+        from edgedistill.families import text_encoder_stages as stages
+
+        return {"student_layers": stages.student_depth(teacher, None), "ffn_ratio": 1.0}
+
     def shape_label(self, shape) -> str:
         return depth_width_label(shape)
 

@@ -338,6 +338,10 @@ class VisionFamily(Family):
         return [{"macs_ratio": r, "resolution": auto_resolution(teacher.module, self.input_size, r, macs)}
                 for r in SEARCH_MACS_RATIOS]
 
+    def default_shape(self, teacher, opts) -> dict | None:
+        """The teacher's shape (a plain compile's --macs-ratio is 1.0)."""
+        return next((s for s in self.student_shapes(teacher, opts) if s["macs_ratio"] == 1.0), None)
+
     def shape_label(self, shape) -> str:
         return f"{shape['macs_ratio']:.0%} of the MACs ({shape.get('resolution') or self.input_size} px)"
 
