@@ -6,7 +6,9 @@ learning-rate schedule is always the whole run's), is built for the target and m
 teacher on the held-out split, latency, size, by the family's own build_target); the better half by Pareto rank
 (fidelity vs latency; on a front, the more isolated first, so the front stays spread; a shape over the latency or
 size limit last) goes on from its checkpoint to the next rung,
-until one runs the whole schedule. All shapes share the teacher's cached outputs. The finished students are then
+until one runs the whole schedule. The shape a compile without --search trains (Family.default_shape) runs its
+whole schedule straight after the first rung, when the budget allows, so the choice is never worse than the plain
+compile's student. All shapes share the teacher's cached outputs. The finished students are then
 built with each of the family's recipe variants. Every evaluation is kept in OUT/.edgedistill-run/search/, so a
 killed search resumes (`compile --resume OUT`) where it stopped, without re-running what it measured.
 """
@@ -370,7 +372,8 @@ def choose(family: Family, state: SearchState, limits: Limits, opts, out_of_time
     record = {
         "method": "successive halving on distillation steps (halving the shapes each rung; promoted by Pareto rank of "
                   "fidelity vs latency, the more isolated on a front first (crowding distance), shapes over the "
-                  "latency or size limit last)",
+                  "latency or size limit last); the plain compile's shape runs its whole schedule after the first "
+                  "rung when it fits the budget",
         "time_budget_s": opts.time_budget_s, "elapsed_s": round(elapsed_s, 1), "out_of_time": out_of_time,
         "rung_shares": state.shares, "limits": limits.as_dict(),
         "shapes": state.shapes, "plain_compile_shape": plain,

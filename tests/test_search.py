@@ -3,10 +3,8 @@ resume after a kill, and the errors its options give."""
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from conftest import _save_tokenizer, make_texts, make_vocab, write_profile
