@@ -112,14 +112,14 @@ def test_entropy_calibration_clips_what_minmax_keeps(tmp_path):
     assert hi_en - lo_en < (hi_mm - lo_mm) / 4, (lo_en, hi_en, lo_mm, hi_mm)
 
 
-def ffn_model(path):
+def ffn_model(path, spike_value=1e4):
     """out = ((x @ W1) * spike) @ W2 + b2: the spike gives the hidden layer a 1e4 outlier (GELU's long tail,
     exaggerated; W2 ignores it). 2-D, so onnxruntime's quantization pre-processing fuses the down MatMul+Add into a
     Gemm named '/down/MatMul/MatMulAddFusion'."""
     rng = np.random.default_rng(1)
     w1, w2 = rng.normal(size=(32, 64)).astype(np.float32), rng.normal(size=(64, 16)).astype(np.float32) / 8
     spike = np.ones(64, np.float32)
-    spike[0] = 1e4
+    spike[0] = spike_value
     w2[0, :] = 0.0
     inits = [numpy_helper.from_array(a, n) for a, n in ((w1, "W1"), (spike, "spike"), (w2, "W2"),
                                                          (np.zeros(16, np.float32), "b2"))]
@@ -168,3 +168,85 @@ def test_weight_only_nodes_store_int8_weights_over_float_activations(tmp_path):
                                        exclude=["^/down/MatMul$"]))
     down = next(n for n in graph.node if n.name == "/down/MatMul/MatMulAddFusion")
     assert down.input[1] == "W2"
+
+
+def test_dynamic_nodes_quantize_their_input_on_each_call(tmp_path):
+    """A node named in `dynamic` (here the Gemm that quantization's pre-processing fused, found by its MatMul's name)
+    becomes DynamicQuantizeLinear -> MatMulInteger with int8 weights per channel, its float weight gone; the other
+    layer stays static QDQ; the output stays within 2% of the float graph's."""
+    from edgedistill.quantize import quantize
+
+    model = ffn_model(tmp_path / "ffn.onnx", spike_value=3.0)
+    rng = np.random.default_rng(2)
+    feeds = [{"x": rng.normal(size=(4, 32)).astype(np.float32)} for _ in range(8)]
+    ref = ort.InferenceSession(str(model)).run(None, feeds[0])[0]
+    out = quantize(model, StaticQdqInt8Config(op_types=["MatMul", "Gemm"], calibration_texts=8, search=False,
+                                              dynamic=["^/down/MatMul$"], weight_only=["^/down/MatMul$"]),
+                   tmp_path / "dyn.onnx", feeds)
+    graph = onnx.load(str(out)).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("DynamicQuantizeLinear") == 1 and ops.count("MatMulInteger") == 1, ops
+    assert "Gemm" not in ops  # written back as MatMul + Add for the dynamic quantizer
+    integer = next(n for n in graph.node if n.op_type == "MatMulInteger")
+    producers = {o: n for n in graph.node for o in n.output}
+    assert producers[integer.input[0]].op_type == "DynamicQuantizeLinear"
+    inits = {t.name: t for t in graph.initializer}
+    assert inits[integer.input[1]].data_type == TensorProto.INT8
+    assert not {"W2", "W2_kn"} & set(inits), "the float down-projection weight is gone"
+    up = next(n for n in graph.node if n.name.startswith("/up/MatMul"))
+    assert producers[up.input[0]].op_type == "DequantizeLinear", "the other layer is still static QDQ"
+    y = ort.InferenceSession(str(out)).run(None, feeds[0])[0]
+    assert float(np.abs(y - ref).max() / np.abs(ref).max()) < 0.02
+
+
+def test_search_turns_failing_dynamic_nodes_weight_only_before_keeping_anything_float(tmp_path):
+    """The planted node's spike also wipes out a range measured on each call: as dynamic it misses the budget, and
+    the search's next step after calibration is that node as weight-only (int8 weights, float activations), which
+    holds it; no group is kept in float."""
+    model = planted_model(tmp_path / "planted.onnx")
+    rng = np.random.default_rng(4)
+    calibration = [{"x": rng.normal(size=(1, 64)).astype(np.float32)} for _ in range(8)]
+    held_out = [rng.normal(size=(1, 64)).astype(np.float32) for _ in range(16)]
+    expected = [ort.InferenceSession(str(model)).run(None, {"x": x})[0] for x in held_out]
+
+    def fidelity(path) -> float:
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = [sess.run(None, {"x": x})[0] for x in held_out]
+        return float(np.mean([np.sum(g * e) / (np.linalg.norm(g) * np.linalg.norm(e)) for g, e in zip(got, expected)]))
+
+    config = StaticQdqInt8Config(op_types=["MatMul"], calibration_texts=8, search=True, dynamic=["^/b/MatMul$"])
+    path, chosen, trials = quantize_within_budget(model, config, tmp_path, calibration, fidelity, floor=0.99)
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "trial0.onnx")).graph.node]
+    assert "MatMulInteger" in ops and not trials[0].passed  # dynamic, and it misses
+    assert trials[-1].description == "dynamic nodes weight-only (float activations)" and trials[-1].passed
+    assert chosen.dynamic == [] and chosen.weight_only == ["^/b/MatMul$"] and chosen.exclude == []
+    assert not any("probe" in t.description for t in trials)
+    assert fidelity(path) >= 0.99
+
+
+def test_weight_only_matmul_keeps_float_activations_in_onnxruntimes_optimized_graph(tmp_path):
+    """onnxruntime turns DequantizeLinear(int8) -> MatMul into MatMulNBits with int8 activations; a weight-only
+    MatMul is therefore written as a Gemm between Reshapes. 3-D input with free leading dims and a 1e4 outlier
+    in the first feature (whose weight row is zero): the output stays within 1% of the float graph's."""
+    from edgedistill.quantize.static_qdq import quantize_weights_only
+
+    rng = np.random.default_rng(5)
+    w = rng.normal(size=(64, 32)).astype(np.float32)
+    w[0, :] = 0.0
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["out"], name="/m/MatMul")], "m",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "t", 64])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["b", "t", 32])],
+                              [numpy_helper.from_array(w, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    quantize_weights_only(path, ["/m/MatMul"])
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    assert "MatMulNBits" not in {n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node}
+    x = rng.normal(size=(2, 5, 64)).astype(np.float32)
+    x[..., 0] = 1e4
+    y, ref = session.run(None, {"x": x})[0], x @ w
+    assert y.shape == (2, 5, 32) and float(np.abs(y - ref).max() / np.abs(ref).max()) < 0.01

@@ -75,6 +75,10 @@ def test_mobile_artifact_is_static_qdq_ort_with_fixed_shapes(mobile_artifact):
     assert "ai.onnx;" in config and ("QLinearMatMul" in config or "MatMul" in config)
     # residual Adds stay apart from their LayerNormalization (onnxruntime's SkipLayerNormalization is slower on the CPU)
     assert "SkipLayerNormalization" not in config and "LayerNormalization" in config
+    # the FFN down-projections are quantized dynamically (the profile's `dynamic`), fused for the .ort
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("MatMulInteger") == ops.count("DynamicQuantizeLinear") >= 1
+    assert "DynamicQuantizeMatMul" in config
     # the .ort loads in onnxruntime and matches the .onnx on new text
     tok = AutoTokenizer.from_pretrained(art)
     enc = tok(make_texts(4, seed=9), padding="max_length", truncation=True, max_length=16, return_tensors="np")

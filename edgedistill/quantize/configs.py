@@ -53,6 +53,10 @@ class StaticQdqInt8Config(BaseModel):
             are stored int8 (per output channel, symmetric) behind a DequantizeLinear: for layers whose inputs do
             not survive a per-tensor uint8 range (a transformer's FFN down-projection, fed by GELU's long tail),
             at a quarter of the float weights' size.
+        dynamic: regexes of MatMul/Gemm node names quantized at run time instead (int8 weights per output channel,
+            the input's uint8 range measured on each call: DynamicQuantizeLinear -> MatMulInteger, which onnxruntime
+            fuses into DynamicQuantizeMatMul): for the same long-tailed layers, computed in int8 where weight_only
+            computes in float. A node named by both is dynamic.
         search: when the budget is missed, exclude node groups in order of measured sensitivity until it holds.
         embedding_bits: 4 stores the token table (the largest Gathered constant) as 4-bit rows packed two per byte
             with a float scale per `embedding_block_size` values, unpacked by standard operators after the lookup
@@ -71,6 +75,8 @@ class StaticQdqInt8Config(BaseModel):
     exclude: list[str] = Field(default_factory=list, description="regexes of node names kept in float")
     weight_only: list[str] = Field(default_factory=list,
                                    description="regexes of MatMul/Gemm node names with int8 weights, float activations")
+    dynamic: list[str] = Field(default_factory=list,
+                               description="regexes of MatMul/Gemm node names quantized dynamically (range per call)")
     search: bool = True
     embedding_bits: Literal[8, 4] = 8
     embedding_block_size: Literal[16, 32, 64, 128] = 32

@@ -1,5 +1,6 @@
-"""Accuracy-aware quantization: when a recipe misses the budget, search calibration and per-channel settings, then
-keep the most sensitive node groups (measured by quantizing one group at a time) in float until the budget holds."""
+"""Accuracy-aware quantization: when a recipe misses the budget, try its `dynamic` nodes (if any) as weight-only,
+then other calibration and per-channel settings, then keep the most sensitive node groups (measured by quantizing
+one group at a time) in float until the budget holds."""
 from __future__ import annotations
 
 import re
@@ -86,6 +87,10 @@ def quantize_within_budget(model_path: Path, config: BaseModel, work_dir: Path, 
                         latency(model_path)))
     if reference < floor:
         return best()  # the fp32 student itself misses the budget: quantization is not what to search
+    if getattr(config, "dynamic", None):  # int8 at run time missed: int8 weights over float activations instead
+        if attempt(config.model_copy(update={"weight_only": [*config.weight_only, *config.dynamic], "dynamic": []}),
+                   "dynamic nodes weight-only (float activations)"):
+            return last()
     fields = type(config).model_fields
     if "calibration" in fields:
         for method in ("entropy", "percentile", "minmax"):

@@ -48,7 +48,8 @@ def quantize_static_qdq(model_path: Path, config: StaticQdqInt8Config, out_path:
         # symbolic shape inference fails on these graphs (and is not needed with fixed or plain dims)
         quant_pre_process(str(model_path), str(prepared), skip_symbolic_shape=True)
         excluded = excluded_nodes(prepared, config.exclude)
-        weight_only = [n for n in excluded_nodes(prepared, config.weight_only) if n not in set(excluded)]
+        dynamic = [n for n in excluded_nodes(prepared, config.dynamic) if n not in set(excluded)]
+        weight_only = [n for n in excluded_nodes(prepared, config.weight_only) if n not in set(excluded + dynamic)]
         four_bit = token_table_gathers(onnx.load(str(prepared), load_external_data=False), excluded) \
             if config.embedding_bits == 4 else []
         if config.calibration == "entropy" and not cache.is_file():
@@ -62,11 +63,13 @@ def quantize_static_qdq(model_path: Path, config: StaticQdqInt8Config, out_path:
                 activation_type=_TYPES[config.activation_type],
                 weight_type=_TYPES[config.weight_type],
                 calibrate_method=_METHODS[config.calibration],
-                nodes_to_exclude=excluded + weight_only + four_bit,
+                nodes_to_exclude=excluded + dynamic + weight_only + four_bit,
                 extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT,
                                "ActivationSymmetric": config.activation_type == "int8"},
                 calibration_cache_path=cache,
             )
+    if dynamic:
+        quantize_dynamically(out_path, dynamic, config.per_channel)
     if weight_only:
         quantize_weights_only(out_path, weight_only)
     if four_bit:
@@ -95,14 +98,65 @@ def _entropy_ranges(prepared: Path, config: StaticQdqInt8Config, calibration: Se
         save_tensors_data(calibrator.compute_data(), cache)
 
 
+def quantize_dynamically(model_path: Path, node_names: list[str], per_channel: bool) -> None:
+    """Rewrite the model in place: each named MatMul/Gemm gets int8 weights and an input quantized on each call
+    (onnxruntime's `quantize_dynamic` on those nodes alone; the graph's static Q/DQ pairs are left as they are).
+
+    onnxruntime's dynamic quantizer takes MatMul, not Gemm, and its pre-processing fused MatMul+Add into Gemm: a
+    named Gemm (alpha = beta = 1, 2-D) is first written back as MatMul + Add, keeping its name on the MatMul."""
+    from onnx import helper, numpy_helper
+    from onnxruntime.quantization import quantize_dynamic
+
+    model = onnx.load(str(model_path))
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    wanted, names = set(node_names), []
+    for node in list(graph.node):
+        if node.name not in wanted or node.input[1] not in inits:
+            continue
+        if node.op_type == "Gemm":
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            if attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0 or attrs.get("transA", 0):
+                continue
+            if attrs.get("transB", 0):
+                w = inits[node.input[1]]
+                transposed = numpy_helper.from_array(numpy_helper.to_array(w).T.copy(), f"{w.name}_kn")
+                graph.initializer.append(transposed)
+                weight = transposed.name
+            else:
+                weight = node.input[1]
+            product = f"{node.output[0]}_matmul" if len(node.input) > 2 and node.input[2] else node.output[0]
+            matmul = helper.make_node("MatMul", [node.input[0], weight], [product], name=node.name)
+            replacement = [matmul]
+            if product != node.output[0]:
+                replacement.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]],
+                                                    name=f"{node.name}_bias_Add"))
+            position = list(graph.node).index(node)
+            graph.node.remove(node)
+            for j, n in enumerate(replacement):
+                graph.node.insert(position + j, n)
+        elif node.op_type != "MatMul":
+            continue
+        names.append(node.name)
+    if not names:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        unfused = Path(tmp) / "unfused.onnx"
+        onnx.save(model, str(unfused))
+        quantize_dynamic(unfused, model_path, weight_type=QuantType.QInt8, per_channel=per_channel,
+                         op_types_to_quantize=["MatMul"], nodes_to_quantize=names,
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+
+
 def quantize_weights_only(model_path: Path, node_names: list[str]) -> None:
     """Rewrite the model in place: the constant weight of each named MatMul/Gemm becomes int8 (one symmetric scale
     per output channel, max|w| / 127) behind a DequantizeLinear; the node's activations stay float.
 
-    The int8 weight is stored (N, K), output channels first, and reaches the node through Gemm's transB (or a
-    Transpose before a MatMul): onnxruntime 1.32 rewrites DequantizeLinear(per-channel (K, N) int8) -> MatMul/Gemm
-    into MatMulNBits, which computes with int8 activations (accuracy level 4), the opposite of what is asked here
-    (measured: a 1e4 outlier in the input then wipes out the other values)."""
+    The int8 weight is stored (N, K), output channels first, and reaches a Gemm through transB; a MatMul becomes
+    Reshape(x, [-1, K]) -> Gemm -> Reshape(x's leading dims + [N]). onnxruntime 1.32 rewrites any
+    DequantizeLinear(int8) -> MatMul (a Transpose between them included, and per-tensor scales too) into
+    MatMulNBits, which computes with int8 activations (accuracy level 4), the opposite of what is asked here
+    (measured: a 1e4 outlier in the input then wipes out the other values); DequantizeLinear -> Gemm it leaves."""
     import numpy as np
     from onnx import helper, numpy_helper
 
@@ -114,7 +168,7 @@ def quantize_weights_only(model_path: Path, node_names: list[str]) -> None:
         for name in node.input:
             consumers[name] = consumers.get(name, 0) + 1
     wanted, added = set(node_names), []
-    for node in graph.node:
+    for node in list(graph.node):
         if node.name not in wanted or node.op_type not in ("MatMul", "Gemm") or node.input[1] not in inits:
             continue
         weight = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
@@ -128,21 +182,36 @@ def quantize_weights_only(model_path: Path, node_names: list[str]) -> None:
         base = f"{node.input[1]}_weight_only"
         graph.initializer.extend([numpy_helper.from_array(q, f"{base}_int8"), numpy_helper.from_array(scale, f"{base}_scale"),
                                   numpy_helper.from_array(np.zeros_like(scale, dtype=np.int8), f"{base}_zero_point")])
-        dequantized = base if node.op_type == "Gemm" else f"{base}_nk"
         added.append(helper.make_node("DequantizeLinear", [f"{base}_int8", f"{base}_scale", f"{base}_zero_point"],
-                                      [dequantized], name=f"{node.name}_weight_DequantizeLinear", axis=0))
+                                      [base], name=f"{node.name}_weight_DequantizeLinear", axis=0))
+        consumers[node.input[1]] -= 1
+        if consumers[node.input[1]] == 0:
+            graph.initializer.remove(inits.pop(node.input[1]))
         if node.op_type == "Gemm":
             if trans_b is None:
                 node.attribute.append(helper.make_attribute("transB", 1))
             else:
                 trans_b.i = 1
-        else:
-            added.append(helper.make_node("Transpose", [dequantized], [base], name=f"{node.name}_weight_Transpose",
-                                          perm=[1, 0]))
-        consumers[node.input[1]] -= 1
-        if consumers[node.input[1]] == 0:
-            graph.initializer.remove(inits.pop(node.input[1]))
-        node.input[1] = base
+            node.input[1] = base
+            continue
+        x, y, n = node.input[0], node.output[0], node.name
+        graph.initializer.extend([
+            numpy_helper.from_array(np.array([-1, q.shape[1]], np.int64), f"{base}_rows"),
+            numpy_helper.from_array(np.array([0], np.int64), f"{base}_zero"),
+            numpy_helper.from_array(np.array([-1], np.int64), f"{base}_minus_one"),
+            numpy_helper.from_array(np.array([q.shape[0]], np.int64), f"{base}_n")])
+        gemm = [
+            helper.make_node("Reshape", [x, f"{base}_rows"], [f"{y}_rows_in"], name=f"{n}_Reshape_in"),
+            helper.make_node("Gemm", [f"{y}_rows_in", base], [f"{y}_rows"], name=n, transB=1),
+            helper.make_node("Shape", [x], [f"{y}_x_shape"], name=f"{n}_Shape"),
+            helper.make_node("Slice", [f"{y}_x_shape", f"{base}_zero", f"{base}_minus_one"], [f"{y}_lead"],
+                             name=f"{n}_Slice"),
+            helper.make_node("Concat", [f"{y}_lead", f"{base}_n"], [f"{y}_shape"], name=f"{n}_Concat", axis=0),
+            helper.make_node("Reshape", [f"{y}_rows", f"{y}_shape"], [y], name=f"{n}_Reshape_out")]
+        position = list(graph.node).index(node)
+        graph.node.remove(node)
+        for j, new_node in enumerate(gemm):
+            graph.node.insert(position + j, new_node)
     for i, n in enumerate(added):  # before every consumer: they lead the (topologically sorted) node list
         graph.node.insert(i, n)
     onnx.save(model, str(model_path))
