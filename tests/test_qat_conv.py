@@ -53,6 +53,27 @@ def test_fold_batchnorm_keeps_the_function_and_removes_every_batchnorm():
         assert torch.allclose(model(x), before, atol=1e-5)
 
 
+def test_fold_batchnorm_into_tf_same_padded_convolutions():
+    """EfficientNet-Lite's Conv2dSame pads itself at stride 2 and calls conv2d directly: the bias a folded BatchNorm
+    adds must reach that call (it was dropped, and the compile of efficientnet-lite0 at its defaults failed)."""
+    from edgedistill.teachers.vision_archs import efficientnet_lite0
+
+    torch.manual_seed(0)
+    model = efficientnet_lite0(num_classes=5, stage_blocks=(1,) * 7).eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.bias.data.uniform_(-0.3, 0.3)
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model(x)
+    assert fold_batchnorm(model, x[:1]) == sum(1 for m in efficientnet_lite0(stage_blocks=(1,) * 7).modules()
+                                               if isinstance(m, nn.BatchNorm2d))
+    with torch.no_grad():
+        assert torch.allclose(model(x), before, atol=1e-4 * float(before.abs().max()))
+
+
 def test_round_per_channel_is_symmetric_int8_per_output_channel():
     w = torch.randn(4, 3, 3, 3) * torch.tensor([0.01, 1.0, 5.0, 0.0]).view(4, 1, 1, 1)
     q = round_per_channel(w)

@@ -121,7 +121,7 @@ class Conv2dSame(nn.Conv2d):
         (ih, iw), k, s = x.shape[-2:], self.kernel_size[0], self.stride[0]
         pad_h, pad_w = (-(-ih // s) - 1) * s + k - ih, (-(-iw // s) - 1) * s + k - iw  # >= 0 since k >= s
         x = F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
-        return F.conv2d(x, self.weight, None, self.stride, 0, self.dilation, self.groups)
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)  # a folded BN adds one
 
 
 class MBConvBlock(nn.Module):
