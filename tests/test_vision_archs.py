@@ -173,3 +173,24 @@ vision:
 
     vnni = "avx512_vnni" in cpu_flags() or "avx_vnni" in cpu_flags()
     assert v["top1_agreement"] >= (0.6 if vnni else 0.42) and v["top5_agreement"] >= (0.9 if vnni else 0.75), v
+
+
+def test_tf_same_padding_exports_without_a_pad_node(tmp_path):
+    """EfficientNet-Lite's stride-2 'SAME' padding is asymmetric; exported, it is folded into the Conv's own pads
+    (a Pad left before the Conv ran in float inside the int8 graph), the output still torch's at batch 1 and 3."""
+    import onnx
+    import onnxruntime as ort
+
+    from edgedistill.families.vision_build import export_vision
+
+    model = efficientnet_lite0(num_classes=5, stage_blocks=(1,) * 7).eval()
+    path, info = export_vision(model, 64, tmp_path / "m.onnx", 17)
+    graph = onnx.load(str(path)).graph
+    assert info["pads_folded_into_convs"] == 5 and not any(n.op_type == "Pad" for n in graph.node)
+    stem = next(n for n in graph.node if n.op_type == "Conv")
+    assert next(a.ints for a in stem.attribute if a.name == "pads") == [0, 0, 1, 1]  # SAME at stride 2, k=3, even size
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch in (1, 3):
+        x = torch.rand(batch, 3, 64, 64, generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            np.testing.assert_allclose(session.run(None, {"pixels": x.numpy()})[0], model(x).numpy(), atol=1e-4)

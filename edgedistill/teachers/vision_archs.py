@@ -118,7 +118,10 @@ class Conv2dSame(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stride == (1, 1):
             return super().forward(x)
-        (ih, iw), k, s = x.shape[-2:], self.kernel_size[0], self.stride[0]
+        # Python ints, so an exported graph pads by constants (onnxruntime then folds the Pad into the Conv's pads;
+        # traced from the shape, the Pad ran in float between a DequantizeLinear and a QuantizeLinear): the exported
+        # input size is fixed, only the batch is free
+        (ih, iw), k, s = (int(d) for d in x.shape[-2:]), self.kernel_size[0], self.stride[0]
         pad_h, pad_w = (-(-ih // s) - 1) * s + k - ih, (-(-iw // s) - 1) * s + k - iw  # >= 0 since k >= s
         x = F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
         return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)  # a folded BN adds one
