@@ -38,7 +38,7 @@ def warnings_for(m: Manifest) -> list[str]:
         held = f"{n_val} windows ({n_val * m.data['window_tokens']:,} tokens)" if lm else f"{n_val} texts"
         out.append(f"The verdict rests on only {held} held out; pass more data or a larger --val-fraction "
                    "before trusting it.")
-    if m.distillation["best_step"] == 0:
+    if m.distillation["best_step"] == 0 and m.distillation.get("history"):  # no history: not distilled, on purpose
         out.append("Distillation never beat the initial student (step 0): this artifact is the student as derived "
                    "from the teacher, without training. Check --lr, --epochs and the transfer set.")
     lat = m.latency
