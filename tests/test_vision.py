@@ -207,6 +207,11 @@ def test_quantization_aware_can_be_turned_off_and_refuses_a_target_it_cannot_sim
                      opts(quantization_aware=False))
     m = verify_files(result.targets[0].path)
     assert m.distillation["quantization_aware"] is None and "batchnorm_folded" not in m.student["pruning"]
+    # the teacher's own shape in float: its step 0 agrees 1.0 already, which the best-step choice keeps: not trained
+    assert m.distillation["history"] == [] and m.distillation["best_validation_top1_agreement"] == 1.0
+    assert "no training step can beat" in m.student["pruning"]["not_distilled"]
+    report = (result.targets[0].path / "report.md").read_text()
+    assert "Not distilled: the student is the teacher" in report and "never beat" not in report
     # by default: on for the teacher's layers (its own shape, or at a lower resolution: from the first step), off for a
     # channel-pruned student (measured)
     pruned = compile(tiny_teacher, str(photos), [str(profile(tmp_path / "p.yaml", QAT_INT8))], tmp_path / "o1",
@@ -707,7 +712,7 @@ def test_fresh_views_are_new_crops_labelled_by_the_teacher_in_the_loop(tiny_teac
 
     monkeypatch.setattr(vision_training.FreshViews, "batch", spy)
     spec = str(profile(tmp_path / "p.yaml", "{recipe: fp32}"))
-    result = compile(tiny_teacher, str(photos), [spec], tmp_path / "out", opts(fresh_views=True))
+    result = compile(tiny_teacher, str(photos), [spec], tmp_path / "out", opts(fresh_views=True, macs_ratio=0.5))
     assert len(seen) == 3  # 48 views / 16 per batch, 1 epoch
     cached = {v.tobytes() for v in result.distilled.train_views}
     drawn = np.concatenate(seen)
@@ -722,7 +727,7 @@ def test_fresh_views_are_new_crops_labelled_by_the_teacher_in_the_loop(tiny_teac
     mixed, _ = real(fresh, np.arange(4))  # the same crops, mixed in pairs
     assert mixed.shape == plain.shape and not torch.allclose(mixed, plain)
     seen.clear()
-    compile(tiny_teacher, str(photos), [spec], tmp_path / "out2", opts())  # cached views: another student
+    compile(tiny_teacher, str(photos), [spec], tmp_path / "out2", opts(macs_ratio=0.5))  # cached views: another student
     assert not seen
     labelled = tmp_path / "labelled.npz"
     np.savez(labelled, images=np.load(photos)["images"], labels=np.arange(12) % 3)
@@ -735,7 +740,8 @@ def test_fresh_views_resume_after_an_interruption_as_if_uninterrupted(tiny_teach
     """The crops are seeded from torch's RNG, which a checkpoint saves and a resumed run restores: a run stopped
     after its first checkpoint and resumed trains on the same crops and ends with the same history and student."""
     spec = str(profile(tmp_path / "p.yaml", "{recipe: fp32}"))
-    three_epochs = dict(distill=DistillConfig(epochs=3, batch_size=16), fresh_views=True, checkpoint_every=2)
+    three_epochs = dict(distill=DistillConfig(epochs=3, batch_size=16), fresh_views=True, checkpoint_every=2,
+                        macs_ratio=0.5)
     ref = compile(tiny_teacher, str(photos), [spec], tmp_path / "ref", CompileOptions(cache_dir=tmp_path / "c1",
                                                                                        **three_epochs))
     real, calls = vision_training.FreshViews.batch, [0]
