@@ -182,8 +182,12 @@ def compile_cmd(
                 else "a larger --macs-ratio"
         if failed[0].manifest.search:
             larger = "a larger --time-budget or looser limits"
-        fail(BudgetError("; ".join(f"{r.profile.name}: {r.manifest.metrics['verdict']}" for r in failed),
-                         hint=f"see the .rejected.md report; try more --epochs, more --data or {larger}"))
+        hint = f"see the .rejected.md report; try more --epochs, more --data or {larger}"
+        if "not_distilled" in (failed[0].manifest.student.get("pruning") or {}):  # the teacher's weights, only rounded
+            hint = ("see the .rejected.md report: the student is the teacher's own weights, only quantized for this "
+                    "target; try --quantization-aware (when the target's int8 is onnxruntime's static QDQ) or "
+                    "a lower vision budget in the target profile")
+        fail(BudgetError("; ".join(f"{r.profile.name}: {r.manifest.metrics['verdict']}" for r in failed), hint=hint))
 
 
 @targets_app.callback(invoke_without_command=True)
