@@ -33,8 +33,8 @@ def render_report(m: Manifest, published: bool) -> str:
     q = m.quantization["chosen"]
     qat = m.distillation.get("quantization_aware")
     if not m.distillation["history"]:
-        trained = (f"Not distilled: {p.get('not_distilled', p.get('importance'))}; calibrated on views of {d['num_train_images']} photos of "
-                   f"`{d['source']}`. Views: {d['views']}.")
+        trained = (f"Not distilled: {p.get('not_distilled', p.get('importance'))}; calibrated on views of "
+                   f"{d['num_train_images']} photos of `{d['source']}`. Views: {d['views']}.")
     else:
         trained = (f"Distilled on {d['num_train']:,} views ({d['views_per_train_image']} per photo) of "
                    f"{d['num_train_images']} photos of `{d['source']}` against the teacher's cached logits, temperature "

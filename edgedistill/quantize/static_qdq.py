@@ -98,6 +98,14 @@ def _entropy_ranges(prepared: Path, config: StaticQdqInt8Config, calibration: Se
         save_tensors_data(calibrator.compute_data(), cache)
 
 
+def _replace_node(graph, node, replacement: list) -> None:
+    """Put `replacement` (nodes in order) where `node` stands in the topologically sorted node list."""
+    position = list(graph.node).index(node)
+    graph.node.remove(node)
+    for offset, new in enumerate(replacement):
+        graph.node.insert(position + offset, new)
+
+
 def quantize_dynamically(model_path: Path, node_names: list[str], per_channel: bool) -> None:
     """Rewrite the model in place: each named MatMul/Gemm gets int8 weights and an input quantized on each call
     (onnxruntime's `quantize_dynamic` on those nodes alone; the graph's static Q/DQ pairs are left as they are).
@@ -131,10 +139,7 @@ def quantize_dynamically(model_path: Path, node_names: list[str], per_channel: b
             if product != node.output[0]:
                 replacement.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]],
                                                     name=f"{node.name}_bias_Add"))
-            position = list(graph.node).index(node)
-            graph.node.remove(node)
-            for j, n in enumerate(replacement):
-                graph.node.insert(position + j, n)
+            _replace_node(graph, node, replacement)
         elif node.op_type != "MatMul":
             continue
         names.append(node.name)
@@ -208,10 +213,7 @@ def quantize_weights_only(model_path: Path, node_names: list[str]) -> None:
                              name=f"{n}_Slice"),
             helper.make_node("Concat", [f"{y}_lead", f"{base}_n"], [f"{y}_shape"], name=f"{n}_Concat", axis=0),
             helper.make_node("Reshape", [f"{y}_rows", f"{y}_shape"], [y], name=f"{n}_Reshape_out")]
-        position = list(graph.node).index(node)
-        graph.node.remove(node)
-        for j, new_node in enumerate(gemm):
-            graph.node.insert(position + j, new_node)
+        _replace_node(graph, node, gemm)
     for i, n in enumerate(added):  # before every consumer: they lead the (topologically sorted) node list
         graph.node.insert(i, n)
     onnx.save(model, str(model_path))
