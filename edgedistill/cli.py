@@ -185,7 +185,7 @@ def compile_cmd(
         hint = f"see the .rejected.md report; try more --epochs, more --data or {larger}"
         if "not_distilled" in (failed[0].manifest.student.get("pruning") or {}):  # the teacher's weights, only rounded
             hint = ("see the .rejected.md report: the student is the teacher's own weights, only quantized for this "
-                    "target; try --quantization-aware (when the target's int8 is onnxruntime's static QDQ) or "
+                    "target; try --quantization-aware (when the target's int8 is static: onnxruntime's QDQ or XNNPACK's) or "
                     "a lower vision budget in the target profile")
         fail(BudgetError("; ".join(f"{r.profile.name}: {r.manifest.metrics['verdict']}" for r in failed), hint=hint))
 

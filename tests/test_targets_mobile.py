@@ -309,3 +309,50 @@ def test_multi_target_compile_writes_summary(tmp_path):
     for name in ("cpu-a", "tiny-arm64-mobile", "strict"):
         assert f"| {name} |" in summary
     assert "model.ort" in summary and "**FAIL**" in summary
+
+
+def test_xnnpack_static_int8_fuses_relu6_into_the_convolution_and_quantizes_after_the_clamp(tmp_path):
+    """ReLU6 (aten.hardtanh) after a convolution: XNNPACKQuantizer alone quantizes the convolution's output over its
+    whole range and the clamp shares it; annotate_conv_clamps quantizes only after the clamp, and XNNPACK runs the
+    pair as one convolution with a fused clamp."""
+    import torch
+    from torch import nn
+
+    from edgedistill.backends.executorch import load_pte, lower_to_pte, quantize_for_xnnpack
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6(),
+                        nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU6(), nn.Conv2d(8, 4, 1)).eval()
+    with torch.no_grad():  # outputs far outside [0, 6] before the clamps: most levels of a whole-range scale are wasted
+        net[0].weight.mul_(16.0)
+        net[3].weight.mul_(16.0)
+    x = torch.rand(1, 3, 16, 16)
+    calib = [(torch.rand(1, 3, 16, 16),) for _ in range(16)]
+    exported = torch.export.export(net, (x,))
+    quantized = quantize_for_xnnpack(exported, (x,), calib, per_channel=True, dynamic=False)
+    graph = quantized.graph
+    clamps = [n for n in graph.nodes if n.op == "call_function" and "hardtanh" in str(n.target)]
+    assert len(clamps) == 2
+    for clamp in clamps:  # the convolution feeds the clamp directly; one quantize after the clamp
+        conv = clamp.args[0]
+        assert "conv" in str(conv.target) and list(conv.users) == [clamp]
+        (q,) = clamp.users
+        assert "quantize_per_tensor" in str(q.target)
+        scale = float(q.args[1])
+        assert scale <= 6.0 / 255 * 1.05, scale  # the clamp's range, not the convolution's
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (XNNPACKQuantizer,
+                                                                        get_symmetric_quantization_config)
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    plain = prepare_pt2e(torch.export.export(net, (x,)).module(),  # XNNPACK's quantizer as it ships
+                         XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True)))
+    for inputs in calib:
+        plain(*inputs)
+    with torch.no_grad():
+        want = net(x).numpy()
+    errors = {}
+    for name, program in (("fused", quantized), ("plain", torch.export.export(convert_pt2e(plain), (x,)))):
+        path = tmp_path / f"{name}.pte"
+        path.write_bytes(lower_to_pte(program))
+        errors[name] = float(np.abs(load_pte(path)({"pixels": x.numpy()}) - want).mean())
+    assert errors["fused"] < 0.7 * errors["plain"], errors  # measured 0.017 vs 0.031

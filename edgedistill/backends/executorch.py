@@ -99,17 +99,73 @@ def with_4bit_token_table(module: torch.nn.Module, vocab_size: int, block: int) 
     return module
 
 
-def quantize_for_xnnpack(exported, example: tuple, calibration, per_channel: bool, dynamic: bool,
-                         embeddings: bool = False):
-    """Return `exported` (a torch.export program) quantized by PT2E with XNNPACKQuantizer's symmetric int8 config
-    (dynamic: activations quantized at run time; static: ranges observed on `calibration`, an iterable of input
-    tuples), re-exported at `example`. embeddings: also torchao's EmbeddingQuantizer (uint8 tables, a scale per
-    row), which `lower_to_pte` then fuses into ExecuTorch's embedding_byte kernel."""
+def annotate_conv_clamps(gm: torch.fx.GraphModule, config) -> int:
+    """Annotate each convolution whose only user is a clamp (ReLU6: aten.hardtanh) as one quantized op: the
+    convolution's inputs quantized, its output not, the clamp's output quantized; return how many. XNNPACKQuantizer
+    does this for ReLU only, so a ReLU6 network's convolution outputs were quantized over their whole range before
+    the clamp (a quarter or less of the 256 levels left inside [0, 6]); this way XNNPACK fuses the clamp into the
+    convolution (its output_min/max) and the range is the clamp's. Measured (README, "ExecuTorch: ReLU6 fused"):
+    MobileNetV2 quantized without training, top-1 agreement 0.778 -> 0.852 on held-out photos."""
+    from torchao.quantization.pt2e.quantizer import (QuantizationAnnotation, get_bias_qspec, get_input_act_qspec,
+                                                     get_output_act_qspec, get_weight_qspec)
+    from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
+    from torchao.quantization.pt2e.utils import _is_conv_node
+
+    count = 0
+    for clamp in gm.graph.nodes:
+        if clamp.op != "call_function" or clamp.target not in (torch.ops.aten.hardtanh.default,
+                                                               torch.ops.aten.hardtanh_.default):  # ReLU6
+            continue
+        conv = clamp.args[0]
+        if not (isinstance(conv, torch.fx.Node) and _is_conv_node(conv) and len(conv.users) == 1):
+            continue
+        if Q_ANNOTATION_KEY in conv.meta or Q_ANNOTATION_KEY in clamp.meta:
+            continue
+        inputs = {conv.args[0]: get_input_act_qspec(config), conv.args[1]: get_weight_qspec(config)}
+        if len(conv.args) > 2 and isinstance(conv.args[2], torch.fx.Node):
+            inputs[conv.args[2]] = get_bias_qspec(config)
+        conv.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation(input_qspec_map=inputs, _annotated=True)
+        clamp.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation(output_qspec=get_output_act_qspec(config),
+                                                              _annotated=True)
+        count += 1
+    return count
+
+
+def xnnpack_quantizer(per_channel: bool, dynamic: bool, activation_observer: str = "histogram"):
+    """Return XNNPACKQuantizer with its symmetric int8 config (int8 weights, symmetric, per output channel when
+    per_channel; int8 activations, quantized at run time when dynamic, else over ranges observed by
+    `activation_observer`: histogram (XNNPACK's default, an L2-optimal range) or minmax), convolutions followed by
+    a clamp annotated as one op (annotate_conv_clamps)."""
+    import dataclasses
+
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
+    from torchao.quantization.pt2e import MinMaxObserver
+
+    config = get_symmetric_quantization_config(is_per_channel=per_channel, is_dynamic=dynamic)
+    if not dynamic and activation_observer == "minmax":
+        act = dataclasses.replace(config.input_activation,
+                                  observer_or_fake_quant_ctr=MinMaxObserver.with_args(eps=2**-12))
+        config = dataclasses.replace(config, input_activation=act, output_activation=act)
+
+    class ClampFusingQuantizer(XNNPACKQuantizer):
+        def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+            if not dynamic:
+                annotate_conv_clamps(model, config)
+            return super().annotate(model)
+
+    return ClampFusingQuantizer().set_global(config)
+
+
+def quantize_for_xnnpack(exported, example: tuple, calibration, per_channel: bool, dynamic: bool,
+                         embeddings: bool = False, activation_observer: str = "histogram"):
+    """Return `exported` (a torch.export program) quantized by PT2E with XNNPACKQuantizer's symmetric int8 config
+    (xnnpack_quantizer: dynamic: activations quantized at run time; static: ranges observed on `calibration`, an
+    iterable of input tuples, by `activation_observer`), re-exported at `example`. embeddings: also torchao's
+    EmbeddingQuantizer (uint8 tables, a scale per row), which `lower_to_pte` then fuses into ExecuTorch's
+    embedding_byte kernel."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=per_channel,
-                                                                                is_dynamic=dynamic))
+    quantizer = xnnpack_quantizer(per_channel, dynamic, activation_observer)
     if embeddings:
         import executorch.kernels.quantized  # noqa: F401  registers quantized_decomposed.embedding_byte for export
         from torchao.quantization.pt2e.quantizer import ComposableQuantizer

@@ -196,7 +196,7 @@ def build_pte(d: VisionDistilled, profile: TargetProfile, stage_dir: Path):
             views = calibration_views(d.train_views, cfg.calibration_texts)
             exported = quantize_for_xnnpack(exported, (example,), ((to_pixels(views[i : i + batch]),)
                                                                    for i in range(0, len(views) - batch + 1, batch)),
-                                            cfg.per_channel, dynamic=False)
+                                            cfg.per_channel, dynamic=False, activation_observer=cfg.calibration)
         buffer = lower_to_pte(exported)
     path = stage_dir / "model.pte"
     path.write_bytes(buffer)

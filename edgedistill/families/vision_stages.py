@@ -161,23 +161,28 @@ def quantization_aware(profiles: list[TargetProfile], requested: bool | None) ->
     """Return the number of calibration views of the static int8 rounding the student is distilled through, or None.
 
     The rounding simulated (distill/qat_conv.py) is onnxruntime's QDQ static int8 with per-channel int8 weights,
-    uint8 min-max activations and Conv+ReLU6 fused (op types Conv, Gemm, Clip). None (the default) means: when every
-    target quantizes exactly so (and distill_student then keeps it for the teacher's own shape only, as measured);
+    uint8 min-max activations and Conv+ReLU6 fused (op types Conv, Gemm, Clip). XNNPACK's PT2E static int8 with
+    per-channel weights fits too: the same weight grid (max|w|/127 per output channel), int8 activations (the uint8
+    grid shifted by 128) and Conv+ReLU6 fused; its histogram ranges differ from min-max, and the student trained
+    through min-max still measured better there (README, "ExecuTorch: ReLU6 fused"). None (the default) means: when
+    every target quantizes so (and distill_student then keeps it for the teacher's own shape only, as measured);
     True refuses targets that do not; False never."""
-    from edgedistill.quantize.configs import StaticQdqInt8Config
+    from edgedistill.quantize.configs import StaticQdqInt8Config, XnnpackStaticInt8Config
 
     if requested is False:
         return None
     counts = set()
     for p in profiles:
         q = p.vision.quantization if p.vision else None
-        fits = (isinstance(q, StaticQdqInt8Config) and q.per_channel and q.calibration == "minmax"
-                and q.activation_type == "uint8" and {"Conv", "Clip"} <= set(q.op_types))
+        fits = ((isinstance(q, StaticQdqInt8Config) and q.per_channel and q.calibration == "minmax"
+                 and q.activation_type == "uint8" and {"Conv", "Clip"} <= set(q.op_types))
+                or (isinstance(q, XnnpackStaticInt8Config) and q.per_channel))
         if not fits:
             if requested is None:
                 return None
-            raise EdgeDistillError(f"--quantization-aware trains for static int8 (per-channel weights, uint8 min-max "
-                                   f"activations, op types including Conv and Clip); target {p.name} quantizes with "
+            raise EdgeDistillError(f"--quantization-aware trains for static int8 (onnxruntime's QDQ with per-channel "
+                                   f"weights, uint8 min-max activations and op types including Conv and Clip, or "
+                                   f"XNNPACK's per-channel); target {p.name} quantizes with "
                                    f"{q.model_dump(include={'recipe', 'per_channel', 'calibration', 'op_types'}) if q else None}",
                                    hint="leave out --quantization-aware, or pick targets with that static int8 recipe")
         counts.add(q.calibration_texts)

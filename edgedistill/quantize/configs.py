@@ -124,11 +124,14 @@ class XnnpackDynamicInt8Config(BaseModel):
 class XnnpackStaticInt8Config(BaseModel):
     """ExecuTorch, image classifiers: PT2E static int8 for the XNNPACK delegate (XNNPACKQuantizer's symmetric config:
     int8 weights per output channel, int8 activations with ranges observed on calibration views), Conv + BatchNorm +
-    ReLU fused by the quantizer. Fields: per_channel weight scales; calibration_texts: training views observed."""
+    ReLU/ReLU6 fused (backends/executorch.py: annotate_conv_clamps). Fields: per_channel weight scales; calibration:
+    the activation observer, histogram (XNNPACK's default) or minmax (the rounding a quantization-aware student
+    trains through); calibration_texts: training views observed."""
 
     model_config = ConfigDict(extra="forbid")
     recipe: Literal["xnnpack-static-int8"] = "xnnpack-static-int8"
     per_channel: bool = True
+    calibration: Literal["histogram", "minmax"] = "histogram"
     calibration_texts: int = Field(64, ge=1, le=10000, description="calibration inputs (views, for images)")
 
 
