@@ -141,7 +141,7 @@ def main() -> int:
     args = ap.parse_args()
     from edgedistill.bench.timer import measure_interleaved, paired_ratio
     from edgedistill.families.vision import count_macs
-    from edgedistill.families.vision_build import export_vision
+    from edgedistill.families.vision_export import export_vision
     from edgedistill.quantize import quantize
     from edgedistill.quantize.configs import StaticQdqInt8Config
     from edgedistill.runtimes.ort_cpu import cpu_session

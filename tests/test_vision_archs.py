@@ -181,7 +181,7 @@ def test_tf_same_padding_exports_without_a_pad_node(tmp_path):
     import onnx
     import onnxruntime as ort
 
-    from edgedistill.families.vision_build import export_vision
+    from edgedistill.families.vision_export import export_vision
 
     model = efficientnet_lite0(num_classes=5, stage_blocks=(1,) * 7).eval()
     path, info = export_vision(model, 64, tmp_path / "m.onnx", 17)

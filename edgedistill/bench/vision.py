@@ -31,7 +31,7 @@ PEER_CALIBRATION_SEED = 12345  # another seed than any compile's views
 def peer_models(teacher: Teacher, size: int, work: Path, calibration: np.ndarray) -> dict[str, Path]:
     """Return the teacher exported (fp32) and quantized without distillation: plainly (the peer), and with our
     recipe (Conv+ReLU6 fused), keyed by row name."""
-    from edgedistill.families.vision_build import export_vision
+    from edgedistill.families.vision_export import export_vision
     from edgedistill.families.vision_stages import INPUT
     from edgedistill.quantize import quantize
     from edgedistill.quantize.configs import StaticQdqInt8Config
