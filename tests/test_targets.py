@@ -21,7 +21,7 @@ from edgedistill.targets import (
 )
 
 BUILTINS = ("android-executorch", "arm64-mobile", "browser-wasm", "browser-webgpu", "nvidia-gpu-fp16", "nvidia-tensorrt-int8", "raspberry-pi-4", "x86-64-avx2",
-            "x86-64-avx512")
+            "x86-64-avx512", "x86-64-executorch")
 
 VALID = """name: my-device
 threads: 2
@@ -53,8 +53,10 @@ def test_builtin_profile_file_loads_and_name_matches_file(name):
                                                              ("onnxruntime", "TensorrtExecutionProvider"),
                                                              ("onnxruntime-web", "wasm"), ("onnxruntime-web", "webgpu")}
     assert profile.threads >= 1
-    # only x86 CPU profiles are auto-selected here (GPU profiles never are: they name no CPU flags)
-    assert ("avx2" in profile.cpu_flags) == (profile.arch == "x86_64" and not profile.gpu)
+    # only onnxruntime's x86 CPU profiles are auto-selected here (GPU profiles and x86-64-executorch never are: they
+    # name no CPU flags; XNNPACK picks its kernels at run time)
+    assert ("avx2" in profile.cpu_flags) == (profile.arch == "x86_64" and not profile.gpu
+                                             and profile.runtime == "onnxruntime")
     assert profile.quantization.recipe in ("dynamic-int8", "static-qdq-int8", "xnnpack-dynamic-int8", "fp16", "fp32")
     assert getattr(profile.quantization, "per_channel", True) is True
     # devices run one text at a time; a GPU serves batches
