@@ -313,7 +313,8 @@ def vision_manifest(d: VisionDistilled, profile: TargetProfile, model_path: Path
               "labels": d.val_labels is not None, "class_names": d.data.class_names},
         distillation={"config": asdict(d.distill_config or resolved(opts.distill)), "best_validation_top1_agreement": trained.best_fidelity,
                       "quantization_aware": None if not d.quantization_aware else {
-                          "simulated": "onnxruntime QDQ static int8: per-channel symmetric int8 weights (max|w|/127), "
+                          "simulated": "static int8 as onnxruntime's QDQ rounds it (XNNPACK's is the same grid shifted "
+                                       "by 128): per-channel symmetric int8 weights (max|w|/127), "
                                        "uint8 min-max activations at every Conv/Gemm input and output, Conv+ReLU6 "
                                        "fused; BatchNorm folded", "calibration_views": d.quantization_aware,
                           "recalibrate_every_steps": RECALIBRATE_EVERY,
