@@ -99,9 +99,9 @@ def with_4bit_token_table(module: torch.nn.Module, vocab_size: int, block: int) 
     return module
 
 
-def annotate_conv_clamps(gm: torch.fx.GraphModule, config) -> int:
+def annotate_conv_clamps(gm: torch.fx.GraphModule, config) -> None:
     """Annotate each convolution whose only user is a clamp (ReLU6: aten.hardtanh) as one quantized op: the
-    convolution's inputs quantized, its output not, the clamp's output quantized; return how many. XNNPACKQuantizer
+    convolution's inputs quantized, its output not, the clamp's output quantized. XNNPACKQuantizer
     does this for ReLU only, so a ReLU6 network's convolution outputs were quantized over their whole range before
     the clamp (a quarter or less of the 256 levels left inside [0, 6]); this way XNNPACK fuses the clamp into the
     convolution (its output_min/max) and the range is the clamp's. Measured (README, "ExecuTorch: ReLU6 fused"):
@@ -113,7 +113,6 @@ def annotate_conv_clamps(gm: torch.fx.GraphModule, config) -> int:
     from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
     from torchao.quantization.pt2e.utils import _is_conv_node
 
-    count = 0
     for clamp in gm.graph.nodes:
         if clamp.op != "call_function" or clamp.target not in (torch.ops.aten.hardtanh.default,
                                                                torch.ops.aten.hardtanh_.default):  # ReLU6
@@ -129,8 +128,6 @@ def annotate_conv_clamps(gm: torch.fx.GraphModule, config) -> int:
         conv.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation(input_qspec_map=inputs, _annotated=True)
         clamp.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation(output_qspec=get_output_act_qspec(config),
                                                               _annotated=True)
-        count += 1
-    return count
 
 
 def xnnpack_quantizer(per_channel: bool, dynamic: bool, activation_observer: str = "histogram"):
