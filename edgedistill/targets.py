@@ -87,6 +87,10 @@ class VisionTarget(BaseModel):
     quantization: VisionQuantizationConfig = Field(default_factory=_vision_int8)
     budget: VisionBudget = Field(default_factory=VisionBudget)
     batch: int = Field(1, ge=1, le=256, description="images per call latency is measured at")
+    weight_rounding: Literal["gptq", "nearest"] = Field(
+        "gptq", description="static int8 recipes: gptq rounds each Conv/Gemm weight onto its int8 grid by the layer's "
+        "calibration inputs and corrects the biases (quantize/conv_rounding.py); nearest leaves the rounding to the "
+        "quantizer. Other recipes ignore it")
 
 
 class TargetProfile(BaseModel):

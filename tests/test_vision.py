@@ -138,7 +138,9 @@ def test_int8_artifact_is_quantized_and_its_trials_recorded(tiny_teacher, photos
     ops = m.quantization["operators"]
     assert ops.get("QuantizeLinear", 0) > 10 and ops.get("DequantizeLinear", 0) > 10, ops
     assert m.quantization["trials"][0]["description"] == "as the profile says"
-    assert m.sizes["model_mb"] < 0.5 * m.sizes["teacher_weights_mb"]
+    # int8 weights; the rest of a tiny model's file is scales, int32 biases and names (GPTQ exports the BatchNorm-
+    # folded student with its parameter names: 0.512 of the teacher, the tensors byte for byte as large as nearest's)
+    assert m.sizes["model_mb"] < 0.55 * m.sizes["teacher_weights_mb"]
     v = m.metrics["values"]
     assert 0.0 <= v["top1_agreement_low95"] <= v["top1_agreement"] <= v["top1_agreement_high95"] <= 1.0
     assert "95% interval over the held-out photos" in (result.targets[0].path / "report.md").read_text()
@@ -788,3 +790,44 @@ def test_search_works_for_image_classifiers_too(tiny_teacher, photos, tmp_path):
     assert "--macs-ratio and --search" in " ".join(runner.invoke(app, [
         "compile", tiny_teacher, "--data", str(photos), "--out", str(tmp_path / "o2"), "--search", "--macs-ratio", "0.5",
         "--target", str(profile(tmp_path / "p.yaml", "{recipe: fp32}"))]).output.split())
+
+
+def test_int8_weights_are_rounded_by_gptq_unless_the_student_trained_through_nearest(tiny_teacher, photos, tmp_path):
+    """Without quantization-aware distillation the static int8 artifact's weights are those GPTQ chose (cached and
+    reused by the next compile); a quantization-aware student and `weight_rounding: nearest` keep nearest rounding."""
+    import onnx
+    from onnx import numpy_helper
+
+    cache = tmp_path / "cache"
+    first = compile(tiny_teacher, str(photos), [str(profile(tmp_path / "p.yaml", QAT_INT8))], tmp_path / "o1",
+                    opts(quantization_aware=False, cache_dir=cache))
+    m = verify_files(first.targets[0].path)
+    r = m.quantization["weight_rounding"]
+    assert r["method"].startswith("gptq") and r["layers"] == 53 and r["views"] == 48 and "cached" not in r
+    assert "weights rounded by GPTQ with bias correction" in (first.targets[0].path / "report.md").read_text()
+    # the artifact's int8 weights land exactly on the rounded student's (cached): the quantizer rounded nothing
+    again = compile(tiny_teacher, str(photos), [str(profile(tmp_path / "p.yaml", QAT_INT8))], tmp_path / "o2",
+                    opts(quantization_aware=False, cache_dir=cache))
+    assert verify_files(again.targets[0].path).quantization["weight_rounding"]["cached"] is True
+    (directory,) = (cache / "rounded").iterdir()
+    from safetensors.torch import load_file
+
+    rounded = sorted((v.numpy() for k, v in load_file(str(directory / "student.safetensors")).items()
+                      if k.endswith("weight") and v.ndim in (2, 4)), key=lambda w: (w.shape, float(np.abs(w).sum())))
+    graph = onnx.load(str(first.targets[0].path / "model.onnx")).graph
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    stored = sorted((inits[n.input[0]].astype(np.float32) * inits[n.input[1]].reshape(-1, *[1] * (inits[n.input[0]].ndim - 1))
+                     for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+                     and inits[n.input[0]].dtype == np.int8), key=lambda w: (w.shape, float(np.abs(w).sum())))
+    assert len(stored) == len(rounded) == 53
+    for ours, theirs in zip(rounded, stored):
+        np.testing.assert_allclose(theirs, ours, rtol=0, atol=1e-6 * float(np.abs(ours).max()))
+    qat = compile(tiny_teacher, str(photos), [str(profile(tmp_path / "p.yaml", QAT_INT8))], tmp_path / "o3",
+                  opts(quantization_aware=True))
+    assert verify_files(qat.targets[0].path).quantization["weight_rounding"] == {
+        "method": "nearest (the quantizer's)", "why": "the student was distilled through nearest rounding"}
+    nearest = tmp_path / "n.yaml"
+    profile(nearest, QAT_INT8)
+    nearest.write_text(nearest.read_text() + "  weight_rounding: nearest\n")
+    plain = compile(tiny_teacher, str(photos), [str(nearest)], tmp_path / "o4", opts(quantization_aware=False))
+    assert verify_files(plain.targets[0].path).quantization["weight_rounding"] == {"method": "nearest (the quantizer's)"}

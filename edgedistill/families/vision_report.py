@@ -24,6 +24,14 @@ def summary_cells(m: Manifest) -> dict[str, str]:
             "size": f"{m.sizes['model_mb']:.2f} vs {m.sizes['teacher_weights_mb']:.2f} MB fp32 ({m.sizes['size_ratio']:.0%})"}
 
 
+def rounding_text(r: dict | None) -> str:
+    """Return how the int8 weights were rounded, for the report's quantization line."""
+    if not r or not r.get("layers"):
+        return "" if not r or "why" not in r else f"; weights rounded to nearest ({r['why']})"
+    return (f"; weights rounded by GPTQ with bias correction through the int8 simulation ({r['layers']} layers, "
+            f"H from {r['views']} training views, {r['seconds']:.0f} s)")
+
+
 def render_report(m: Manifest, published: bool) -> str:
     """Return report.md of a vision artifact."""
     v, st, d = m.metrics["values"], m.student, m.data
@@ -54,7 +62,8 @@ def render_report(m: Manifest, published: bool) -> str:
            else "with the teacher's layers (no channel pruned)")
         + f", {p['student_macs'] / 1e6:.0f}M MACs, {st['num_parameters']:,} parameters.", "",
         trained, "",
-        f"Quantization: {q.get('recipe')} ({', '.join(f'{k} {val}' for k, val in q.items() if k != 'recipe' and val not in ([], None))}).", "",
+        f"Quantization: {q.get('recipe')} ({', '.join(f'{k} {val}' for k, val in q.items() if k != 'recipe' and val not in ([], None))})"
+        f"{rounding_text(m.quantization.get('weight_rounding'))}.", "",
         "| | value |", "|---|---|",
         f"| fidelity | {cells['fidelity']} |",
         f"| latency (this machine) | {cells['latency']} |",

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +69,7 @@ class VisionDistilled:
     feature_stages: list[str] | None = None  # the stage outputs it was pulled to, with --feature-weight
     distill_config: DistillConfig | None = None  # the hyper-parameters it trained with (--lr resolved)
     val_groups: np.ndarray | None = None  # the held-out image each held-out view was cut from (for agreement_interval)
+    rounded: dict = field(default_factory=dict)  # calibration views -> (student with GPTQ-rounded weights, record)
 
 
 def check_target(profile: TargetProfile) -> None:
