@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgedistill.distill.qat_conv import ConvQuantSim
+from edgedistill.distill.qat_conv import ConvQuantSim, _leaf_calls
 
 DAMP = 0.01  # added to H's diagonal, as a share of its mean (GPTQ's default): H from few views is near-singular
 BATCH = 16
@@ -118,24 +118,13 @@ def _gptq(weight: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     return q.reshape(rows, cols)
 
 
-def _execution_order(model: nn.Module, layers: list[nn.Module], example: torch.Tensor) -> list[int]:
-    """Return the indices of `layers` in the order the model first calls them (a layer's input then depends only on
-    layers already rounded)."""
-    order: list[int] = []
-    position = {id(layer): i for i, layer in enumerate(layers)}
-
-    def hook(module, args):
-        if position[id(module)] not in order:
-            order.append(position[id(module)])
-
-    handles = [layer.register_forward_pre_hook(hook) for layer in layers]
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in handles:
-            h.remove()
-    return order + [i for i in range(len(layers)) if i not in order]
+def _execution_order(model: nn.Module, example: torch.Tensor) -> list[int]:
+    """Return the indices of the model's Conv2d / Linear layers (in module order) in the order the model first calls
+    them, so a layer's input depends only on layers already rounded."""
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    called = [id(m) for m, _ in _leaf_calls(model, example)]
+    first = {i: called.index(id(layer)) if id(layer) in called else len(called) for i, layer in enumerate(layers)}
+    return sorted(first, key=first.get)
 
 
 def round_weights(model: nn.Module, example: torch.Tensor, calibration: torch.Tensor, views: torch.Tensor,
@@ -151,10 +140,11 @@ def round_weights(model: nn.Module, example: torch.Tensor, calibration: torch.Te
     with torch.no_grad():
         float_means = _float_input_means(reference, float_layers, views)
     del reference
+    order = _execution_order(model, example)  # before the simulation's parametrizations make the layers non-leaves
     sim = ConvQuantSim(model, example)
     try:
         sim.calibrate(calibration)
-        for done, index in enumerate(_execution_order(model, sim.layers, example), 1):
+        for done, index in enumerate(order, 1):
             layer = sim.layers[index]
             h, mean_q, n = None, None, 0
             with torch.no_grad():
