@@ -26,14 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgedistill.distill.qat_conv import ConvQuantSim, _leaf_calls
+from edgedistill.distill.qat_conv import ConvQuantSim
 
 DAMP = 0.01  # added to H's diagonal, as a share of its mean (GPTQ's default): H from few views is near-singular
 BATCH = 16
-
-
-class _Stop(Exception):
-    pass
 
 
 def _patches(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -50,24 +46,6 @@ def _patches(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     g = layer.groups
     b, d, n = cols.shape
     return cols.reshape(b, g, d // g, n).permute(1, 2, 0, 3).reshape(g, d // g, b * n)
-
-
-def _input_of(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Run `model` on `x` up to `layer` and return what `layer` receives (its other pre-hooks applied first)."""
-    seen = []
-
-    def hook(module, args):
-        seen.append(args[0].detach())
-        raise _Stop
-
-    handle = layer.register_forward_pre_hook(hook)
-    try:
-        model(x)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    return seen[0]
 
 
 def _float_input_means(model: nn.Module, layers: list[nn.Module], views: torch.Tensor) -> list[torch.Tensor]:
@@ -118,15 +96,6 @@ def _gptq(weight: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     return q.reshape(rows, cols)
 
 
-def _execution_order(model: nn.Module, example: torch.Tensor) -> list[int]:
-    """Return the indices of the model's Conv2d / Linear layers (in module order) in the order the model first calls
-    them, so a layer's input depends only on layers already rounded."""
-    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    called = [id(m) for m, _ in _leaf_calls(model, example)]
-    first = {i: called.index(id(layer)) if id(layer) in called else len(called) for i, layer in enumerate(layers)}
-    return sorted(first, key=first.get)
-
-
 def round_weights(model: nn.Module, example: torch.Tensor, calibration: torch.Tensor, views: torch.Tensor,
                   on_layer=None) -> dict:
     """Round every Conv2d / Linear weight of a BatchNorm-folded `model` onto its int8 grid by GPTQ and correct each
@@ -140,36 +109,46 @@ def round_weights(model: nn.Module, example: torch.Tensor, calibration: torch.Te
     with torch.no_grad():
         float_means = _float_input_means(reference, float_layers, views)
     del reference
-    order = _execution_order(model, example)  # before the simulation's parametrizations make the layers non-leaves
     sim = ConvQuantSim(model, example)
+    rounded: set[int] = set()
+
+    def round_layer(layer, args):  # runs after the simulation's own pre-hook: `args[0]` is the rounded input
+        if id(layer) in rounded:  # a layer called twice is rounded on its first call's input
+            return
+        h, mean_q, n = None, None, 0
+        for chunk in args[0].detach().split(BATCH):
+            p = _patches(layer, chunk)
+            part = torch.einsum("gdn,gen->gde", p, p)
+            h = part if h is None else h + part
+            s = p.sum(2)
+            mean_q = s if mean_q is None else mean_q + s
+            n += p.shape[2]
+        original = layer.parametrizations.weight.original
+        weight = original.reshape(original.shape[0], -1)
+        q = _gptq(weight, h)
+        groups = h.shape[0]
+        shift = (torch.einsum("god,gd->go", weight.reshape(groups, -1, weight.shape[1]), float_means[index[id(layer)]])
+                 - torch.einsum("god,gd->go", q.reshape(groups, -1, weight.shape[1]), mean_q / n))
+        original.copy_(q.reshape(original.shape))
+        if layer.bias is None:
+            layer.bias = nn.Parameter(shift.reshape(-1).clone())
+        else:
+            layer.bias.add_(shift.reshape(-1))
+        rounded.add(id(layer))
+        if on_layer is not None:
+            on_layer(len(rounded), len(sim.layers))
+
+    index = {id(layer): i for i, layer in enumerate(sim.layers)}
+    handles = []
     try:
         sim.calibrate(calibration)
-        for done, index in enumerate(order, 1):
-            layer = sim.layers[index]
-            h, mean_q, n = None, None, 0
-            with torch.no_grad():
-                for chunk in views.split(BATCH):
-                    p = _patches(layer, _input_of(model, layer, chunk))
-                    part = torch.einsum("gdn,gen->gde", p, p)
-                    h = part if h is None else h + part
-                    s = p.sum(2)
-                    mean_q = s if mean_q is None else mean_q + s
-                    n += p.shape[2]
-                original = layer.parametrizations.weight.original
-                weight = original.reshape(original.shape[0], -1)
-                rounded = _gptq(weight, h)
-                groups = h.shape[0]
-                shift = (torch.einsum("god,gd->go", weight.reshape(groups, -1, weight.shape[1]), float_means[index])
-                         - torch.einsum("god,gd->go", rounded.reshape(groups, -1, weight.shape[1]), mean_q / n))
-                original.copy_(rounded.reshape(original.shape))
-                if layer.bias is None:
-                    layer.bias = nn.Parameter(shift.reshape(-1).clone())
-                else:
-                    layer.bias.add_(shift.reshape(-1))
-            if on_layer is not None:
-                on_layer(done, len(sim.layers))
-        layers = len(sim.layers)
+        handles = [layer.register_forward_pre_hook(round_layer) for layer in sim.layers]
+        with torch.no_grad():
+            model(views)  # one pass: each layer is rounded as the views reach it, before it runs on them
+        layers = len(rounded)
     finally:
+        for handle in handles:
+            handle.remove()
         sim.remove()
     return {"method": "gptq + bias correction, through the int8 simulation", "layers": layers,
             "views": len(views), "calibration_views": len(calibration), "damp": DAMP,
