@@ -2,6 +2,8 @@
 search finds the node by measuring sensitivity and keeps it in float."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -67,6 +69,45 @@ def test_search_keeps_the_planted_sensitive_node_in_float(tmp_path):
     assert quantized == {"/a/MatMul", "/c/MatMul"}
     assert any("only /b/MatMul" in t.description for t in trials)  # the sensitivity probes ran
     assert any("/b/MatMul" in p for p in chosen.exclude)
+
+
+def test_a_node_kept_in_float_takes_its_weights_from_the_unrounded_graph(tmp_path):
+    """With calibrated rounding the graph to quantize holds weights rounded for int8 inputs; a node the search keeps
+    in float gets its own float weights back from the unrounded twin, and the search's ceiling is the twin."""
+    model = planted_model(tmp_path / "planted.onnx")
+    rounded = onnx.load(str(model))
+    for t in rounded.graph.initializer:  # "rounded" weights: far from the float ones, so a mix-up shows
+        if t.name in ("Wa", "Wb", "Wc"):
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * -1.0, t.name))
+    onnx.save(rounded, tmp_path / "rounded.onnx")
+    rng = np.random.default_rng(1)
+    calibration = [{"x": rng.normal(size=(1, 64)).astype(np.float32)} for _ in range(16)]
+    held_out = [rng.normal(size=(1, 64)).astype(np.float32) for _ in range(32)]
+    reference = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    expected = np.concatenate([reference.run(None, {"x": x})[0] for x in held_out])
+
+    def fidelity(path) -> float:  # against the float model: the negated weights score -1 wherever they are used
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = np.concatenate([sess.run(None, {"x": x})[0] for x in held_out])
+        return float(np.mean(np.sum(got * expected, 1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(expected, axis=1))))
+
+    config = StaticQdqInt8Config(op_types=["MatMul"], calibration_texts=16, search=True)
+    path, chosen, trials = quantize_within_budget(tmp_path / "rounded.onnx", config, tmp_path, calibration, fidelity,
+                                                  floor=0.5, float_source=model)
+    reference_trial = next(t for t in trials if t.description.startswith("reference"))
+    assert reference_trial.fidelity > 0.999  # measured on the twin, not on the rounded graph (-1)
+    assert trials[-1].passed and chosen.exclude
+    floats = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(model)).graph.initializer}
+    weights = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+    kept = {n: w for n, w in (("/a/MatMul", "Wa"), ("/b/MatMul", "Wb"), ("/c/MatMul", "Wc"))
+            if any(re.search(p, n) for p in chosen.exclude)}
+    assert 0 < len(kept) < 3
+    for node, w in (("/a/MatMul", "Wa"), ("/b/MatMul", "Wb"), ("/c/MatMul", "Wc")):
+        if node in kept:  # kept in float: its own float weights, not the rounded graph's
+            np.testing.assert_array_equal(weights[w], floats[w])
+        else:  # quantized, from the rounded graph: no float initializer of that name left
+            assert w not in weights
+    assert not list(tmp_path.glob("trial*.in.onnx"))  # the merged inputs are not left behind
 
 
 def test_no_search_when_disabled_or_budget_met(tmp_path):

@@ -35,7 +35,7 @@ from edgedistill.families.vision_stages import (
     val_views_per_image,
 )
 from edgedistill.families.vision_export import export_vision
-from edgedistill.families.vision_rounding import rounded_student
+from edgedistill.families.vision_rounding import rounded_student, unrounded_twin
 from edgedistill.families.vision_validation import VAL_PHOTOS, agreement, agreement_interval
 from edgedistill.families.vision_training import RECALIBRATE_EVERY
 from edgedistill.images import eval_resize, to_pixels
@@ -151,11 +151,17 @@ def build_target(d: VisionDistilled, profile: TargetProfile, stage_dir: Path, op
     threads = profile.effective_threads
     student, rounding = rounded_student(d, profile, opts)
     exported, export_checks = export_vision(student, d.size, stage_dir / "export" / "student.onnx", profile.opset)
+    unrounded = None  # the same graph with the weights before GPTQ, for the nodes the search keeps in float
+    if rounding["method"].startswith("gptq"):
+        unrounded, _ = export_vision(unrounded_twin(d, student), d.size, stage_dir / "export" / "unrounded.onnx",
+                                     profile.opset)
     if profile.fixed_shape:  # mobile accelerators want static shapes: the batch is fixed to the profile's
         from edgedistill.ort_format import fix_input_shapes
 
         exported = fix_input_shapes(exported, {"batch": vision.batch}, stage_dir / "export" / "fixed.onnx")
         export_checks["fixed_batch"] = vision.batch
+        if unrounded is not None:
+            unrounded = fix_input_shapes(unrounded, {"batch": vision.batch}, stage_dir / "export" / "unrounded-fixed.onnx")
     # a GPU target whose provider cannot start here is validated on onnxruntime's CPU kernels and not timed
     unusable = provider_unusable(exported, profile.execution_provider) if profile.gpu else None
 
@@ -173,7 +179,8 @@ def build_target(d: VisionDistilled, profile: TargetProfile, stage_dir: Path, op
 
     (stage_dir / "trials").mkdir(parents=True, exist_ok=True)
     model_path, config, trials = quantize_within_budget(exported, vision.quantization, stage_dir / "trials", calibration,
-                                                        evaluate, vision.budget.min_top1_agreement)
+                                                        evaluate, vision.budget.min_top1_agreement,
+                                                        float_source=unrounded)
     final = stage_dir / MODEL_FILE
     final.write_bytes(model_path.read_bytes())
     files = {MODEL_FILE: final}

@@ -1,6 +1,7 @@
 """Accuracy-aware quantization: when a recipe misses the budget, try its `dynamic` nodes (if any) as weight-only,
 then other calibration and per-channel settings, then keep the most sensitive node groups (measured by quantizing
-one group at a time) in float until the budget holds."""
+one group at a time) in float until the budget holds. A node kept in float takes its weights from the unrounded
+twin when the graph's weights were rounded for int8 (`float_source`)."""
 from __future__ import annotations
 
 import re
@@ -12,7 +13,7 @@ import onnx
 from pydantic import BaseModel
 
 from edgedistill.errors import EdgeDistillError
-from edgedistill.quantize import Feeds, quantize
+from edgedistill.quantize import Feeds, excluded_nodes, quantize
 
 _LAYER = re.compile(r"layer[._](\d+)")
 
@@ -43,18 +44,41 @@ def _pattern(names: list[str]) -> str:
     return "^(" + "|".join(re.escape(n) for n in names) + ")$"
 
 
+def with_float_nodes(model_path: Path, float_source: Path, patterns: list[str], out: Path) -> Path:
+    """Write `model_path` with the weights of the nodes `patterns` exclude from quantization taken from `float_source`
+    (the same graph, by initializer name, with the weights as they were before calibrated rounding: a node kept in
+    float gets back its own float weights, not the ones rounded for int8 inputs); return `out`."""
+    model = onnx.load(str(model_path))
+    source = {t.name: t for t in onnx.load(str(float_source)).graph.initializer}
+    excluded = set(excluded_nodes(model_path, patterns))
+    kept = {name for n in model.graph.node if n.name in excluded for name in n.input}
+    for i, t in enumerate(model.graph.initializer):
+        if t.name in kept and t.name in source and list(source[t.name].dims) == list(t.dims):
+            model.graph.initializer[i].CopyFrom(source[t.name])
+    onnx.save(model, str(out))
+    return out
+
+
 def quantize_within_budget(model_path: Path, config: BaseModel, work_dir: Path, calibration: Sequence[Feeds],
                            evaluate: Callable[[Path], float], floor: float,
-                           latency: Callable[[Path], float | None] = lambda p: None) -> tuple[Path, BaseModel, list[Trial]]:
+                           latency: Callable[[Path], float | None] = lambda p: None,
+                           float_source: Path | None = None) -> tuple[Path, BaseModel, list[Trial]]:
     """Return (model, config, trials): the first trial that meets `floor`, else the most faithful one. `latency`
-    times a candidate (sensitivity probes are not timed: they are measurements, not candidates)."""
+    times a candidate (sensitivity probes are not timed: they are measurements, not candidates). `float_source`: the
+    same graph with the weights before calibrated rounding (`model_path` holds them rounded for int8), for the nodes
+    a trial keeps in float and for the reference the search measures against."""
     trials: list[Trial] = []
     candidates: list[tuple[float, Path, BaseModel]] = []  # real candidates, not the one-group sensitivity probes
 
     def attempt(cfg: BaseModel, description: str, probe: bool = False) -> bool:
         out = work_dir / f"trial{len(trials)}.onnx"
         try:
-            quantize(model_path, cfg, out, calibration)
+            source = model_path
+            if float_source is not None and getattr(cfg, "exclude", None):
+                source = with_float_nodes(model_path, float_source, cfg.exclude, work_dir / f"trial{len(trials)}.in.onnx")
+            quantize(source, cfg, out, calibration)
+            if source != model_path:
+                source.unlink()
             score = evaluate(out)
         except EdgeDistillError:
             raise
@@ -82,9 +106,12 @@ def quantize_within_budget(model_path: Path, config: BaseModel, work_dir: Path, 
         return last()
     if not getattr(config, "search", False):
         return best()
-    reference = evaluate(model_path)  # no quantization at all: the most any search can reach
-    trials.append(Trial("reference: the unquantized graph", {}, reference, False, model_path.stat().st_size / 1e6,
-                        latency(model_path)))
+    unquantized = float_source or model_path
+    reference = evaluate(unquantized)  # no quantization at all: the most any search can reach
+    trials.append(Trial("reference: the unquantized graph" + (" (its weights before calibrated rounding)"
+                                                              if float_source else ""),
+                        {}, reference, False, unquantized.stat().st_size / 1e6,
+                        latency(unquantized)))
     if reference < floor:
         return best()  # the fp32 student itself misses the budget: quantization is not what to search
     if getattr(config, "dynamic", None):  # int8 at run time missed: int8 weights over float activations instead
