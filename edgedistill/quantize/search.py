@@ -44,12 +44,11 @@ def _pattern(names: list[str]) -> str:
     return "^(" + "|".join(re.escape(n) for n in names) + ")$"
 
 
-def with_float_nodes(model_path: Path, float_source: Path, patterns: list[str], out: Path) -> Path:
-    """Write `model_path` with the weights of the nodes `patterns` exclude from quantization taken from `float_source`
-    (the same graph, by initializer name, with the weights as they were before calibrated rounding: a node kept in
+def with_float_nodes(model_path: Path, source: dict[str, onnx.TensorProto], patterns: list[str], out: Path) -> Path:
+    """Write `model_path` with the weights of the nodes `patterns` exclude from quantization taken from `source` (the
+    initializers of the same graph, by name, with the weights as they were before calibrated rounding: a node kept in
     float gets back its own float weights, not the ones rounded for int8 inputs); return `out`."""
     model = onnx.load(str(model_path))
-    source = {t.name: t for t in onnx.load(str(float_source)).graph.initializer}
     excluded = set(excluded_nodes(model_path, patterns))
     kept = {name for n in model.graph.node if n.name in excluded for name in n.input}
     for i, t in enumerate(model.graph.initializer):
@@ -69,13 +68,16 @@ def quantize_within_budget(model_path: Path, config: BaseModel, work_dir: Path, 
     a trial keeps in float and for the reference the search measures against."""
     trials: list[Trial] = []
     candidates: list[tuple[float, Path, BaseModel]] = []  # real candidates, not the one-group sensitivity probes
+    float_weights: dict[str, onnx.TensorProto] = {}  # float_source's initializers, read once on first use
 
     def attempt(cfg: BaseModel, description: str, probe: bool = False) -> bool:
         out = work_dir / f"trial{len(trials)}.onnx"
         try:
             source = model_path
             if float_source is not None and getattr(cfg, "exclude", None):
-                source = with_float_nodes(model_path, float_source, cfg.exclude, work_dir / f"trial{len(trials)}.in.onnx")
+                if not float_weights:
+                    float_weights.update((t.name, t) for t in onnx.load(str(float_source)).graph.initializer)
+                source = with_float_nodes(model_path, float_weights, cfg.exclude, work_dir / f"trial{len(trials)}.in.onnx")
             quantize(source, cfg, out, calibration)
             if source != model_path:
                 source.unlink()
