@@ -107,7 +107,10 @@ def test_a_node_kept_in_float_takes_its_weights_from_the_unrounded_graph(tmp_pat
             np.testing.assert_array_equal(weights[w], floats[w])
         else:  # quantized, from the rounded graph: no float initializer of that name left
             assert w not in weights
-    assert not list(tmp_path.glob("trial*.in.onnx"))  # the merged inputs are not left behind
+    assert not list((tmp_path / "float-merged").iterdir())  # the merged inputs are not left behind
+    # and they were not calibrated afresh: one set of activation ranges per calibration method the search tried
+    methods = {t.config.get("calibration") for t in trials if t.config}
+    assert len(list(tmp_path.glob(".calibration-*.json"))) == len(methods)
 
 
 def test_no_search_when_disabled_or_budget_met(tmp_path):

@@ -39,7 +39,9 @@ def quantize_static_qdq(model_path: Path, config: StaticQdqInt8Config, out_path:
     logging.getLogger("root").setLevel(logging.ERROR)
     # activation ranges depend on the model, the inputs and the method, not on which nodes are excluded: the
     # accuracy search re-quantizes many times, so ranges are computed once per method and cached beside the output;
-    # the calibrator records the tensors of the quantized operator types, so those are part of the key
+    # the calibrator records the tensors of the quantized operator types, so those are part of the key. The search's
+    # graphs with some nodes' float weights put back are saved under the name of the graph they come from and so
+    # reuse its ranges (they differ from it only by the rounding of those weights)
     ops = "-".join(sorted(config.op_types))
     cache = out_path.parent / (f".calibration-{model_path.stem}-{config.calibration}-{config.activation_type}-"
                                f"{len(calibration)}-{ops}.json")
