@@ -332,19 +332,29 @@ def test_profile_sequence_longer_than_the_teachers_positions_is_cut_to_them(tiny
     assert m.quantization["trials"][0]["fidelity"] > 0.99 and m.latency["speedup_vs_teacher"] > 0
 
 
-def test_four_bit_embedding_tables_are_looked_up_by_gather_block_quantized(tiny_encoder, text_file, tmp_path):
+def test_four_bit_embedding_tables_are_packed_rows_unpacked_after_the_lookup(tiny_encoder, text_file, tmp_path):
+    from onnx import numpy_helper
+
+    from edgedistill.quantize.int4_rows import unpack_rows_int4
+
     profile = write_profile(tmp_path / "e4.yaml", name="e4",
                             quantization="recipe: dynamic-int8\n  per_channel: true\n  embedding_bits: 4\n  embedding_block_size: 16")
     result = compile(str(tiny_encoder), str(text_file), [str(profile)], tmp_path / "out", CompileOptions(distill=FAST))
     [target] = result.targets
     graph = onnx.load(str(target.path / "model.onnx")).graph
     ops = {n.op_type for n in graph.node}
-    assert "GatherBlockQuantized" in ops and "EmbedLayerNormalization" not in ops, ops
+    assert "GatherBlockQuantized" not in ops and "EmbedLayerNormalization" not in ops, ops
     assert ops & {"MatMulInteger", "DynamicQuantizeMatMul"}, "the rest is int8 as before"
-    assert next(o.version for o in onnx.load(str(target.path / "model.onnx")).opset_import if o.domain == "") == 21
-    tables = {t.name: t for t in graph.initializer}
-    gbq = next(n for n in graph.node if n.op_type == "GatherBlockQuantized")
-    assert tables[gbq.input[0]].data_type in (onnx.TensorProto.UINT8, onnx.TensorProto.INT4), "packed 4-bit table"
+    tables = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    [packed] = [n for n in tables if n.endswith("_int4_packed")]
+    scales = tables[packed.replace("_packed", "_scales")]
+    vocab = result.student.model.get_input_embeddings().weight.detach().numpy()
+    assert tables[packed].dtype == np.uint8 and tables[packed].shape == (vocab.shape[0], vocab.shape[1] // 2)
+    assert scales.shape == (vocab.shape[0], vocab.shape[1] // 16), "one scale per block of 16"
+    # the packed table stands for the student's own token table (not the position table, larger in this tiny model):
+    # each value within one step of its block (a step where [-8, 7] clips the extreme's opposite, half elsewhere)
+    error, step = np.abs(unpack_rows_int4(tables[packed], scales) - vocab), np.repeat(np.abs(scales), 16, 1)
+    assert np.all(error <= step + 1e-6) and np.mean(error <= step / 2 + 1e-6) > 0.99
     texts = make_texts(12, seed=9)
     got, expected = run_artifact(target.path, texts), torch_outputs(result.student, target.path, texts)
     assert cosines(got, expected).min() > 0.97

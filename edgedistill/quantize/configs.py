@@ -22,9 +22,10 @@ class DynamicInt8Config(BaseModel):
         reduce_range: 7-bit weights. Needed on x86 CPUs without VNNI, where the u8*s8 pair-add (vpmaddubsw)
             can saturate int16; harmless but slightly less precise on VNNI CPUs.
         op_types: operator types to quantize; None means every type onnxruntime's integer-ops registry knows.
-        embedding_bits: 8 stores the embedding tables uint8 (in the fused EmbedLayerNormalization); 4 stores them
-            as 4-bit blocks read by GatherBlockQuantized (symmetric, `embedding_block_size` values per scale along
-            the hidden axis), the embeddings then left unfused. The token table is 11.7M of a 3-layer MiniLM
+        embedding_bits: 8 stores the embedding tables uint8 (in the fused EmbedLayerNormalization); 4 stores the
+            token table as 4-bit blocks (symmetric, `embedding_block_size` values per scale along the hidden axis)
+            packed two per byte, the looked-up rows unpacked by standard operators (quantize/int4_rows.py), the
+            embeddings then left unfused. The token table is 11.7M of a 3-layer MiniLM
             student's 17M weights (README "Recipe evidence" has the measurement).
     """
 

@@ -1,9 +1,10 @@
-"""4-bit token tables for runtimes without a 4-bit tensor type: rows packed two values per byte beside float scales.
+"""4-bit token tables: rows packed two values per byte beside float scales, unpacked after the lookup.
 
-Used where onnxruntime's GatherBlockQuantized cannot go: the ORT format (onnxruntime 1.32 refuses INT4 tensors
-in .ort files: "Unsupported tensor data type") and ExecuTorch (its quantized embedding_4bit kernel reads this
-layout). The rounding is onnxruntime's blockwise int4 (MLAS): each block's largest-magnitude value maps to -8
-exactly, the rest round to the nearest of [-8, 7], so every artifact of a student rounds its table alike."""
+Used for every encoder artifact with 4-bit tables: onnxruntime's GatherBlockQuantized cannot go into the ORT format
+(onnxruntime 1.32 refuses INT4 tensors in .ort files: "Unsupported tensor data type"), ExecuTorch's quantized
+embedding_4bit kernel reads this layout, and on x86 the packed lookup is 5x faster than GatherBlockQuantized at 128
+rows (0.077 vs 0.394 ms, 2 threads; README "4-bit token embeddings"). The rounding is onnxruntime's blockwise int4
+(MLAS): each block's largest-magnitude value maps to -8 exactly, the rest round to the nearest of [-8, 7], so every artifact of a student rounds its table alike."""
 from __future__ import annotations
 
 import numpy as np
@@ -35,11 +36,14 @@ def unpack_rows_int4(packed: np.ndarray, scales: np.ndarray) -> np.ndarray:
 
 
 def token_table_gathers(model: onnx.ModelProto, exclude: list[str]) -> list[str]:
-    """Return the Gather nodes that look rows up in the largest constant 2-D table (the token embeddings); the
-    position and token-type tables (every row used by every input) stay with the int8 quantizer."""
+    """Return the Gather nodes that look rows up in the largest constant 2-D table indexed by a graph input (the token
+    embeddings, by input_ids; any table if none is); the position and token-type tables (every row used by every
+    input) stay with the int8 quantizer, even where they are larger than a small vocabulary's."""
     tables = {t.name: t.dims[0] * t.dims[1] for t in model.graph.initializer if len(t.dims) == 2}
     gathers = [n for n in model.graph.node if n.op_type == "Gather" and n.input[0] in tables and n.name not in exclude
                and not any(a.name == "axis" and a.i != 0 for a in n.attribute)]
+    inputs = {i.name for i in model.graph.input}
+    gathers = [n for n in gathers if n.input[1] in inputs] or gathers
     largest = max((tables[n.input[0]] for n in gathers), default=0)
     return [n.name for n in gathers if tables[n.input[0]] == largest]
 
