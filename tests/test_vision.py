@@ -193,13 +193,13 @@ def test_quantization_aware_student_is_what_its_int8_artifact_computes(tiny_teac
     assert np.abs(artifact - rounded).mean() < np.abs(artifact - floating).mean()
 
 
-def test_the_teacher_shape_distils_quantization_aware_at_a_small_rate_unless_told(tiny_teacher, photos, tmp_path):
+def test_the_teacher_shape_distils_quantization_aware_at_a_small_rate_when_asked(tiny_teacher, photos, tmp_path):
     cfg = DistillConfig()
     assert vision_stages.distill_config(cfg, 64, True).lr == vision_stages.TEACHER_SHAPE_QAT_LR == 1e-5
     assert vision_stages.distill_config(cfg, 64, False).lr == vision_stages.distill_config(cfg, None, True).lr == 3e-4
     assert vision_stages.distill_config(DistillConfig(lr=2e-4), 64, True).lr == 2e-4  # --lr wins
     result = compile(tiny_teacher, str(photos), [str(profile(tmp_path / "p.yaml", QAT_INT8))], tmp_path / "out",
-                     opts(macs_ratio=1.0))
+                     opts(macs_ratio=1.0, quantization_aware=True))
     m = verify_files(result.targets[0].path)
     assert m.distillation["quantization_aware"] and m.distillation["config"]["lr"] == 1e-5  # recorded resolved
 
@@ -214,8 +214,8 @@ def test_quantization_aware_can_be_turned_off_and_refuses_a_target_it_cannot_sim
     assert "no training step can beat" in m.student["pruning"]["not_distilled"]
     report = (result.targets[0].path / "report.md").read_text()
     assert "Not distilled: the student is the teacher" in report and "never beat" not in report
-    # by default: on for the teacher's layers (its own shape, or at a lower resolution: from the first step), off for a
-    # channel-pruned student (measured)
+    # by default: on for the teacher's layers at a lower resolution (from the first step); off for a channel-pruned
+    # student and for the teacher's own shape, which is rounded by GPTQ instead, untrained (measured)
     pruned = compile(tiny_teacher, str(photos), [str(profile(tmp_path / "p.yaml", QAT_INT8))], tmp_path / "o1",
                      opts(macs_ratio=0.5, resolution=64))
     assert verify_files(pruned.targets[0].path).distillation["quantization_aware"] is None
@@ -226,7 +226,9 @@ def test_quantization_aware_can_be_turned_off_and_refuses_a_target_it_cannot_sim
     assert m.distillation["config"]["lr"] == vision_stages.TEACHER_SHAPE_QAT_LR
     whole = compile(tiny_teacher, str(photos), [str(profile(tmp_path / "p.yaml", QAT_INT8))], tmp_path / "o3",
                     opts(macs_ratio=1.0))
-    assert verify_files(whole.targets[0].path).distillation["quantization_aware"]["from_step"] == 0
+    m = verify_files(whole.targets[0].path)
+    assert m.distillation["quantization_aware"] is None and m.distillation["history"] == []
+    assert m.quantization["weight_rounding"]["method"].startswith("gptq"), m.quantization["weight_rounding"]
     res = runner.invoke(app, ["compile", tiny_teacher, "--data", str(photos), "--out", str(tmp_path / "o2"),
                               "--target", str(profile(tmp_path / "f.yaml", "{recipe: fp32}")), "--quantization-aware"])
     assert res.exit_code == 2 and "--quantization-aware trains for static int8" in res.stderr, res.output
@@ -613,8 +615,10 @@ vision:
     art = result.targets[0].path
     m = verify_files(art)
     assert m.model["file"] == "model.pte" and m.model["input_shape"] == [1, 3, 64, 64]
-    # the teacher's shape, trained through the static int8 rounding (XNNPACK's grid is onnxruntime's shifted by 128)
-    assert m.distillation["quantization_aware"]["calibration_views"] == 8
+    # the teacher's shape, untrained: its weights rounded by GPTQ through the static int8 simulation (XNNPACK's grid is
+    # onnxruntime's shifted by 128)
+    assert m.distillation["quantization_aware"] is None and m.distillation["history"] == []
+    assert m.quantization["weight_rounding"]["method"].startswith("gptq"), m.quantization["weight_rounding"]
     from executorch.runtime import Runtime
 
     method = Runtime.get().load_program(str(art / "model.pte")).load_method("forward")

@@ -31,7 +31,7 @@ def rounded_student(d: VisionDistilled, profile: TargetProfile, opts) -> tuple[t
     computed once per student and calibration views (cached in `cache_dir`) and shared by the targets; otherwise the
     student, for the quantizer to round to nearest. A quantization-aware student trained through nearest rounding
     keeps it (measured on MobileNetV2: GPTQ on it 0.829 top-1 agreement vs 0.880), and so does a search's rung (a
-    student trained to a share of its steps; the finished ones are rounded)."""
+    student trained to a share of its steps; the finished ones, and the untrained teacher's shape, are rounded)."""
     from edgedistill.quantize.configs import StaticQdqInt8Config, XnnpackStaticInt8Config
 
     student, vision = d.trained.student.eval(), profile.vision
@@ -43,7 +43,7 @@ def rounded_student(d: VisionDistilled, profile: TargetProfile, opts) -> tuple[t
         return student, nearest
     if d.quantization_aware:
         return student, {**nearest, "why": "the student was distilled through nearest rounding"}
-    if opts.stop_at is not None:
+    if not d.trained.complete:
         return student, {**nearest, "why": "a search rung (the finished students are rounded by GPTQ)"}
     if not cfg.per_channel:
         return student, {**nearest, "why": "gptq rounds onto per-channel grids; this recipe's weights are per tensor"}
