@@ -35,7 +35,7 @@ VERDICT_VIEWS = 512  # held-out images from which the verdict is on center crops
 MIN_PHOTOS_TO_HOLD_OUT = 50  # below this, held-out views are other crops of the training photos (see split_images)
 MIN_HELD_OUT_PHOTOS = 24  # when photos are held out, at least this many (but at most a third): a verdict on 8 is luck
 SEARCH_VIEWS = 128  # held-out views the quantization search scores on
-DEFAULT_MACS_RATIO = 1.0  # --macs-ratio when not given: the teacher's layers, rounded by GPTQ (not trained). Measured on
+DEFAULT_MACS_RATIO = 1.0  # --macs-ratio when not given: the teacher's layers, rounded by GPTQ (untrained). Measured on
 # MobileNetV2 (full compiles, x86 int8, 216 held-out views of 24 photos the compile never saw): 1.0 -> 0.921 top-1
 # agreement on seeds 0 and 1 (passed the 0.9 budget; quantization-aware: 0.903, 0.792); 0.5 as 160 px -> 0.583; 0.5
 # as channels pruned -> 0.176. Smaller shapes are asked for, or --search

@@ -4,7 +4,8 @@ Used for every encoder artifact with 4-bit tables: onnxruntime's GatherBlockQuan
 (onnxruntime 1.32 refuses INT4 tensors in .ort files: "Unsupported tensor data type"), ExecuTorch's quantized
 embedding_4bit kernel reads this layout, and on x86 the packed lookup is 5x faster than GatherBlockQuantized at 128
 rows (0.077 vs 0.394 ms, 2 threads; README "4-bit token embeddings"). The rounding is onnxruntime's blockwise int4
-(MLAS): each block's largest-magnitude value maps to -8 exactly, the rest round to the nearest of [-8, 7], so every artifact of a student rounds its table alike."""
+(MLAS): each block's largest-magnitude value maps to -8 exactly, the rest round to the nearest of [-8, 7], so every
+artifact of a student rounds its table alike."""
 from __future__ import annotations
 
 import numpy as np
