@@ -294,3 +294,29 @@ def test_weight_only_matmul_keeps_float_activations_in_onnxruntimes_optimized_gr
     x[..., 0] = 1e4
     y, ref = session.run(None, {"x": x})[0], x @ w
     assert y.shape == (2, 5, 32) and float(np.abs(y - ref).max() / np.abs(ref).max()) < 0.01
+
+
+def test_entropy_thresholds_equal_onnxruntimes_own():
+    """Our entropy threshold search (without onnxruntime's per-bin Python loops) picks exactly onnxruntime's
+    thresholds: on skewed, sparse and outlier-heavy integer histograms, at TensorRT's and at onnxruntime's bins."""
+    from onnxruntime.quantization.calibrate import HistogramCollector
+
+    from edgedistill.quantize.static_qdq import entropy_threshold
+
+    rng = np.random.default_rng(7)
+    cases = []
+    for bins, quantized in ((512, 128), (1024, 256), (256, 128)):
+        x = np.concatenate([rng.normal(0.3, 1.0, 20000), rng.standard_cauchy(300)])
+        cases.append((x, bins, quantized))
+        relu = np.maximum(rng.normal(0.0, 2.0, 5000), 0)  # half the mass in one bin, the rest one-sided
+        cases.append((relu, bins, quantized))
+        sparse = rng.choice([-3.0, -0.1, 0.0, 0.2, 5.0], 400)  # most bins empty
+        cases.append((sparse, bins, quantized))
+    for x, bins, quantized in cases:
+        hist, edges = np.histogram(x, bins=bins, range=(-np.abs(x).max(), np.abs(x).max()))
+        edges = edges.astype(np.float32)
+        histogram = (hist, edges, np.float32(x.min()), np.float32(x.max()))
+        ours = entropy_threshold(histogram, quantized)
+        theirs = HistogramCollector.get_entropy_threshold(None, histogram, quantized)
+        assert (float(ours[0]), float(ours[1])) == (float(theirs[0]), float(theirs[1]))
+        assert hasattr(ours[0], "dtype") and hasattr(ours[1], "dtype")

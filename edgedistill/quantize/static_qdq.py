@@ -97,7 +97,46 @@ def _entropy_ranges(prepared: Path, config: StaticQdqInt8Config, calibration: Se
             calibrate_method=CalibrationMethod.Entropy,
             extra_options={"symmetric": config.activation_type == "int8", "num_bins": 4096, "num_quantized_bins": 256})
         calibrator.collect_data(_Reader(calibration))
+        # the same threshold search, without onnxruntime's per-bin Python loops (their sums took 198 of 210 s on
+        # MobileNetV2's 100 tensors); the thresholds are equal, tested against onnxruntime's own
+        calibrator.collector.get_entropy_threshold = entropy_threshold
         save_tensors_data(calibrator.compute_data(), cache)
+
+
+def entropy_threshold(histogram, num_quantized_bins: int):
+    """onnxruntime's HistogramCalibrater.get_entropy_threshold (1.2x) for integer histograms, its bin merging done
+    with reshapes and cumulative sums instead of Python loops: for each symmetric window around the zero bin, p is
+    the window with the outliers added to its end bins, q its bins merged into `num_quantized_bins` and spread back
+    (integer-truncated over p's non-zero bins' count, as onnxruntime does), and the window with the least KL wins."""
+    import numpy as np
+    from onnxruntime.quantization.calibrate import entropy
+    from onnxruntime.quantization.quant_utils import smooth_distribution
+
+    hist, edges, min_value, max_value = histogram[0], histogram[1], histogram[2], histogram[3]
+    if not np.issubdtype(hist.dtype, np.integer):
+        raise TypeError(f"entropy_threshold takes integer histograms, got {hist.dtype}")
+    num_bins, dtype = hist.size, edges.dtype
+    zero, half = num_bins // 2, num_quantized_bins // 2
+    total = np.concatenate([[0], np.cumsum(hist)])  # exact: integers
+    divergences, windows = [], []
+    for i in range(half, zero + 1):
+        start, end = zero - i, min(zero + i + 1, num_bins)
+        windows.append((edges[start], edges[end]))
+        window = hist[start:end]
+        p = window.copy()
+        p[0] += total[start]
+        p[-1] += total[-1] - total[end]
+        merged = window.size // num_quantized_bins
+        body = num_quantized_bins * merged
+        quantized = window[:body].reshape(num_quantized_bins, merged).sum(1)
+        quantized[-1] += window[body:].sum()
+        norm = (p[:body] != 0).reshape(num_quantized_bins, merged).sum(1)
+        q = np.zeros(p.size, dtype=np.int64)
+        q[:body] = np.repeat(np.where(norm != 0, quantized / np.maximum(norm, 1), 0), merged)
+        p, q = smooth_distribution(p), smooth_distribution(q)
+        divergences.append(np.inf if p is None or q is None else float(np.array(entropy(p, q), dtype=dtype)))
+    low, high = windows[int(np.argmin(divergences))]
+    return (min_value if low < min_value else low), (max_value if high > max_value else high)
 
 
 def _replace_node(graph, node, replacement: list) -> None:
