@@ -104,10 +104,10 @@ def _entropy_ranges(prepared: Path, config: StaticQdqInt8Config, calibration: Se
 
 
 def entropy_threshold(histogram, num_quantized_bins: int):
-    """onnxruntime's HistogramCalibrater.get_entropy_threshold (1.2x) for integer histograms, its bin merging done
-    with reshapes and cumulative sums instead of Python loops: for each symmetric window around the zero bin, p is
-    the window with the outliers added to its end bins, q its bins merged into `num_quantized_bins` and spread back
-    (integer-truncated over p's non-zero bins' count, as onnxruntime does), and the window with the least KL wins."""
+    """onnxruntime's HistogramCollector.get_entropy_threshold (onnxruntime 1.32) for integer histograms, its bin
+    merging done with reshapes and cumulative sums instead of Python loops: for each symmetric window around the zero
+    bin, p is the window with the outliers added to its end bins, q its bins merged into `num_quantized_bins` and
+    spread back (integer-truncated over p's non-zero bins' count, as onnxruntime does); the least KL wins."""
     import numpy as np
     from onnxruntime.quantization.calibrate import entropy
     from onnxruntime.quantization.quant_utils import smooth_distribution
