@@ -20,7 +20,7 @@ from edgedistill.errors import EdgeDistillError, ProfileError
 from edgedistill.families.base import Family, TargetBuild
 from edgedistill.report import render_summary
 from edgedistill.runs import RUN_DIR
-from edgedistill.targets import TargetProfile, resolve_target
+from edgedistill.targets import TargetProfile, cpu_flags, resolve_target
 from edgedistill.teachers import load_teacher
 
 SUMMARY = "summary.md"
@@ -191,6 +191,10 @@ def publish(family: Family, built: TargetBuild, profile: TargetProfile, out_dir:
     with `keep_rejected`, the whole rejected artifact to OUT/<target>.rejected/, its report saying REJECTED).
 
     This compile's verdict supersedes an older one: never leave a stale artifact beside a new rejection, or back."""
+    host = cpu_flags()  # empty where /proc/cpuinfo is not: nothing is known, nothing is said
+    missing = sorted(set(profile.cpu_flags) - host) if host else []
+    if missing:  # validated and timed on other kernels than the target CPU's (the report says so)
+        built.manifest.latency["host_lacks_cpu_flags"] = missing
     report = family.render_report(built.manifest, published=built.passed)
     if report_extra:
         report = report.rstrip("\n") + "\n\n" + report_extra

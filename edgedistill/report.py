@@ -42,6 +42,11 @@ def warnings_for(m: Manifest) -> list[str]:
         out.append("Distillation never beat the initial student (step 0): this artifact is the student as derived "
                    "from the teacher, without training. Check --lr, --epochs and the transfer set.")
     lat = m.latency
+    if lat.get("host_lacks_cpu_flags"):
+        out.append(f"This machine lacks the target CPU's {', '.join(lat['host_lacks_cpu_flags'])}: fidelity and latency "
+                   "were measured with its kernels, and onnxruntime's int8 kernels differ between CPUs (without VNNI "
+                   "they add products in int16, which 8-bit weights can saturate); run `edgedistill verify` on the "
+                   "target CPU before trusting the verdict.")
     if "not_measured" in lat:
         out.append(f"Latency not measured: {lat['not_measured']}. "
                    + (f"Fidelity was computed with {m.model['validated_with']}." if "validated_with" in m.model else ""))

@@ -80,6 +80,25 @@ def test_compile_fp32_matches_torch_student_exactly(tiny_plain_encoder, text_fil
     np.testing.assert_allclose(run_artifact(artifact, texts), torch_outputs(result.student, artifact, texts), atol=1e-4)
 
 
+def test_a_target_cpu_this_machine_is_not_is_named_in_the_manifest_and_the_report(tiny_plain_encoder, text_file,
+                                                                                   tmp_path):
+    """Validated and timed on this machine's kernels, not the target CPU's: the artifact says which flags it lacked."""
+    from edgedistill.targets import cpu_flags
+
+    if not cpu_flags():
+        pytest.skip("no /proc/cpuinfo here: this machine's CPU flags are unknown")
+    profile = write_profile(tmp_path / "fp32.yaml", name="elsewhere", quantization="recipe: fp32")
+    profile.write_text(profile.read_text() + f"cpu_flags: [{sorted(cpu_flags())[0]}, isa_no_cpu_has]\n")
+    result = compile(str(tiny_plain_encoder), str(text_file), [str(profile)], tmp_path / "out", CompileOptions(distill=FAST))
+    m = verify_files(result.targets[0].path)
+    assert m.latency["host_lacks_cpu_flags"] == ["isa_no_cpu_has"]
+    report = (result.targets[0].path / "report.md").read_text()
+    assert "This machine lacks the target CPU's isa_no_cpu_has" in report
+    assert "host_lacks_cpu_flags" not in verify_files(
+        compile(str(tiny_plain_encoder), str(text_file), [str(write_profile(tmp_path / "any.yaml", name="any",
+                quantization="recipe: fp32"))], tmp_path / "out2", CompileOptions(distill=FAST)).targets[0].path).latency
+
+
 def test_compile_classification_with_labels(tiny_classifier, labelled_jsonl, profile_file, tmp_path):
     result = compile(str(tiny_classifier), str(labelled_jsonl), [str(profile_file)], tmp_path / "out",
                      CompileOptions(distill=FAST, student_layers=1))
