@@ -224,8 +224,11 @@ def test_dynamic_nodes_quantize_their_input_on_each_call(tmp_path):
     rng = np.random.default_rng(2)
     feeds = [{"x": rng.normal(size=(4, 32)).astype(np.float32)} for _ in range(8)]
     ref = ort.InferenceSession(str(model)).run(None, feeds[0])[0]
+    # 7-bit weights: without VNNI onnxruntime's u8*s8 kernels saturate 8-bit ones (measured here on an AVX2 EPYC:
+    # 18% off the float graph), and this test is about the graph, not the host's kernels
     out = quantize(model, StaticQdqInt8Config(op_types=["MatMul", "Gemm"], calibration_texts=8, search=False,
-                                              dynamic=["^/down/MatMul$"], weight_only=["^/down/MatMul$"]),
+                                              dynamic=["^/down/MatMul$"], weight_only=["^/down/MatMul$"],
+                                              reduce_range=True),
                    tmp_path / "dyn.onnx", feeds)
     graph = onnx.load(str(out)).graph
     ops = [n.op_type for n in graph.node]
