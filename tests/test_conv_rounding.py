@@ -39,43 +39,55 @@ def _images(n: int, seed: int) -> torch.Tensor:
     return (0.7 * x + 0.3 * ramp[None, None, :, None] * torch.rand(n, 3, 1, 1, generator=g)).clamp(0, 1)
 
 
-@pytest.fixture(scope="module")
-def rounded():
+def _round(levels: int):
     net = _net()
     example = _images(2, 99)
     fold_batchnorm(net, example)
     calibration, views = _images(16, 1), _images(64, 2)
     model = copy.deepcopy(net)
-    record = round_weights(model, example, calibration, views)
+    record = round_weights(model, example, calibration, views, levels=levels)
     return net, model, record, calibration
 
 
-def test_weights_land_on_the_per_channel_int8_grid_with_the_same_scales(rounded):
-    net, model, record, _ = rounded
-    assert record["layers"] == 5 and record["views"] == 64
+@pytest.fixture(scope="module")
+def rounded():
+    return _round(127)
+
+
+@pytest.fixture(scope="module")
+def rounded_7bit():
+    """Rounded onto onnxruntime's 7-bit weight grid (`reduce_range`: integers in [-64, 64], scale max |w| / 64)."""
+    return _round(64)
+
+
+@pytest.mark.parametrize("which, levels", [("rounded", 127), ("rounded_7bit", 64)])
+def test_weights_land_on_the_per_channel_int8_grid_with_the_same_scales(which, levels, request):
+    net, model, record, _ = request.getfixturevalue(which)
+    assert record["layers"] == 5 and record["views"] == 64 and record["weight_levels"] == levels
     for before, after in zip([m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))],
                              [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]):
         w, w0 = after.weight.detach(), before.weight.detach()
         flat, flat0 = w.reshape(len(w), -1), w0.reshape(len(w0), -1)
         # the largest |w| of each channel is kept, so the quantizer computes the same scale
         assert torch.equal(flat.abs().amax(1), flat0.abs().amax(1))
-        assert torch.allclose(round_per_channel(w), w, rtol=0, atol=1e-6 * float(w.abs().max()))
-        assert not torch.equal(round_per_channel(w0), w)  # not plain nearest rounding
+        assert torch.allclose(round_per_channel(w, levels), w, rtol=0, atol=1e-6 * float(w.abs().max()))
+        assert not torch.equal(round_per_channel(w0, levels), w)  # not plain nearest rounding
         assert not torch.equal(after.bias, before.bias)  # the bias was corrected
 
 
-def test_onnxruntime_stores_exactly_the_rounded_weights(rounded, tmp_path):
+@pytest.mark.parametrize("which, reduce_range", [("rounded", False), ("rounded_7bit", True)])
+def test_onnxruntime_stores_exactly_the_rounded_weights(which, reduce_range, request, tmp_path):
     import onnx
     from onnx import numpy_helper
 
     from edgedistill.quantize import quantize
-    from edgedistill.quantize.configs import StaticQdqInt8Config
+    from edgedistill.quantize.configs import StaticQdqInt8Config, int8_weight_levels
 
-    _, model, _, calibration = rounded
+    _, model, _, calibration = request.getfixturevalue(which)
     path = tmp_path / "m.onnx"
     torch.onnx.export(model, (calibration[:1],), str(path), input_names=["pixels"], output_names=["logits"],
                       opset_version=17, dynamo=False)
-    cfg = StaticQdqInt8Config(op_types=["Conv", "Gemm", "Clip"], calibration_texts=16)
+    cfg = StaticQdqInt8Config(op_types=["Conv", "Gemm", "Clip"], calibration_texts=16, reduce_range=reduce_range)
     q = quantize(path, cfg, tmp_path / "q.onnx", [{"pixels": x[None].numpy()} for x in calibration])
     graph = onnx.load(str(q)).graph
     inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
@@ -83,6 +95,8 @@ def test_onnxruntime_stores_exactly_the_rounded_weights(rounded, tmp_path):
     for node in graph.node:  # weights: int8 initializer -> DequantizeLinear (per-channel scale)
         if node.op_type == "DequantizeLinear" and node.input[0] in inits and inits[node.input[0]].dtype == np.int8:
             ints, scale = inits[node.input[0]].astype(np.float32), inits[node.input[1]]
+            # every channel reaches the grid's end and none passes it: 127, or 64 with 7-bit weights
+            assert np.abs(ints).reshape(len(ints), -1).max(1).tolist() == [int8_weight_levels(cfg)] * len(ints)
             stored.append(ints * scale.reshape(-1, *[1] * (ints.ndim - 1)))
     ours = [m.weight.detach().numpy() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     assert len(stored) == len(ours)
@@ -136,3 +150,49 @@ def _constant(program, placeholder: str) -> torch.Tensor:
         if spec.arg.name == placeholder:
             return program.state_dict.get(spec.target, program.constants.get(spec.target))
     raise KeyError(placeholder)
+
+
+def test_unsigned_weights_are_the_same_model_run_by_u8u8_kernels(rounded, tmp_path):
+    """`unsigned_weights` stores each int8 weight q as uint8 q + 128 with zero point 128: the same values (the
+    unoptimized graphs agree bit for bit), which onnxruntime's fused convolutions then compute without int16
+    saturation on CPUs without VNNI."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from edgedistill.quantize import quantize
+    from edgedistill.quantize.configs import StaticQdqInt8Config
+
+    _, model, _, calibration = rounded
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(model, (calibration[:1],), str(path), input_names=["pixels"], output_names=["logits"],
+                      opset_version=17, dynamo=False)
+    feeds = [{"pixels": x[None].numpy()} for x in calibration]
+    graphs = {}
+    for unsigned in (False, True):
+        cfg = StaticQdqInt8Config(op_types=["Conv", "Gemm", "Clip"], calibration_texts=16, unsigned_weights=unsigned)
+        graphs[unsigned] = quantize(path, cfg, tmp_path / f"q{int(unsigned)}.onnx", feeds)
+
+    def weights(q):
+        graph = onnx.load(str(q)).graph
+        inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        return [(inits[n.input[0]], inits[n.input[2]]) for n in graph.node
+                if n.op_type == "DequantizeLinear" and n.input[0] in inits and inits[n.input[0]].ndim > 1]
+
+    signed, unsigned = weights(graphs[False]), weights(graphs[True])
+    assert len(signed) == len(unsigned) == 5
+    for (q, z), (u, zu) in zip(signed, unsigned):
+        assert q.dtype == np.int8 and not z.any()
+        assert u.dtype == np.uint8 and (zu == 128).all() and np.array_equal(u.astype(np.int16) - 128, q)
+
+    def run(q, level):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = level
+        session = ort.InferenceSession(str(q), options, providers=["CPUExecutionProvider"])
+        return np.concatenate([session.run(None, {"pixels": x[None]})[0] for x in _images(8, 4).numpy()])
+
+    off = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    np.testing.assert_array_equal(run(graphs[False], off), run(graphs[True], off))
+    fused = run(graphs[True], ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    scale = np.abs(run(graphs[True], off)).max()
+    assert np.abs(fused - run(graphs[True], off)).max() < 0.05 * scale

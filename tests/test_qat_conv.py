@@ -96,10 +96,12 @@ def test_fake_quant_uint8_lands_on_the_grid_and_passes_gradients_straight_throug
     assert torch.equal(x.grad, torch.ones_like(x))
 
 
-def test_simulation_matches_onnxruntime_weights_and_activation_scales(tmp_path):
+@pytest.mark.parametrize("reduce_range", [False, True])
+def test_simulation_matches_onnxruntime_weights_and_activation_scales(reduce_range, tmp_path):
     model, x = tiny_cnn(), images(16)
     fold_batchnorm(model, x[:1])
-    sim = ConvQuantSim(model, x[:1])
+    levels = 64 if reduce_range else 127  # 7-bit weights: integers in [-64, 64]
+    sim = ConvQuantSim(model, x[:1], weight_levels=levels)
     assert len(sim.clamp) == 2  # the stem and the depthwise Conv each feed only a ReLU6: fused
     sim.calibrate(x)
     sim.remove()
@@ -107,7 +109,8 @@ def test_simulation_matches_onnxruntime_weights_and_activation_scales(tmp_path):
     torch.onnx.export(model, (x[:1],), str(path), input_names=["pixels"], output_names=["logits"], opset_version=17,
                       dynamo=False)
     out = tmp_path / "q.onnx"
-    quantize(path, StaticQdqInt8Config(op_types=["Conv", "Gemm", "Clip"], calibration_texts=16, search=False), out,
+    quantize(path, StaticQdqInt8Config(op_types=["Conv", "Gemm", "Clip"], calibration_texts=16, search=False,
+                                       reduce_range=reduce_range), out,
              [{"pixels": v[None].numpy()} for v in x])
     graph = onnx.load(str(out)).graph
     init = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
@@ -123,7 +126,12 @@ def test_simulation_matches_onnxruntime_weights_and_activation_scales(tmp_path):
         dq = producer[name]
         q, s = init[dq.input[0]].astype(np.float32), init[dq.input[1]]
         ort_w = q * s.reshape(-1, *([1] * (q.ndim - 1)))
-        np.testing.assert_allclose(ort_w, round_per_channel(layer.weight.detach()).numpy(), atol=1e-7)
+        np.testing.assert_allclose(ort_w, round_per_channel(layer.weight.detach(), levels).numpy(), atol=1e-7)
+    with torch.no_grad():  # the simulation's weights are those too
+        sim = ConvQuantSim(model, x[:1], weight_levels=levels)
+        for layer in sim.layers:
+            assert torch.equal(layer.weight, round_per_channel(layer.parametrizations.weight.original, levels))
+        sim.remove()
 
 
 def test_rounding_switches_off_and_removal_leaves_float_weights_under_plain_names():

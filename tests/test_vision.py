@@ -204,6 +204,19 @@ def test_the_teacher_shape_distils_quantization_aware_at_a_small_rate_when_asked
     assert m.distillation["quantization_aware"] and m.distillation["config"]["lr"] == 1e-5  # recorded resolved
 
 
+def test_one_quantization_aware_student_needs_one_weight_grid():
+    """x86-64-avx2 stores 7-bit weights (reduce_range), x86-64-avx512 8-bit ones: a student can train through one."""
+    from edgedistill.errors import EdgeDistillError
+    from edgedistill.targets import builtin_profiles
+
+    avx2, avx512 = builtin_profiles()["x86-64-avx2"], builtin_profiles()["x86-64-avx512"]
+    assert avx2.vision.quantization.reduce_range and not avx512.vision.quantization.reduce_range
+    assert vision_stages.quantization_aware([avx2], None) == vision_stages.quantization_aware([avx512], None) == 64
+    assert vision_stages.quantization_aware([avx2, avx512], None) is None
+    with pytest.raises(EdgeDistillError, match="one calibration set and one weight grid"):
+        vision_stages.quantization_aware([avx2, avx512], True)
+
+
 def test_quantization_aware_can_be_turned_off_and_refuses_a_target_it_cannot_simulate(tiny_teacher, photos, tmp_path):
     result = compile(tiny_teacher, str(photos), [str(profile(tmp_path / "p.yaml", QAT_INT8))], tmp_path / "out",
                      opts(quantization_aware=False))

@@ -2,7 +2,8 @@
 quantizer will apply to it.
 
 onnxruntime quantizes (op types Conv, Gemm, Clip; per-channel int8 weights; uint8 activations; min-max ranges):
-  * each Conv / Gemm weight per output channel, symmetric: scale = max |w| / 127, integers in [-127, 127];
+  * each Conv / Gemm weight per output channel, symmetric: scale = max |w| / 127, integers in [-127, 127] (max |w| /
+    64 and [-64, 64] with 7-bit weights, `reduce_range`);
   * the input of every Conv / Gemm and its output, asymmetric uint8 over [min(lo, 0), max(hi, 0)] of the values
     seen on the calibration inputs; a Conv followed by ReLU6 / ReLU is fused with it (the Clip is removed and the
     output is quantized over the activation's range).
@@ -93,13 +94,13 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> int:
     return len(done) // 2
 
 
-def round_per_channel(weight: torch.Tensor) -> torch.Tensor:
-    """Return `weight` rounded as onnxruntime stores per-channel symmetric int8: scale = max |w| / 127 per output
-    channel (axis 0), integers in [-127, 127]."""
+def round_per_channel(weight: torch.Tensor, levels: int = 127) -> torch.Tensor:
+    """Return `weight` rounded as onnxruntime stores per-channel symmetric int8: scale = max |w| / levels per output
+    channel (axis 0), integers in [-levels, levels] (127; 64 with 7-bit weights, `reduce_range`)."""
     flat = weight.reshape(weight.shape[0], -1)
-    scale = flat.abs().amax(1, keepdim=True) / 127.0
+    scale = flat.abs().amax(1, keepdim=True) / float(levels)
     safe = torch.where(scale == 0, torch.ones_like(scale), scale)
-    return (torch.clamp(torch.round(flat / safe), -127, 127) * scale).reshape(weight.shape)
+    return (torch.clamp(torch.round(flat / safe), -levels, levels) * scale).reshape(weight.shape)
 
 
 def fake_quant_uint8(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
@@ -118,9 +119,10 @@ class ConvQuantSim:
 
     `calibrate(views)` measures the activation ranges on float inputs (as onnxruntime's min-max calibrator does);
     `enabled` switches the rounding on or off; `remove()` takes every hook away (the float weights stay).
+    `weight_levels`: the weights' integer range, [-127, 127] or [-64, 64] (7-bit, `reduce_range`).
     """
 
-    def __init__(self, model: nn.Module, example: torch.Tensor) -> None:
+    def __init__(self, model: nn.Module, example: torch.Tensor, weight_levels: int = 127) -> None:
         self.model = model
         calls = _leaf_calls(model, example)
         consumers = _consumers(calls)
@@ -139,7 +141,7 @@ class ConvQuantSim:
         for i, layer in enumerate(self.layers):
             self._handles.append(layer.register_forward_pre_hook(self._pre(i)))
             self._handles.append(layer.register_forward_hook(self._post(i, layer)))
-            parametrize.register_parametrization(layer, "weight", _PerChannelFakeQuant(self._switch))
+            parametrize.register_parametrization(layer, "weight", _PerChannelFakeQuant(self._switch, weight_levels))
 
     @property
     def enabled(self) -> bool:
@@ -219,11 +221,11 @@ class _Switch:
 class _PerChannelFakeQuant(nn.Module):
     """Parametrization: the forward pass sees the per-channel int8 weight; the gradient passes to the float one."""
 
-    def __init__(self, switch: _Switch) -> None:
+    def __init__(self, switch: _Switch, levels: int = 127) -> None:
         super().__init__()
-        self.switch = switch
+        self.switch, self.levels = switch, levels
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.switch.on:
             return weight
-        return weight + (round_per_channel(weight.detach()) - weight).detach()
+        return weight + (round_per_channel(weight.detach(), self.levels) - weight).detach()

@@ -213,7 +213,7 @@ def student_logits(d: VisionDistilled, views: np.ndarray) -> np.ndarray:
     student = d.trained.student.eval()
     sim = None
     if d.quantization_aware:
-        sim = ConvQuantSim(student, _example(d.size))
+        sim = ConvQuantSim(student, _example(d.size), weight_levels=d.weight_levels)
         sim.calibrate(to_pixels(calibration_views(d.train_views, d.quantization_aware)))
     try:
         return teacher_logits(student, views, batch_size=64)

@@ -18,6 +18,7 @@ from edgedistill.families.vision import is_program
 from edgedistill.families.vision_stages import VisionDistilled, _example, calibration_views
 from edgedistill.images import to_pixels
 from edgedistill.progress import new_progress
+from edgedistill.quantize.configs import int8_weight_levels
 from edgedistill.quantize.conv_rounding import DAMP, round_weights
 from edgedistill.targets import TargetProfile
 
@@ -49,31 +50,31 @@ def rounded_student(d: VisionDistilled, profile: TargetProfile, opts) -> tuple[t
         return student, {**nearest, "why": "gptq rounds onto per-channel grids; this recipe's weights are per tensor"}
     if is_program(student):
         return student, {**nearest, "why": "a torch.export program has no modules to round"}
-    n = cfg.calibration_texts
-    if n in d.rounded:
-        return d.rounded[n]
+    n, levels = cfg.calibration_texts, int8_weight_levels(cfg)
+    if (n, levels) in d.rounded:
+        return d.rounded[(n, levels)]
     model = copy.deepcopy(student)
     try:
         fold_batchnorm(model, _example(d.size))
     except RuntimeError as e:  # a convolution output with another consumer beside its BatchNorm
-        d.rounded[n] = (student, {**nearest, "why": f"BatchNorm could not be folded ({e})"})
-        return d.rounded[n]
+        d.rounded[(n, levels)] = (student, {**nearest, "why": f"BatchNorm could not be folded ({e})"})
+        return d.rounded[(n, levels)]
     calibration = calibration_views(d.train_views, n)
     views = calibration_views(d.train_views, ROUNDING_VIEWS)
     key = cache_key("vision-rounding-v1", hashlib.sha256(b"".join(
         t.detach().cpu().numpy().tobytes() for t in student.state_dict().values())).hexdigest(),
         array_digests(calibration).tobytes().hex(), array_digests(views).tobytes().hex(), DAMP, torch.__version__,
-        __version__)
+        __version__, *([("weight-levels", levels)] if levels != 127 else []))
     directory = (opts.cache_dir or default_cache_dir()) / "rounded" / key
     record = _load_rounded(directory, model)
     if record is None:
         with new_progress() as progress:
             task = progress.add_task("rounding int8 weights by GPTQ", total=None, status="")
             record = round_weights(model, _example(d.size), to_pixels(calibration), to_pixels(views),
-                                   lambda done, total: progress.update(task, completed=done, total=total))
+                                   lambda done, total: progress.update(task, completed=done, total=total), levels)
         _save_rounded(directory, model, record)
-    d.rounded[n] = (model.eval(), record)
-    return d.rounded[n]
+    d.rounded[(n, levels)] = (model.eval(), record)
+    return d.rounded[(n, levels)]
 
 
 def unrounded_twin(d: VisionDistilled, rounded: torch.nn.Module) -> torch.nn.Module:

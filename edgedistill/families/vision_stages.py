@@ -26,6 +26,7 @@ from edgedistill.families.vision_training import RECALIBRATE_EVERY, FreshViews, 
 from edgedistill.families.vision_validation import agreement
 from edgedistill.images import DEFAULT_CROP_SCALE, ImageSet, eval_resize, make_views, to_pixels
 from edgedistill.progress import new_progress
+from edgedistill.quantize.configs import int8_weight_levels
 from edgedistill.targets import TargetProfile, builtin_profiles
 from edgedistill.teachers import Teacher
 
@@ -69,7 +70,8 @@ class VisionDistilled:
     feature_stages: list[str] | None = None  # the stage outputs it was pulled to, with --feature-weight
     distill_config: DistillConfig | None = None  # the hyper-parameters it trained with (--lr resolved)
     val_groups: np.ndarray | None = None  # the held-out image each held-out view was cut from (for agreement_interval)
-    rounded: dict = field(default_factory=dict)  # calibration views -> (student with GPTQ-rounded weights, record)
+    rounded: dict = field(default_factory=dict)  # (calibration views, weight levels) -> (GPTQ-rounded student, record)
+    weight_levels: int = 127  # the weight integers it trained through: [-127, 127], or [-64, 64] (reduce_range)
 
 
 def check_target(profile: TargetProfile) -> None:
@@ -172,7 +174,7 @@ def quantization_aware(profiles: list[TargetProfile], requested: bool | None) ->
 
     if requested is False:
         return None
-    counts = set()
+    counts = set()  # (calibration views, weight grid): one student trains through one rounding
     for p in profiles:
         q = p.vision.quantization if p.vision else None
         fits = ((isinstance(q, StaticQdqInt8Config) and q.per_channel and q.calibration == "minmax"
@@ -186,13 +188,15 @@ def quantization_aware(profiles: list[TargetProfile], requested: bool | None) ->
                                    f"XNNPACK's per-channel); target {p.name} quantizes with "
                                    f"{q.model_dump(include={'recipe', 'per_channel', 'calibration', 'op_types'}) if q else None}",
                                    hint="leave out --quantization-aware, or pick targets with that static int8 recipe")
-        counts.add(q.calibration_texts)
+        counts.add((q.calibration_texts, int8_weight_levels(q)))
     if len(counts) != 1:
         if requested is None:
             return None
-        raise EdgeDistillError(f"--quantization-aware needs one calibration set; the targets calibrate on {sorted(counts)} views",
-                               hint="give the targets the same calibration_texts, or compile them separately")
-    return counts.pop()
+        raise EdgeDistillError(f"--quantization-aware needs one calibration set and one weight grid; the targets "
+                               f"calibrate on (views, weight levels) {sorted(counts)}",
+                               hint="give the targets the same calibration_texts and reduce_range, or compile them "
+                                    "separately")
+    return counts.pop()[0]
 
 
 def calibration_views(train_views: np.ndarray, count: int) -> np.ndarray:
@@ -311,12 +315,14 @@ def distill_student(family, teacher: Teacher, data: ImageSet, opts, run_dir: Pat
     if qat:  # the simulation trains the weights the artifact stores: BatchNorm folded, as the exporter folds it
         pruning["batchnorm_folded"] = fold_batchnorm(student, _example(size))
     cfg = distill_config(opts.distill, qat, kept)
+    levels = int8_weight_levels(profiles[0].vision.quantization) if qat else 127  # the targets agree on it when qat
     key = cache_key("vision-student-v1", teacher.sha256, data.sha256, size, per, seed, opts.val_fraction,
                     ("held-out", hashlib.sha256(val_img.astype(np.int64).tobytes()).hexdigest()), budget,
                     *([("resolution", resolution)] if resolution < size else []),
                     (crop_scale, eval_resize(size, opts.resize)), opts.drop_blocks or None,
                     sorted(asdict(cfg).items()), qat and (qat, qat_start(len(train_views), cfg, kept),
                                                            RECALIBRATE_EVERY),
+                    *([("weight-levels", levels)] if levels != 127 else []),
                     *([("fresh-views", opts.mixup)] if opts.fresh_views else []),
                     *([("feature-weight", opts.feature_weight, FEATURE_INIT_VIEWS)] if opts.feature_weight else []),
                     distributed.world(), torch.__version__, __version__)
@@ -331,7 +337,7 @@ def distill_student(family, teacher: Teacher, data: ImageSet, opts, run_dir: Pat
                                                                     opts.resume)
         sim, schedule = None, None
         if qat:
-            sim = ConvQuantSim(student, _example(size))
+            sim = ConvQuantSim(student, _example(size), weight_levels=levels)
             schedule = QuantizationAwareSchedule(sim, to_pixels(calibration_views(train_views, qat)),
                                                  qat_start(len(train_views), cfg, kept))
         fresh = None
@@ -357,7 +363,7 @@ def distill_student(family, teacher: Teacher, data: ImageSet, opts, run_dir: Pat
     return VisionDistilled(teacher, data, trained, train_views, train_logits, val_views, val_logits, val_labels,
                            len(train_img), len(val_img), per, size, pruning, photos_held_out, qat,
                            stage_names(teacher.module, _example(size)) if opts.feature_weight else None, cfg,
-                           val_groups=val_src)
+                           val_groups=val_src, weight_levels=levels)
 
 
 def _teacher_as_student(student: torch.nn.Module, val_views: np.ndarray, val_logits: np.ndarray,

@@ -47,6 +47,17 @@ class StaticQdqInt8Config(BaseModel):
             int8 weights, minmax): every op 0.40 cosine to fp32, MatMul only 0.94; so MatMul is the default.
         per_channel: one weight scale per output channel.
         activation_type / weight_type: uint8 or int8 (int8 + symmetric activations for TensorRT).
+        reduce_range: 7-bit weights (integers in [-64, 64], scale max |w| / 64). For x86 CPUs without VNNI, where
+            onnxruntime's u8*s8 kernels add pairs of products in int16 (vpmaddubsw) and 8-bit weights saturate it.
+            Measured on MobileNetV2 on an AVX2 host without VNNI (152 held-out views, no other change): the int8
+            graph agreed 0.66 top-1 with the teacher run by onnxruntime's integer kernels and 0.80 when the same
+            QDQ graph ran on its float kernels (the saturation costs 0.14); 0.75 with 7-bit weights.
+        unsigned_weights: the same int8 weights stored as uint8 with zero point 128 (q + 128, the same values), so
+            onnxruntime runs u8*u8 kernels, which do not saturate, instead of u8*s8: full 8-bit weights for CPUs
+            without VNNI, where `reduce_range` gives up one bit. Same MobileNetV2, same views: 0.78 top-1 agreement
+            (0.81 on the float kernels). Not a built-in default: on that host u8*u8 convolutions ran at 1.08x fp32's
+            speed (u8*s8 1.23-1.34x), and the default compile with it was rejected (0.847 held out; README "Vision
+            on AVX2 without VNNI").
         calibration: minmax, entropy or percentile range estimation.
         calibration_texts: transfer-set texts used for calibration.
         exclude: regexes of node names kept in float (the accuracy search adds the most sensitive ones).
@@ -71,6 +82,8 @@ class StaticQdqInt8Config(BaseModel):
     per_channel: bool = True
     activation_type: Literal["uint8", "int8"] = "uint8"
     weight_type: Literal["int8"] = "int8"
+    reduce_range: bool = False
+    unsigned_weights: bool = False
     calibration: Literal["minmax", "entropy", "percentile"] = "minmax"
     calibration_texts: int = Field(128, ge=4, le=10000)
     exclude: list[str] = Field(default_factory=list, description="regexes of node names kept in float")
@@ -191,3 +204,9 @@ VISION_RUNTIME_RECIPES = {
     "onnxruntime": ("static-qdq-int8", "dynamic-int8", "fp16", "fp32"),
     "executorch": ("xnnpack-static-int8", "fp32"),
 }
+
+
+def int8_weight_levels(config: BaseModel) -> int:
+    """The largest integer a symmetric per-channel int8 weight is stored as under `config`: 64 with 7-bit weights
+    (`reduce_range`), else 127. Weight rounding (GPTQ, quantization-aware training) must land on the same grid."""
+    return 64 if getattr(config, "reduce_range", False) else 127

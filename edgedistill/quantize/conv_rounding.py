@@ -1,15 +1,15 @@
 """Calibrated weight rounding for static int8 CNNs: each Conv / Linear weight is put on the per-channel int8 grid the
 quantizer will use (scale = max |w| / 127 per output channel, as onnxruntime's QDQ and XNNPACK's PT2E quantizers
-compute it), choosing each weight's rounding by the layer's inputs rather than to the nearest level, and each bias is
-corrected for the mean error the rounding leaves.
+compute it; max |w| / 64 with onnxruntime's 7-bit weights, `reduce_range`), choosing each weight's rounding by the
+layer's inputs rather than to the nearest level, and each bias is corrected for the mean error the rounding leaves.
 
 Layer by layer, in the order the model runs, with every activation already rounded as the artifact rounds it
 (`ConvQuantSim`, ranges calibrated on the quantizer's own calibration views):
   * GPTQ (Frantar et al., 2022): the weights of one output channel are rounded one input column at a time, and the
     error of each is spread over the columns not yet rounded through the inverse of H = X Xᵀ, X the layer's
     (rounded) input patches; a depthwise convolution gets one 9 x 9 H per channel. The largest |w| of each channel
-    stays where it is (exactly ±127 levels), so the quantizer recomputes the same scale and stores exactly these
-    integers.
+    stays where it is (exactly ±127 levels, or ±64), so the quantizer recomputes the same scale and stores exactly
+    these integers.
   * bias correction (Nagel et al., 2019): the bias gains W E[x] - Q E[x~], the mean of what the float layer on the
     float model's input and the rounded layer on the rounded model's input disagree by.
 
@@ -71,12 +71,13 @@ def _float_input_means(model: nn.Module, layers: list[nn.Module], views: torch.T
     return [s / c for s, c in zip(sums, counts)]
 
 
-def _gptq(weight: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """Round `weight` (out, in) onto its per-channel symmetric int8 grid by GPTQ with `h` (groups, in, in); the
-    largest |w| of each row is kept (its own level, ±127). Returns the rounded float weight."""
+def _gptq(weight: torch.Tensor, h: torch.Tensor, levels: int = 127) -> torch.Tensor:
+    """Round `weight` (out, in) onto its per-channel symmetric grid of integers in [-levels, levels] by GPTQ with `h`
+    (groups, in, in); the largest |w| of each row is kept (its own level, ±levels). Returns the rounded float
+    weight."""
     rows, cols = weight.shape
     groups = h.shape[0]
-    scale = weight.abs().amax(1) / 127.0
+    scale = weight.abs().amax(1) / float(levels)
     scale = torch.where(scale == 0, torch.ones_like(scale), scale).reshape(groups, rows // groups)
     w0 = weight.reshape(groups, rows // groups, cols)
     pin = w0.abs() == w0.abs().amax(2, keepdim=True)
@@ -88,7 +89,7 @@ def _gptq(weight: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     q = torch.empty_like(w)
     for i in range(cols):
         col = w[:, :, i]
-        rounded = torch.where(pin[:, :, i], w0[:, :, i], torch.clamp(torch.round(col / scale), -127, 127) * scale)
+        rounded = torch.where(pin[:, :, i], w0[:, :, i], torch.clamp(torch.round(col / scale), -levels, levels) * scale)
         q[:, :, i] = rounded
         err = torch.where(pin[:, :, i], torch.zeros_like(col), (col - rounded) / hinv[:, i, i, None])
         w[:, :, i + 1:] -= err[:, :, None] * hinv[:, i, None, i + 1:]
@@ -97,11 +98,12 @@ def _gptq(weight: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
 
 
 def round_weights(model: nn.Module, example: torch.Tensor, calibration: torch.Tensor, views: torch.Tensor,
-                  on_layer=None) -> dict:
+                  on_layer=None, levels: int = 127) -> dict:
     """Round every Conv2d / Linear weight of a BatchNorm-folded `model` onto its int8 grid by GPTQ and correct each
     bias, in place (module in float; the quantizer then stores exactly these weights). `calibration`: the views the
     quantizer calibrates its activation ranges on (the simulation uses the same); `views`: the views H and the means
-    are measured on. `on_layer(done, total)` reports progress. Returns what was done, for the manifest."""
+    are measured on. `on_layer(done, total)` reports progress. `levels`: the weights' integer range, 127 or 64 (7-bit
+    weights, `reduce_range`). Returns what was done, for the manifest."""
     start = time.perf_counter()
     model.eval()
     reference = copy.deepcopy(model)
@@ -109,7 +111,7 @@ def round_weights(model: nn.Module, example: torch.Tensor, calibration: torch.Te
     with torch.no_grad():
         float_means = _float_input_means(reference, float_layers, views)
     del reference
-    sim = ConvQuantSim(model, example)
+    sim = ConvQuantSim(model, example, weight_levels=levels)
     rounded: set[int] = set()
 
     def round_layer(layer, args):  # runs after the simulation's own pre-hook: `args[0]` is the rounded input
@@ -125,7 +127,7 @@ def round_weights(model: nn.Module, example: torch.Tensor, calibration: torch.Te
             n += p.shape[2]
         original = layer.parametrizations.weight.original
         weight = original.reshape(original.shape[0], -1)
-        q = _gptq(weight, h)
+        q = _gptq(weight, h, levels)
         groups = h.shape[0]
         shift = (torch.einsum("god,gd->go", weight.reshape(groups, -1, weight.shape[1]), float_means[index[id(layer)]])
                  - torch.einsum("god,gd->go", q.reshape(groups, -1, weight.shape[1]), mean_q / n))
@@ -151,5 +153,5 @@ def round_weights(model: nn.Module, example: torch.Tensor, calibration: torch.Te
             handle.remove()
         sim.remove()
     return {"method": "gptq + bias correction, through the int8 simulation", "layers": layers,
-            "views": len(views), "calibration_views": len(calibration), "damp": DAMP,
+            "views": len(views), "calibration_views": len(calibration), "damp": DAMP, "weight_levels": levels,
             "seconds": round(time.perf_counter() - start, 1)}

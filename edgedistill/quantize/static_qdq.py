@@ -62,6 +62,7 @@ def quantize_static_qdq(model_path: Path, config: StaticQdqInt8Config, out_path:
                 quant_format=QuantFormat.QDQ,
                 op_types_to_quantize=config.op_types,
                 per_channel=config.per_channel,
+                reduce_range=config.reduce_range,
                 activation_type=_TYPES[config.activation_type],
                 weight_type=_TYPES[config.weight_type],
                 calibrate_method=_METHODS[config.calibration],
@@ -71,12 +72,39 @@ def quantize_static_qdq(model_path: Path, config: StaticQdqInt8Config, out_path:
                 calibration_cache_path=cache,
             )
     if dynamic:
-        quantize_dynamically(out_path, dynamic, config.per_channel)
+        quantize_dynamically(out_path, dynamic, config.per_channel, config.reduce_range)
     if weight_only:
         quantize_weights_only(out_path, weight_only)
     if four_bit:
         pack_token_gathers(out_path, four_bit, config.embedding_block_size)
+    if config.unsigned_weights:
+        store_weights_unsigned(out_path)
     return out_path
+
+
+def store_weights_unsigned(model_path: Path) -> int:
+    """Rewrite the model in place: every constant int8 weight behind a DequantizeLinear with zero point 0 is stored
+    as uint8 with zero point 128 (q + 128: the same values, so the same model), which makes onnxruntime run its
+    convolutions with u8*u8 kernels instead of u8*s8 ones. Returns how many weights were rewritten."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    model = onnx.load(str(model_path))
+    index = {t.name: i for i, t in enumerate(model.graph.initializer)}
+    done = 0
+    for node in model.graph.node:
+        if node.op_type != "DequantizeLinear" or len(node.input) < 3 or node.input[0] not in index \
+                or node.input[2] not in index:
+            continue
+        weight, zero = (model.graph.initializer[index[n]] for n in (node.input[0], node.input[2]))
+        w, z = numpy_helper.to_array(weight), numpy_helper.to_array(zero)
+        if w.dtype != np.int8 or z.any() or w.min() < -127:
+            continue
+        weight.CopyFrom(numpy_helper.from_array((w.astype(np.int16) + 128).astype(np.uint8), weight.name))
+        zero.CopyFrom(numpy_helper.from_array(np.full(z.shape, 128, np.uint8), zero.name))
+        done += 1
+    onnx.save(model, str(model_path))
+    return done
 
 
 def _entropy_ranges(prepared: Path, config: StaticQdqInt8Config, calibration: Sequence[Feeds], cache: Path,
@@ -147,7 +175,7 @@ def _replace_node(graph, node, replacement: list) -> None:
         graph.node.insert(position + offset, new)
 
 
-def quantize_dynamically(model_path: Path, node_names: list[str], per_channel: bool) -> None:
+def quantize_dynamically(model_path: Path, node_names: list[str], per_channel: bool, reduce_range: bool = False) -> None:
     """Rewrite the model in place: each named MatMul/Gemm gets int8 weights and an input quantized on each call
     (onnxruntime's `quantize_dynamic` on those nodes alone; the graph's static Q/DQ pairs are left as they are).
 
@@ -190,7 +218,7 @@ def quantize_dynamically(model_path: Path, node_names: list[str], per_channel: b
         unfused = Path(tmp) / "unfused.onnx"
         onnx.save(model, str(unfused))
         quantize_dynamic(unfused, model_path, weight_type=QuantType.QInt8, per_channel=per_channel,
-                         op_types_to_quantize=["MatMul"], nodes_to_quantize=names,
+                         reduce_range=reduce_range, op_types_to_quantize=["MatMul"], nodes_to_quantize=names,
                          extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
 
 
