@@ -848,3 +848,27 @@ def test_int8_weights_are_rounded_by_gptq_unless_the_student_trained_through_nea
     nearest.write_text(nearest.read_text() + "  weight_rounding: nearest\n")
     plain = compile(tiny_teacher, str(photos), [str(nearest)], tmp_path / "o4", opts(quantization_aware=False))
     assert verify_files(plain.targets[0].path).quantization["weight_rounding"] == {"method": "nearest (the quantizer's)"}
+
+
+def test_bench_quantizes_the_teacher_with_the_artifacts_weight_storage(tmp_path):
+    """The bench's "teacher + our int8 recipe" row stores weights as the artifact's profile does (7-bit for
+    x86-64-avx2); the peer's plain int8 keeps onnxruntime's 8-bit default."""
+    import types
+
+    import onnx
+    from onnx import numpy_helper
+
+    from edgedistill.bench.vision import peer_models
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU6(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(8, 5)).eval()
+    views = np.random.default_rng(0).integers(0, 256, (8, 3, 16, 16), dtype=np.uint8)
+    models = peer_models(types.SimpleNamespace(module=net), 16, tmp_path, views, {"reduce_range": True})
+
+    def largest_weight_integer(path):
+        inits = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+        return max(int(np.abs(v.astype(np.int32)).max()) for v in inits.values() if v.dtype == np.int8 and v.ndim > 1)
+
+    assert largest_weight_integer(models["teacher + our int8 recipe (no distillation)"]) == 64
+    assert largest_weight_integer(models["peer: teacher + plain onnxruntime int8"]) == 127

@@ -28,9 +28,11 @@ PEER = ("the teacher exported to ONNX and statically quantized by onnxruntime's 
 PEER_CALIBRATION_SEED = 12345  # another seed than any compile's views
 
 
-def peer_models(teacher: Teacher, size: int, work: Path, calibration: np.ndarray) -> dict[str, Path]:
+def peer_models(teacher: Teacher, size: int, work: Path, calibration: np.ndarray,
+                weights: dict | None = None) -> dict[str, Path]:
     """Return the teacher exported (fp32) and quantized without distillation: plainly (the peer), and with our
-    recipe (Conv+ReLU6 fused), keyed by row name."""
+    recipe (Conv+ReLU6 fused, the weight storage of the artifacts' profile: `weights`, e.g. {"reduce_range": True}
+    for x86-64-avx2), keyed by row name."""
     from edgedistill.families.vision_export import export_vision
     from edgedistill.families.vision_stages import INPUT
     from edgedistill.quantize import quantize
@@ -41,7 +43,7 @@ def peer_models(teacher: Teacher, size: int, work: Path, calibration: np.ndarray
     plain = quantize(fp32, StaticQdqInt8Config(op_types=["Conv", "Gemm"], calibration_texts=len(feeds), search=False),
                      work / "peer-int8.onnx", feeds)
     ours = quantize(fp32, StaticQdqInt8Config(op_types=["Conv", "Gemm", "Clip"], calibration_texts=len(feeds),
-                                              search=False), work / "teacher-int8-fused.onnx", feeds)
+                                              search=False, **(weights or {})), work / "teacher-int8-fused.onnx", feeds)
     return {"teacher, onnxruntime fp32": fp32, "peer: teacher + plain onnxruntime int8": plain,
             "teacher + our int8 recipe (no distillation)": ours}
 
@@ -165,10 +167,14 @@ def run_vision_bench(artifact_dirs: list[Path], teacher_spec: str | None, thread
         from edgedistill.runtimes.ort_cpu import cpu_session
 
         if peer:
-            for name, path in peer_models(teacher, size, Path(tmp), peer_calibration(size)).items():
+            static = [m.quantization.get("profile") or {} for m in manifests.values()]
+            static = [q for q in static if q.get("recipe") == "static-qdq-int8"]
+            weights = {k: True for k in ("reduce_range", "unsigned_weights") if static and static[0].get(k)}
+            for name, path in peer_models(teacher, size, Path(tmp), peer_calibration(size), weights).items():
                 r = ModelResult(name=name, role="peer", runtime="ort-cpu", model_file=path.name,
                                 model_size_mb=path.stat().st_size / 1e6, runtime_settings={"intra_op_threads": threads},
-                                notes=[PEER] if name.startswith("peer") else [])
+                                notes=[PEER] if name.startswith("peer") else
+                                [f"weights stored as the artifact's profile says: {weights}"] if weights else [])
                 sessions[len(results)] = cpu_session(path, threads)
                 files[len(results)] = path
                 results.append(r)
