@@ -211,7 +211,8 @@ def test_one_quantization_aware_student_needs_one_weight_grid():
 
     avx2, avx512 = builtin_profiles()["x86-64-avx2"], builtin_profiles()["x86-64-avx512"]
     assert avx2.vision.quantization.reduce_range and not avx512.vision.quantization.reduce_range
-    assert vision_stages.quantization_aware([avx2], None) == vision_stages.quantization_aware([avx512], None) == 64
+    assert vision_stages.quantization_aware([avx2], None) == (64, 64)
+    assert vision_stages.quantization_aware([avx512], None) == (64, 127)
     assert vision_stages.quantization_aware([avx2, avx512], None) is None
     with pytest.raises(EdgeDistillError, match="one calibration set and one weight grid"):
         vision_stages.quantization_aware([avx2, avx512], True)

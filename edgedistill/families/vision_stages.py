@@ -160,8 +160,9 @@ def crop_scale_of(opts) -> float:
     return DEFAULT_CROP_SCALE if opts.crop_scale is None else opts.crop_scale
 
 
-def quantization_aware(profiles: list[TargetProfile], requested: bool | None) -> int | None:
-    """Return the number of calibration views of the static int8 rounding the student is distilled through, or None.
+def quantization_aware(profiles: list[TargetProfile], requested: bool | None) -> tuple[int, int] | None:
+    """Return the static int8 rounding the student is distilled through, as (calibration views, weight levels: 127,
+    or 64 with reduce_range), or None.
 
     The rounding simulated (distill/qat_conv.py) is onnxruntime's QDQ static int8 with per-channel int8 weights,
     uint8 min-max activations and Conv+ReLU6 fused (op types Conv, Gemm, Clip). XNNPACK's PT2E static int8 with
@@ -196,7 +197,7 @@ def quantization_aware(profiles: list[TargetProfile], requested: bool | None) ->
                                f"calibrate on (views, weight levels) {sorted(counts)}",
                                hint="give the targets the same calibration_texts and reduce_range, or compile them "
                                     "separately")
-    return counts.pop()[0]
+    return counts.pop()
 
 
 def calibration_views(train_views: np.ndarray, count: int) -> np.ndarray:
@@ -304,18 +305,17 @@ def distill_student(family, teacher: Teacher, data: ImageSet, opts, run_dir: Pat
     student, pruning = prune_to_macs(student, size, budget, teacher_macs)
     pruning.update(depth, resolution=resolution)
     kept = intact(pruning)
-    qat = quantization_aware(profiles, opts.quantization_aware)
+    qat, levels = quantization_aware(profiles, opts.quantization_aware) or (None, 127)
     if opts.quantization_aware is None and (not kept or resolution == size):
         # by default only for the teacher's layers at a lower input side. A pruned student: see qat_start for what was
         # measured. The teacher's own shape is not trained: its weights are rounded by GPTQ and the accuracy search
         # keeps its most sensitive convolutions float (MobileNetV2, x86 int8, 216 held-out views of 24 unseen photos:
         # 0.921 and 0.921 top-1 agreement on two seeds, where quantization-aware distillation read 0.903 and 0.792;
         # EfficientNet-Lite0 0.940 vs 0.917; under 4 minutes, no training; README "Calibrated weight rounding")
-        qat = None
+        qat, levels = None, 127
     if qat:  # the simulation trains the weights the artifact stores: BatchNorm folded, as the exporter folds it
         pruning["batchnorm_folded"] = fold_batchnorm(student, _example(size))
     cfg = distill_config(opts.distill, qat, kept)
-    levels = int8_weight_levels(profiles[0].vision.quantization) if qat else 127  # the targets agree on it when qat
     key = cache_key("vision-student-v1", teacher.sha256, data.sha256, size, per, seed, opts.val_fraction,
                     ("held-out", hashlib.sha256(val_img.astype(np.int64).tobytes()).hexdigest()), budget,
                     *([("resolution", resolution)] if resolution < size else []),

@@ -98,7 +98,7 @@ def store_weights_unsigned(model_path: Path) -> int:
             continue
         weight, zero = (model.graph.initializer[index[n]] for n in (node.input[0], node.input[2]))
         w, z = numpy_helper.to_array(weight), numpy_helper.to_array(zero)
-        if w.dtype != np.int8 or z.any() or w.min() < -127:
+        if w.dtype != np.int8 or z.any():  # -128 too maps into uint8 (0)
             continue
         weight.CopyFrom(numpy_helper.from_array((w.astype(np.int16) + 128).astype(np.uint8), weight.name))
         zero.CopyFrom(numpy_helper.from_array(np.full(z.shape, 128, np.uint8), zero.name))
