@@ -119,7 +119,7 @@ def compile(teacher_spec: str | None, data_path: str | None, target_specs: list[
     check_writable(opts.cache_dir or default_cache_dir(), "--cache-dir")
     # the teacher, the options and the data are checked before OUT is locked (which creates it): a refused compile
     # writes nothing
-    teacher = load_teacher(teacher_spec, opts.task, user_vision_model(teacher_spec, opts))
+    teacher = load_teacher(teacher_spec, opts.task, user_vision_model(teacher_spec, opts), cache_dir=opts.cache_dir)
     family: Family = teacher.family
     for profile in profiles:
         family.check_target(profile)

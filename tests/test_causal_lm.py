@@ -125,6 +125,42 @@ def test_gguf_teacher_is_dequantized_and_recorded(lm_data, tmp_path):
     assert result.targets[0].manifest.teacher["source"]["tensor_types"]["Q8_0"] > 0
 
 
+def test_a_gguf_teacher_is_dequantized_once_and_read_back_from_the_cache(tmp_path, monkeypatch):
+    import shutil
+
+    from edgedistill.teachers import causal, load_teacher
+
+    gguf, _ = tiny_llama_gguf_with_reference(tmp_path, num_layers=2, tensor_type="q8_0")
+    first = load_teacher(str(gguf), cache_dir=tmp_path / "cache")
+    [stored] = (tmp_path / "cache" / "gguf-teachers").iterdir()
+    assert (stored / causal.GGUF_SOURCE).is_file() and list(stored.glob("*.safetensors"))
+    assert not list(stored.rglob("*.bin")) and not list(stored.rglob("*.pt*"))  # nothing to unpickle
+
+    def not_again(*_):
+        raise AssertionError("the GGUF file was read again")
+
+    with monkeypatch.context() as m:
+        m.setattr(causal, "read_gguf", not_again)
+        again = load_teacher(str(gguf), cache_dir=tmp_path / "cache")
+    assert (again.sha256, again.source, again.name, again.max_length) == (first.sha256, first.source, first.name,
+                                                                          first.max_length)
+    assert again.module.config.to_dict() == first.module.config.to_dict()
+    text = "the dog runs over the red road"
+    assert again.tokenizer(text)["input_ids"] == first.tokenizer(text)["input_ids"]
+    ids = torch.tensor([first.tokenizer(text)["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(again.module(input_ids=ids).logits, first.module(input_ids=ids).logits)
+    # a damaged entry is rebuilt from the file
+    next(stored.glob("*.safetensors")).write_bytes(b"truncated")
+    rebuilt = load_teacher(str(gguf), cache_dir=tmp_path / "cache")
+    with torch.no_grad():
+        assert torch.equal(rebuilt.module(input_ids=ids).logits, first.module(input_ids=ids).logits)
+    assert (stored / causal.GGUF_SOURCE).is_file() and load_teacher(str(gguf), cache_dir=tmp_path / "cache").source == first.source
+    shutil.rmtree(tmp_path / "cache")
+    (tmp_path / "cache").write_text("not a directory")  # a cache that cannot be written costs time, not the load
+    assert load_teacher(str(gguf), cache_dir=tmp_path / "cache").source == first.source
+
+
 def test_labels_are_cached_per_window(lm_data, tmp_path, monkeypatch):
     from edgedistill.cache import LabelStore
 

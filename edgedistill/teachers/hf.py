@@ -123,9 +123,10 @@ def _check_generation_task(task: str | None, spec: str) -> None:
                               hint="leave out --task")
 
 
-def load_teacher(spec: str | None, task: str | None = None, vision_model=None) -> Teacher:
+def load_teacher(spec: str | None, task: str | None = None, vision_model=None, cache_dir: Path | None = None) -> Teacher:
     """Return the teacher named by `spec`: a model directory, a .gguf file, or a built-in name ('minilm',
-    'smollm2'); None means 'minilm'. The checkpoint decides the family (encoder or causal LM)."""
+    'smollm2'); None means 'minilm'. The checkpoint decides the family (encoder or causal LM). `cache_dir` (default:
+    the edgedistill cache) keeps a GGUF teacher dequantized."""
     from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as transformers_logging
 
@@ -149,7 +150,8 @@ def load_teacher(spec: str | None, task: str | None = None, vision_model=None) -
         if not path.is_file():
             raise CheckpointError(f"teacher {spec} does not exist", hint=hint)
         _check_generation_task(task, spec)
-        return causal.load_gguf_teacher(path, name=spec if spec in causal.BUILTIN_LM_TEACHERS else None)
+        return causal.load_gguf_teacher(path, name=spec if spec in causal.BUILTIN_LM_TEACHERS else None,
+                                        cache_dir=cache_dir)
     path = _builtin_path(spec) if spec in BUILTIN_TEACHERS else Path(spec)
     if not path.exists():
         raise CheckpointError(f"teacher {spec} does not exist", hint=hint)
