@@ -21,23 +21,29 @@ from edgedistill.teachers import load_teacher
 pytestmark = pytest.mark.slow
 
 
-def test_smollm2_gguf_teacher_answers():
-    teacher = load_teacher("smollm2")
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One cache for the module: the teacher is dequantized from its GGUF once (about a minute), then read back."""
+    return tmp_path_factory.mktemp("smollm2-cache")
+
+
+def test_smollm2_gguf_teacher_answers(cache):
+    teacher = load_teacher("smollm2", cache_dir=cache)
     assert teacher.source["format"] == "gguf" and "Q4_1" in teacher.source["tensor_types"]
     assert teacher.family.num_layers(teacher.config) == 30 and teacher.config.tie_word_embeddings
     ids = teacher.tokenizer("The capital of France is", add_special_tokens=False)["input_ids"]
     assert "Paris" in teacher.tokenizer.decode(torch_greedy(teacher.module, ids, 4))
 
 
-def test_smollm2_compile_end_to_end(tmp_path):
+def test_smollm2_compile_end_to_end(tmp_path, cache):
     profile = resolve_target("x86-64-avx512").model_dump(mode="json")
     profile["causal_lm"].update(budget={"max_perplexity_ratio": 100.0, "min_top1_agreement": 0.0}, prompt_tokens=64)
     profile["name"] = "smollm2-test"
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump(profile))
     result = compile("smollm2", None, [str(path)], tmp_path / "out",
-                     CompileOptions(max_texts=1000, max_length=64, student_layers=20, layer_criterion="block-influence",
-                                    distill=DistillConfig(epochs=1, batch_size=8, lr=3e-4)))
+                     CompileOptions(cache_dir=cache, max_texts=500, max_length=64, student_layers=20,
+                                    layer_criterion="block-influence", distill=DistillConfig(epochs=1, batch_size=8, lr=3e-4)))
     [target] = result.targets
     assert target.published, target.manifest.metrics["verdict"]
     m = verify_files(target.path)
