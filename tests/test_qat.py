@@ -70,6 +70,46 @@ def test_fake_quant_rounds_forward_passes_gradients_and_leaves_float_weights():
         assert model.lm_head.weight is model.model.embed_tokens.weight
 
 
+
+def test_rounding_is_kept_until_the_weight_changes_and_shared_by_tied_weights(monkeypatch):
+    import copy
+
+    from edgedistill.distill import qat
+
+    calls = []
+    real = qat.block_round
+    monkeypatch.setattr(qat, "block_round", lambda w, *a: calls.append(w.shape) or real(w, *a))
+    model = tiny_causal_lm("llama", num_layers=2)
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    model.model.embed_tokens.weight.requires_grad_(False)  # frozen, as freeze_embeddings leaves it
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    table = tuple(model.model.embed_tokens.weight.shape)
+    with fake_quantized(model, FakeQuantSpec(bits=4, block_size=32)):
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+        calls.clear()  # registering the parametrizations rounded each weight once
+        model(input_ids=ids).logits.float().pow(2).mean().backward()
+        model(input_ids=ids)
+        assert calls == []  # no weight changed since
+        optimizer.step()
+        optimizer.zero_grad()
+        model(input_ids=ids)
+        assert table not in [tuple(c) for c in calls]  # frozen: never rounded again
+        assert len(calls) == 2 * 7  # q k v o gate up down per layer rounded again after the step (the LM head is tied)
+        down = model.model.layers[0].mlp.down_proj
+        torch.testing.assert_close(down.weight, block_round(down.parametrizations.weight.original.detach(), 4, 32))
+        n = len(calls)
+        with torch.no_grad():
+            model(input_ids=ids)
+            model(input_ids=ids)
+        assert len(calls) == n  # evaluation passes read the kept roundings
+        clone = copy.deepcopy(model)  # the loop's best state: its own roundings, of its own weights
+        with torch.no_grad():
+            clone.model.layers[0].mlp.down_proj.parametrizations.weight.original.mul_(2)
+        torch.testing.assert_close(clone.model.layers[0].mlp.down_proj.weight, 2 * down.weight)
+
+
 def test_quantization_aware_compile_artifact_computes_the_rounded_student(lm_data, tmp_path):  # noqa: F811
     teacher = build_tiny_causal_lm(tmp_path / "teacher", model_type="llama")
     profile = lm_profile(tmp_path / "p.yaml", "{recipe: weight-only, bits: 4, block_size: 32, accuracy_level: 1}")
