@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -114,6 +115,7 @@ def compile(teacher_spec: str | None, data_path: str | None, target_specs: list[
     alone builds and writes the artifacts (the others return no targets). `opts.resume` continues the distillation
     of a killed run from its last checkpoint in out_dir.
     """
+    started = time.monotonic()
     profiles = resolve_targets(target_specs)  # fail fast: bad profiles, unwritable output, before any work
     check_writable(out_dir, "--out")
     check_writable(opts.cache_dir or default_cache_dir(), "--cache-dir")
@@ -129,6 +131,7 @@ def compile(teacher_spec: str | None, data_path: str | None, target_specs: list[
 
         check_search(family, teacher, opts, profiles)
     data = family.load_data(teacher, data_path, opts)
+    timings = {"load_s": round(time.monotonic() - started, 2)}
     with runs.run_lock(out_dir) if distributed.is_main() else contextlib.nullcontext():
         if distributed.is_main():
             if not opts.resume and ((out_dir / RUN_DIR / "checkpoint").is_dir()
@@ -137,9 +140,11 @@ def compile(teacher_spec: str | None, data_path: str | None, target_specs: list[
                                        f"(`edgedistill compile --resume {out_dir}` would have continued it)")
             runs.save_run(out_dir, teacher_spec, data_path, target_specs, opts.to_json())
         if opts.search:
-            return searched(family, teacher, data, profiles[0], out_dir, opts)
+            return searched(family, teacher, data, profiles[0], out_dir, opts, timings)
         try:
+            at = time.monotonic()
             distilled = family.distill_student(teacher, data, opts, out_dir / RUN_DIR, profiles)
+            timings["distill_s"] = round(time.monotonic() - at, 2)
         except EdgeDistillError:  # a user error, not a kill: no checkpoint worth resuming from is left behind
             if distributed.is_main() and not (out_dir / RUN_DIR / "checkpoint").is_dir():
                 shutil.rmtree(out_dir / RUN_DIR, ignore_errors=True)
@@ -150,7 +155,10 @@ def compile(teacher_spec: str | None, data_path: str | None, target_specs: list[
             results = []
             for profile in profiles:
                 (Path(work) / profile.name).mkdir(parents=True)
+                at = time.monotonic()
                 built = family.build_target(distilled, profile, Path(work) / profile.name, opts)
+                built.manifest.timings = {**timings, "build_s": round(time.monotonic() - at, 2),
+                                          "targets": len(profiles)}
                 results.append(publish(family, built, profile, out_dir, opts.keep_rejected))
         if len(results) > 1:
             (out_dir / SUMMARY).write_text(render_summary(results, family), encoding="utf-8")
@@ -158,13 +166,16 @@ def compile(teacher_spec: str | None, data_path: str | None, target_specs: list[
         return CompileResult(distilled.trained.student, results, family, distilled)
 
 
-def searched(family: Family, teacher, data, profile: TargetProfile, out_dir: Path, opts: CompileOptions) -> CompileResult:
+def searched(family: Family, teacher, data, profile: TargetProfile, out_dir: Path, opts: CompileOptions,
+             timings: dict[str, float]) -> CompileResult:
     """compile --search: the fastest searched student that meets every limit, published like any artifact (its
     report and manifest holding every evaluation, search.html the plot); the closest one rejected if none does."""
     from edgedistill.search import run_search
     from edgedistill.search_report import render_search_md
 
+    at = time.monotonic()
     built, record = run_search(family, teacher, data, profile, out_dir / RUN_DIR, opts)
+    built.manifest.timings = {**timings, "search_s": round(time.monotonic() - at, 2), "targets": 1}
     result = publish(family, built, profile, out_dir, opts.keep_rejected, report_extra=render_search_md(record))
     shutil.rmtree(out_dir / RUN_DIR, ignore_errors=True)  # finished: the evaluations are in the manifest
     return CompileResult(None, [result], family)
@@ -196,6 +207,8 @@ def publish(family: Family, built: TargetBuild, profile: TargetProfile, out_dir:
     if missing:  # validated and timed on other kernels than the target CPU's (the report says so)
         built.manifest.latency["host_lacks_cpu_flags"] = missing
     report = family.render_report(built.manifest, published=built.passed)
+    if built.manifest.timings:
+        report = report.rstrip("\n") + "\n\n" + render_timings(built.manifest.timings)
     if report_extra:
         report = report.rstrip("\n") + "\n\n" + report_extra
     published, rejected = out_dir / profile.name, out_dir / f"{profile.name}.rejected.md"
@@ -215,6 +228,17 @@ def publish(family: Family, built: TargetBuild, profile: TargetProfile, out_dir:
         elif kept.is_dir():
             shutil.rmtree(kept)
     return TargetResult(profile, built.passed, path, built.manifest)
+
+
+def render_timings(t: dict[str, float]) -> str:
+    """The report's "Compile time" section: where this compile's wall time went, stage by stage."""
+    shared = f" (shared by the {t['targets']} targets)" if t.get("targets", 1) > 1 else ""
+    rows = [("teacher, transfer set and checks", t.get("load_s")),
+            (f"labels, student and distillation{shared}; seconds when cached", t.get("distill_s")),
+            ("search: every student trained and built", t.get("search_s")),
+            ("this target: export, optimization, quantization, validation, timing", t.get("build_s"))]
+    return "## Compile time\n\n| stage | wall s |\n|---|---|\n" + "".join(
+        f"| {name} | {s:.1f} |\n" for name, s in rows if s is not None)
 
 
 def load_run(out_dir: Path) -> tuple[str | None, str | None, list[str], CompileOptions]:

@@ -142,6 +142,12 @@ def test_cli_compile_prints_summary_and_recompile_replaces(tiny_encoder, text_fi
     assert not (out / "tiny-cpu" / "stale.txt").exists(), "the new artifact replaces the old directory whole"
     assert sorted(p.name for p in out.iterdir() if p.name != ".edgedistill.lock") == ["tiny-cpu"]
     assert runner.invoke(app, ["verify", str(out / "tiny-cpu")]).exit_code == 0
+    # where the wall time went, stage by stage, in the manifest and the report
+    timings = json.loads((out / "tiny-cpu" / "manifest.json").read_text())["timings"]
+    assert set(timings) == {"load_s", "distill_s", "build_s", "targets"} and timings["targets"] == 1
+    assert all(timings[k] > 0 for k in ("load_s", "distill_s", "build_s"))
+    report = (out / "tiny-cpu" / "report.md").read_text()
+    assert "## Compile time" in report and f"| {timings['build_s']:.1f} |" in report
 
 
 def test_teacher_outputs_are_cached_per_text_and_students_per_input_hash(tiny_encoder, text_file, profile_file,

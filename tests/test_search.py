@@ -85,6 +85,7 @@ def test_search_measures_every_shape_and_keeps_the_fastest_that_meets_the_limits
     shapes = {s["id"]: s["shape"] for s in record["shapes"]}
     assert len(shapes) == 6  # 1-3 layers (below the teacher's 4) x FFN 1 and 1/2
     assert record["rung_shares"] == [0.125, 0.25, 0.5, 1.0]
+    assert set(manifest["timings"]) == {"load_s", "search_s", "targets"} and manifest["timings"]["search_s"] > 0
     base = [e for e in evals if e["recipe"] == "dynamic-int8"]
     # the plain compile's shape (2 layers: half the teacher's, FFN 1) runs its whole schedule right after the first
     # rung; the other 5 halve: 3, 2, 1

@@ -309,6 +309,10 @@ def test_multi_target_compile_writes_summary(tmp_path):
     for name in ("cpu-a", "tiny-arm64-mobile", "strict"):
         assert f"| {name} |" in summary
     assert "model.ort" in summary and "**FAIL**" in summary
+    # one distillation for the three targets (the same figure in each manifest), each target's build its own
+    timings = [t.manifest.timings for t in result.targets]
+    assert len({t["distill_s"] for t in timings}) == 1 and all(t["targets"] == 3 for t in timings)
+    assert "(shared by the 3 targets)" in (tmp_path / "out" / "strict.rejected.md").read_text()
 
 
 def test_xnnpack_static_int8_fuses_relu6_into_the_convolution_and_quantizes_after_the_clamp(tmp_path):
