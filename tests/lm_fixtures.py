@@ -103,8 +103,10 @@ def _llama_cpp_permute(w: np.ndarray, n_head: int, n_head_kv: int) -> np.ndarray
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _write_gguf(path: Path, model: LlamaForCausalLM, architecture: str, tensor_type: TensorType) -> Path:
-    """Write `model` and the tiny tokenizer as a GGUF, making `model`'s weights equal to the stored (rounded) ones."""
+def _write_gguf(path: Path, model: LlamaForCausalLM, architecture: str, tensor_type: TensorType,
+                specials: dict[str, int] | None = None) -> Path:
+    """Write `model` and the tiny tokenizer as a GGUF, making `model`'s weights equal to the stored (rounded) ones.
+    `specials` names other token ids for bos / eos / unk / pad than <|endoftext|>'s."""
     import gguf
 
     cfg = model.config
@@ -138,10 +140,11 @@ def _write_gguf(path: Path, model: LlamaForCausalLM, architecture: str, tensor_t
     writer.add_token_types([int(gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL)
                             for i in range(len(tokens))])
     writer.add_token_merges(merges)
-    writer.add_bos_token_id(eot)
-    writer.add_eos_token_id(eot)
-    writer.add_unk_token_id(eot)
-    writer.add_pad_token_id(eot)
+    ids = {"bos": eot, "eos": eot, "unk": eot, "pad": eot, **(specials or {})}
+    writer.add_bos_token_id(ids["bos"])
+    writer.add_eos_token_id(ids["eos"])
+    writer.add_unk_token_id(ids["unk"])
+    writer.add_pad_token_id(ids["pad"])
     writer.add_add_bos_token(False)
     writer.add_add_space_prefix(False)
 
@@ -193,12 +196,12 @@ def tiny_llama_gguf_with_reference(directory: Path, num_layers: int = 2, seed: i
 
 
 def write_tiny_gguf(path: Path, num_layers: int = 2, seed: int = 0, architecture: str = "llama",
-                    tensor_type: TensorType = "f32") -> Path:
+                    tensor_type: TensorType = "f32", specials: dict[str, int] | None = None) -> Path:
     """Write a tiny llama GGUF with the tokenizer metadata transformers needs; return `path`.
 
     Any other `architecture` string (e.g. "mamba-nonsense") is written as general.architecture, which transformers
     rejects with ValueError("GGUF model with architecture ... is not supported yet.")."""
-    return _write_gguf(Path(path), tiny_causal_lm("llama", num_layers, seed), architecture, tensor_type)
+    return _write_gguf(Path(path), tiny_causal_lm("llama", num_layers, seed), architecture, tensor_type, specials)
 
 
 def truncate_file(path: Path, keep_fraction: float = 0.5, out: Path | None = None) -> Path:

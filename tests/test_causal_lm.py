@@ -161,6 +161,22 @@ def test_a_gguf_teacher_is_dequantized_once_and_read_back_from_the_cache(tmp_pat
     assert load_teacher(str(gguf), cache_dir=tmp_path / "cache").source == first.source
 
 
+
+def test_a_gguf_teacher_keeps_the_special_tokens_its_file_names(tmp_path):
+    """transformers 4.57 reads a GPT-2-style GGUF tokenizer with its BOS as EOS and no padding token; the teacher's
+    tokenizer (and so the windows' separator, the artifact's tokenizer and where `generate` stops) follows the file."""
+    from edgedistill.teachers import load_teacher
+
+    gguf = write_tiny_gguf(tmp_path / "s.gguf", specials={"eos": 7, "pad": 9})
+    teacher = load_teacher(str(gguf), cache_dir=tmp_path / "cache")
+    tok = teacher.tokenizer
+    assert (tok.eos_token_id, tok.pad_token_id) == (7, 9) and tok.bos_token == "<|endoftext|>"
+    assert teacher.source["special_tokens"] == {"bos": "<|endoftext|>", "eos": tok.convert_ids_to_tokens(7),
+                                                "pad": tok.convert_ids_to_tokens(9), "unk": "<|endoftext|>"}
+    again = load_teacher(str(gguf), cache_dir=tmp_path / "cache")  # read back from the cache: the same tokens
+    assert (again.tokenizer.eos_token_id, again.tokenizer.pad_token_id) == (7, 9)
+
+
 def test_labels_are_cached_per_window(lm_data, tmp_path, monkeypatch):
     from edgedistill.cache import LabelStore
 

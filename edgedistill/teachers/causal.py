@@ -49,9 +49,10 @@ def builtin_gguf(name: str) -> Path:
     return path
 
 
-def read_gguf(path: Path) -> tuple[str, dict[str, int]]:
-    """Return a GGUF file's architecture and how many tensors of each GGML type (Q4_1, F32, ...) it holds, or
-    raise CheckpointError for a file gguf cannot read (truncated, foreign)."""
+def read_gguf(path: Path) -> tuple[str, dict[str, int], dict[str, str]]:
+    """Return a GGUF file's architecture, how many tensors of each GGML type (Q4_1, F32, ...) it holds, and the
+    special tokens it names (bos, eos, pad, unk: their text), or raise CheckpointError for a file gguf cannot read
+    (truncated, foreign)."""
     from gguf import GGUFReader
 
     try:
@@ -61,13 +62,20 @@ def read_gguf(path: Path) -> tuple[str, dict[str, int]]:
         counts: dict[str, int] = {}
         for t in reader.tensors:
             counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+        specials: dict[str, str] = {}
+        tokens = reader.fields.get("tokenizer.ggml.tokens")
+        for role, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("pad", "padding_token_id"),
+                          ("unk", "unknown_token_id")):
+            f = reader.fields.get(f"tokenizer.ggml.{key}")
+            if f is not None and tokens is not None and 0 <= int(f.parts[f.data[0]][0]) < len(tokens.data):
+                specials[role] = bytes(tokens.parts[tokens.data[int(f.parts[f.data[0]][0])]]).decode("utf-8", "replace")
     except Exception as e:  # noqa: BLE001  gguf raises ValueError/IndexError/... on truncated or foreign files
         raise CheckpointError(f"{path} is not a readable GGUF file ({type(e).__name__}: {str(e)[:120]})",
                               hint="the file may be truncated; download or convert it again") from None
     if arch is None:
         raise CheckpointError(f"{path} has no general.architecture field",
                               hint="convert the model with llama.cpp's convert_hf_to_gguf.py")
-    return arch, dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+    return arch, dict(sorted(counts.items(), key=lambda kv: -kv[1])), specials
 
 
 def load_gguf_teacher(path: Path, name: str | None = None, cache_dir: Path | None = None) -> Teacher:
@@ -84,7 +92,7 @@ def load_gguf_teacher(path: Path, name: str | None = None, cache_dir: Path | Non
     from edgedistill.cache import cache_key, default_cache_dir
 
     sha = sha256_file(path)
-    stored = (cache_dir or default_cache_dir()) / "gguf-teachers" / cache_key("gguf-teacher-v1", sha, transformers_version)
+    stored = (cache_dir or default_cache_dir()) / "gguf-teachers" / cache_key("gguf-teacher-v2", sha, transformers_version)
     if (stored / GGUF_SOURCE).is_file():
         transformers_logging.set_verbosity_error()
         try:
@@ -101,7 +109,7 @@ def load_gguf_teacher(path: Path, name: str | None = None, cache_dir: Path | Non
             raise CheckpointError(f"{path} is not a GGUF file (no GGUF magic)", hint="pass a .gguf file from llama.cpp")
     from edgedistill.progress import console, enabled
 
-    arch, types = read_gguf(path)
+    arch, types, specials = read_gguf(path)
     if arch not in CAUSAL_LM_TYPES:
         raise CheckpointError(f"{path}: GGUF architecture '{arch}' is not supported",
                               hint=f"edgedistill compiles GGUF causal LMs of types: {', '.join(sorted(CAUSAL_LM_TYPES))}")
@@ -115,11 +123,17 @@ def load_gguf_teacher(path: Path, name: str | None = None, cache_dir: Path | Non
         with contextlib.redirect_stderr(io.StringIO()):
             tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, add_bos_token=False)
             model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        # the special tokens the file names: transformers 4.57 converts a GPT-2-style GGUF tokenizer with its BOS as
+        # EOS too and no padding token (SmolLM2: eos <|im_start|> where the file says <|im_end|>), so generation
+        # never stopped at the end of a turn and training windows were joined with <|im_start|>
+        for role, token in specials.items():
+            if token in tokenizer.get_vocab():
+                setattr(tokenizer, f"{role}_token", token)
     except Exception as e:  # noqa: BLE001  transformers raises ValueError/KeyError/... for what it cannot read
         raise CheckpointError(f"cannot load {path}: {str(e).strip().splitlines()[0][:200]}",
                               hint="the file may be truncated or of an architecture transformers cannot dequantize") from None
     source = {"format": "gguf", "file": path.name, "dequantized_to": "float32", "tensor_types": types,
-              "file_mb": path.stat().st_size / 1e6}
+              "special_tokens": specials, "file_mb": path.stat().st_size / 1e6}
     teacher = _teacher(name or str(path), path, model, tokenizer, sha, dict(source))
     _store_dequantized(stored, model, tokenizer, source)
     return teacher
