@@ -40,7 +40,7 @@ class Manifest(BaseModel):
     versions: dict[str, str]
     seed: int
     search: dict[str, Any] | None = None  # compile --search: every student measured, the front, the choice
-    timings: dict[str, float] = {}  # wall seconds per compile stage (load_s, distill_s or search_s, build_s)
+    timings: dict[str, float | int] = {}  # wall seconds per compile stage (load_s, distill_s or search_s, build_s)
     files: dict[str, str] = {}
 
 

@@ -167,7 +167,7 @@ def compile(teacher_spec: str | None, data_path: str | None, target_specs: list[
 
 
 def searched(family: Family, teacher, data, profile: TargetProfile, out_dir: Path, opts: CompileOptions,
-             timings: dict[str, float]) -> CompileResult:
+             timings: dict[str, float | int]) -> CompileResult:
     """compile --search: the fastest searched student that meets every limit, published like any artifact (its
     report and manifest holding every evaluation, search.html the plot); the closest one rejected if none does."""
     from edgedistill.search import run_search
@@ -230,7 +230,7 @@ def publish(family: Family, built: TargetBuild, profile: TargetProfile, out_dir:
     return TargetResult(profile, built.passed, path, built.manifest)
 
 
-def render_timings(t: dict[str, float]) -> str:
+def render_timings(t: dict[str, float | int]) -> str:
     """The report's "Compile time" section: where this compile's wall time went, stage by stage."""
     shared = f" (shared by the {t['targets']} targets)" if t.get("targets", 1) > 1 else ""
     rows = [("teacher, transfer set and checks", t.get("load_s")),

@@ -67,8 +67,9 @@ def read_gguf(path: Path) -> tuple[str, dict[str, int], dict[str, str]]:
         for role, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("pad", "padding_token_id"),
                           ("unk", "unknown_token_id")):
             f = reader.fields.get(f"tokenizer.ggml.{key}")
-            if f is not None and tokens is not None and 0 <= int(f.parts[f.data[0]][0]) < len(tokens.data):
-                specials[role] = bytes(tokens.parts[tokens.data[int(f.parts[f.data[0]][0])]]).decode("utf-8", "replace")
+            token_id = None if f is None else int(f.parts[f.data[0]][0])
+            if token_id is not None and tokens is not None and 0 <= token_id < len(tokens.data):
+                specials[role] = bytes(tokens.parts[tokens.data[token_id]]).decode("utf-8", "replace")
     except Exception as e:  # noqa: BLE001  gguf raises ValueError/IndexError/... on truncated or foreign files
         raise CheckpointError(f"{path} is not a readable GGUF file ({type(e).__name__}: {str(e)[:120]})",
                               hint="the file may be truncated; download or convert it again") from None
@@ -91,6 +92,9 @@ def load_gguf_teacher(path: Path, name: str | None = None, cache_dir: Path | Non
 
     from edgedistill.cache import cache_key, default_cache_dir
 
+    with path.open("rb") as f:
+        if f.read(4) != GGUF_MAGIC:
+            raise CheckpointError(f"{path} is not a GGUF file (no GGUF magic)", hint="pass a .gguf file from llama.cpp")
     sha = sha256_file(path)
     stored = (cache_dir or default_cache_dir()) / "gguf-teachers" / cache_key("gguf-teacher-v2", sha, transformers_version)
     if (stored / GGUF_SOURCE).is_file():
@@ -104,9 +108,6 @@ def load_gguf_teacher(path: Path, name: str | None = None, cache_dir: Path | Non
         else:  # named as when read from the file: whatever records the name does not depend on the cache
             model.config._name_or_path = tokenizer.name_or_path = str(path.parent)
             return _teacher(name or str(path), path, model, tokenizer, sha, source)
-    with path.open("rb") as f:
-        if f.read(4) != GGUF_MAGIC:
-            raise CheckpointError(f"{path} is not a GGUF file (no GGUF magic)", hint="pass a .gguf file from llama.cpp")
     from edgedistill.progress import console, enabled
 
     arch, types, specials = read_gguf(path)
