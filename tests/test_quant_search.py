@@ -7,10 +7,11 @@ import re
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edgedistill.quantize.configs import StaticQdqInt8Config
-from edgedistill.quantize.search import node_groups, quantize_within_budget
+from edgedistill.quantize.search import float_bytes, node_groups, quantize_within_budget
 
 
 def planted_model(path):
@@ -111,6 +112,49 @@ def test_a_node_kept_in_float_takes_its_weights_from_the_unrounded_graph(tmp_pat
     # and they were not calibrated afresh: one set of activation ranges per calibration method the search tried
     methods = {t.config.get("calibration") for t in trials if t.config}
     assert len(list(tmp_path.glob(".calibration-*.json"))) == len(methods)
+
+
+def test_groups_go_float_by_what_they_cost_per_byte_and_probes_rank_by_the_finer_error(tmp_path):
+    """Two sensitive nodes, each enough to keep in float: the big one (64 x 256 weights) costs a little more
+    fidelity quantized, the small one (64 x 8) far more per byte, so the small one goes float and the big one stays
+    int8. The probes read `probe_error` (lower is better), not the fidelity, which here ties on every probe."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=(64, 256)).astype(np.float32), "Wbig"),
+             numpy_helper.from_array(rng.normal(size=(64, 8)).astype(np.float32), "Wsmall")]
+    nodes = [helper.make_node("MatMul", ["x", "Wbig"], ["big"], name="/big/MatMul"),
+             helper.make_node("MatMul", ["x", "Wsmall"], ["small"], name="/small/MatMul"),
+             helper.make_node("Concat", ["big", "small"], ["out"], axis=1, name="/concat")]
+    model = save_graph(tmp_path / "two.onnx", nodes, inits, [1, 64], [1, 264])
+    calibration = [{"x": rng.normal(size=(1, 64)).astype(np.float32)} for _ in range(8)]
+
+    def quantized(path) -> set[str]:
+        graph = onnx.load(str(path)).graph
+        dq = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+        return {n.name.split("/")[1] for n in graph.node if n.op_type == "MatMul" and n.input[1] in dq}  # int8 weights
+
+    def fidelity(path) -> float:  # scripted: what each quantized node costs
+        q = quantized(path)
+        return 1.0 - 0.05 * ("big" in q) - 0.04 * ("small" in q)
+
+    probed = []
+
+    def error(path) -> float:
+        probed.append(path)
+        return 1.0 - fidelity(path)
+
+    config = StaticQdqInt8Config(op_types=["MatMul"], calibration_texts=8, search=True)
+    path, chosen, trials = quantize_within_budget(model, config, tmp_path, calibration, fidelity, floor=0.95,
+                                                  probe_error=error)
+    assert quantized(path) == {"big"} and trials[-1].passed and fidelity(path) == pytest.approx(0.95)
+    probes = [t for t in trials if t.description.startswith("sensitivity probe (error)")]
+    assert len(probes) == 2 and len(probed) == 3  # both probes and the unquantized reference read the error
+    assert {round(t.fidelity, 4) for t in probes} == {0.05, 0.04}
+    assert float_bytes(model, node_groups(model, ["MatMul"])) == {"/big/MatMul": 64 * 256 * 4, "/small/MatMul": 64 * 8 * 4}
+    # ranked by fidelity lost alone, the big one would have gone float first (0.96, with 32x the float weights);
+    # without probe_error the probes read the fidelity, and the order is still per byte
+    (tmp_path / "fid").mkdir()
+    without = quantize_within_budget(model, config, tmp_path / "fid", calibration, fidelity, floor=0.95)
+    assert quantized(without[0]) == {"big"} and not any("(error)" in t.description for t in without[2])
 
 
 def test_no_search_when_disabled_or_budget_met(tmp_path):

@@ -851,6 +851,35 @@ def test_int8_weights_are_rounded_by_gptq_unless_the_student_trained_through_nea
     assert verify_files(plain.targets[0].path).quantization["weight_rounding"] == {"method": "nearest (the quantizer's)"}
 
 
+def test_the_search_scores_an_untrained_student_on_training_views_calibration_and_gptq_never_used():
+    """The teacher's own shape never trains, so training views are unseen to it: the search scores it on views of all
+    the training photos (not on the held-out photos the verdict is read on) and never on the calibration's or GPTQ's
+    views; a trained student, which fitted its training views, is scored on the first held-out views."""
+    import types
+
+    from edgedistill.families.vision_stages import SEARCH_TRAIN_VIEWS, SEARCH_VIEWS, calibration_views, search_set
+
+    rng = np.random.default_rng(0)
+    train = rng.integers(0, 256, (1000, 3, 4, 4), dtype=np.uint8)
+    val = rng.integers(0, 256, (300, 3, 4, 4), dtype=np.uint8)
+    d = types.SimpleNamespace(trained=types.SimpleNamespace(history=[]), pruning={"not_distilled": "the teacher"},
+                              train_views=train, train_logits=np.arange(1000.0)[:, None], val_views=val,
+                              val_logits=np.arange(300.0)[:, None], num_train_images=40)
+    views, logits, what = search_set(d, (64, 128))
+    assert len(views) == SEARCH_TRAIN_VIEWS and "training views of the 40 training images" in what
+    index = logits[:, 0].astype(int)  # the logits are the training view's own index
+    np.testing.assert_array_equal(views, train[index])
+    reserved = {v.tobytes() for n in (64, 128) for v in calibration_views(train, n)}
+    assert not any(v.tobytes() in reserved for v in views) and len(set(index)) == len(index)
+    assert index.min() < 20 and index.max() > 980  # spread over the whole set, so over every photo
+    d.trained.history = [(0, 0.5, None)]  # trained: the held-out views
+    views, logits, what = search_set(d, (64, 128))
+    np.testing.assert_array_equal(views, val[:SEARCH_VIEWS])
+    assert what == f"the first {SEARCH_VIEWS} held-out views"
+    d.trained.history, d.train_views = [], train[:200]  # too few training views left: the held-out views
+    assert "too few training views" in search_set(d, (64, 128))[2]
+
+
 def test_bench_quantizes_the_teacher_with_the_artifacts_weight_storage(tmp_path):
     """The bench's "teacher + our int8 recipe" row stores weights as the artifact's profile does (7-bit for
     x86-64-avx2); the peer's plain int8 keeps onnxruntime's 8-bit default."""

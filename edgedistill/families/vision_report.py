@@ -76,10 +76,21 @@ def render_report(m: Manifest, published: bool) -> str:
         "## Distillation curve", "", "| step | validation top-1 agreement | train loss |", "|---|---|---|",
         *[f"| {step} | {score:.4f} | {'' if loss is None or loss != loss else f'{loss:.4f}'} |"
           for step, score, loss in m.distillation["history"]], "",
-        "## Quantization trials (scored on held-out views)", "",
-        "| trial | top-1 agreement | MB | keeps budget |", "|---|---|---|---|",
-        *[f"| {t['description']} | {t['fidelity']:.4f} | {t['size_mb']:.2f} | {'yes' if t['passed'] else 'no'} |"
+        f"## Quantization trials (scored on {m.quantization.get('search_views', 'held-out views')})", "",
+        *(["Each sensitivity probe quantizes one group alone and reads KL(teacher ‖ probe) on up to 128 of these "
+            "views; groups then go to float in order of that KL per byte of float weights they keep.", ""]
+          if any(t["description"].startswith("sensitivity probe") for t in m.quantization["trials"]) else []),
+        *([f"A trial is kept when its top-1 agreement on these views reaches {m.quantization['search_floor']:.4f}: the "
+           "budget plus one standard error of a share measured on them, so that it holds on the held-out photos too.",
+           ""] if "search_floor" in m.quantization else []),
+        "| trial | top-1 agreement | MB | meets the search's floor |", "|---|---|---|---|",
+        *[f"| {t['description']} | {_trial_score(t)} | {t['size_mb']:.2f} | {'yes' if t['passed'] else 'no'} |"
           for t in m.quantization["trials"]], "",
         f"Input: {m.model['input']}. Latency: {m.latency['note']}", "",
     ]
     return "\n".join(lines)
+
+
+def _trial_score(t: dict) -> str:
+    """A trial's top-1 agreement, or a sensitivity probe's KL (it ranks groups; it is no candidate)."""
+    return f"KL {t['fidelity']:.4f}" if t["description"].startswith("sensitivity probe (error)") else f"{t['fidelity']:.4f}"
